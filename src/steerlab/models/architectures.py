@@ -1,0 +1,105 @@
+"""Where each architecture family keeps its decoder blocks, attention, MLP and final norm.
+
+A causal LM is addressed through dotted attribute paths from the `*ForCausalLM` module. Add a family
+with `register_architecture("my_model_type", ArchitectureSpec(...))`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """Dotted paths, from the causal-LM module, to the parts steerlab addresses."""
+
+    layers: str  # the nn.ModuleList of decoder blocks
+    attention: str  # attribute of one block
+    mlp: str  # attribute of one block
+    final_norm: str  # applied after the last block
+
+
+_LLAMA_LIKE = ArchitectureSpec("model.layers", "self_attn", "mlp", "model.norm")
+
+ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    **{
+        name: _LLAMA_LIKE
+        for name in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2")
+    },
+    "gemma3": ArchitectureSpec("model.language_model.layers", "self_attn", "mlp", "model.language_model.norm"),
+    "phi": ArchitectureSpec("model.layers", "self_attn", "mlp", "model.final_layernorm"),
+    "gpt2": ArchitectureSpec("transformer.h", "attn", "mlp", "transformer.ln_f"),
+    "gpt_neox": ArchitectureSpec("gpt_neox.layers", "attention", "mlp", "gpt_neox.final_layer_norm"),
+}
+
+
+class UnknownArchitectureError(ValueError):
+    """The model's family is not in the registry."""
+
+
+def register_architecture(model_type: str, spec: ArchitectureSpec) -> None:
+    """Teach steerlab a new family, keyed by `model.config.model_type`."""
+    ARCHITECTURES[model_type] = spec
+
+
+def architecture_of(model: nn.Module) -> ArchitectureSpec:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    known = ", ".join(sorted(ARCHITECTURES))
+    raise UnknownArchitectureError(
+        f"steerlab does not know where the decoder blocks of model_type={model_type!r} "
+        f"({type(model).__name__}) are. Known: {known}. Register it with "
+        "steerlab.models.register_architecture(model_type, ArchitectureSpec(layers='model.layers', "
+        "attention='self_attn', mlp='mlp', final_norm='model.norm'))."
+    )
+
+
+def get_submodule(root: nn.Module, dotted: str) -> nn.Module:
+    module = root
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return get_submodule(model, architecture_of(model).layers)
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(decoder_layers(model))
+
+
+def resolve_layer(model: nn.Module, layer: int) -> int:
+    """Map a possibly negative layer index onto 0..n-1, with a clear error when out of range."""
+    n = num_layers(model)
+    if not -n <= layer < n:
+        raise IndexError(f"layer {layer} is out of range for a model with {n} decoder layers (use 0..{n - 1} or -{n}..-1)")
+    return layer % n
+
+
+def block(model: nn.Module, layer: int) -> nn.Module:
+    return decoder_layers(model)[resolve_layer(model, layer)]
+
+
+def attention(model: nn.Module, layer: int) -> nn.Module:
+    return get_submodule(block(model, layer), architecture_of(model).attention)
+
+
+def mlp(model: nn.Module, layer: int) -> nn.Module:
+    return get_submodule(block(model, layer), architecture_of(model).mlp)
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    return get_submodule(model, architecture_of(model).final_norm)
+
+
+def hidden_size(model: nn.Module) -> int:
+    config = model.config
+    text_config = getattr(config, "text_config", None) or config
+    for name in ("hidden_size", "n_embd", "d_model"):
+        if hasattr(text_config, name):
+            return int(getattr(text_config, name))
+    raise UnknownArchitectureError(f"cannot find the hidden size in {type(config).__name__}")

@@ -1,0 +1,96 @@
+"""Shared fixtures: tiny random models of every supported family, a character tokenizer, SmolLM2."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import pytest
+import torch
+
+from steerlab.models import load_model, wrap
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+VOCAB = 128
+
+
+def tiny_config(family: str):
+    """A 4-layer, 32-wide config of `family` with a vocabulary of 128."""
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, num_hidden_layers=4, num_attention_heads=4, hidden_size=32, intermediate_size=64)
+    llama_like = dict(**common, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "llama":
+        return tf.LlamaConfig(**llama_like)
+    if family == "mistral":
+        return tf.MistralConfig(**llama_like, sliding_window=None)
+    if family == "qwen2":
+        return tf.Qwen2Config(**llama_like)
+    if family == "gemma":
+        return tf.GemmaConfig(**llama_like, head_dim=8)
+    if family == "gemma2":
+        return tf.Gemma2Config(**llama_like, head_dim=8, sliding_window=64)
+    if family == "gemma3_text":
+        return tf.Gemma3TextConfig(**llama_like, head_dim=8, sliding_window=64)
+    if family == "phi":
+        return tf.PhiConfig(**common, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "phi3":
+        return tf.Phi3Config(**llama_like)
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=VOCAB, n_layer=4, n_head=4, n_embd=32, n_positions=256, bos_token_id=1, eos_token_id=2)
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(**common, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "gpt2", "gpt_neox"]
+
+
+def tiny_model(family: str = "llama", dtype: torch.dtype = torch.float64, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="eager")
+    return model.to(dtype).eval()
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer (ids < 128) with BOS/EOS/PAD and a simple chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    chars = [c for c in string.printable if c not in "\x0b\x0c"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    assert len(vocab) <= VOCAB
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="?"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+    )
+    return tokenizer
+
+
+@pytest.fixture
+def tiny_lm():
+    """A float64 tiny Llama with the character tokenizer, wrapped as a LoadedModel."""
+    return wrap(tiny_model("llama"), char_tokenizer(), name="tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M-Instruct (float32), loaded once per test session."""
+    try:
+        return load_model("smollm2-135m")
+    except FileNotFoundError as error:
+        pytest.skip(f"embedded model not installed: {error}")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder not found at {SHARED_DATA}")
+    return SHARED_DATA
