@@ -18,8 +18,17 @@ def tiny_config(family: str):
     """A 4-layer, 32-wide config of `family` with a vocabulary of 128."""
     import transformers as tf
 
-    common = dict(vocab_size=VOCAB, num_hidden_layers=4, num_attention_heads=4, hidden_size=32, intermediate_size=64)
-    llama_like = dict(**common, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    common = dict(
+        vocab_size=VOCAB, num_hidden_layers=4, num_attention_heads=4, hidden_size=32, intermediate_size=64
+    )
+    llama_like = dict(
+        **common,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     if family == "llama":
         return tf.LlamaConfig(**llama_like)
     if family == "mistral":
@@ -33,11 +42,15 @@ def tiny_config(family: str):
     if family == "gemma3_text":
         return tf.Gemma3TextConfig(**llama_like, head_dim=8, sliding_window=64)
     if family == "phi":
-        return tf.PhiConfig(**common, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        return tf.PhiConfig(
+            **common, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2
+        )
     if family == "phi3":
         return tf.Phi3Config(**llama_like)
     if family == "gpt2":
-        return tf.GPT2Config(vocab_size=VOCAB, n_layer=4, n_head=4, n_embd=32, n_positions=256, bos_token_id=1, eos_token_id=2)
+        return tf.GPT2Config(
+            vocab_size=VOCAB, n_layer=4, n_head=4, n_embd=32, n_positions=256, bos_token_id=1, eos_token_id=2
+        )
     if family == "gpt_neox":
         return tf.GPTNeoXConfig(**common, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
     raise ValueError(family)
@@ -46,11 +59,12 @@ def tiny_config(family: str):
 FAMILIES = ["llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "gpt2", "gpt_neox"]
 
 
-def tiny_model(family: str = "llama", dtype: torch.dtype = torch.float64, seed: int = 0):
+def tiny_model(family: str = "llama", dtype: torch.dtype = torch.float64, seed: int = 0, attn: str = "eager"):
+    """A tiny random model. Left padding in float64 needs attn="sdpa": HF's eager mask gives NaN there."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation=attn)
     return model.to(dtype).eval()
 
 
@@ -66,7 +80,9 @@ def char_tokenizer():
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="?"))
     backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
     tokenizer.chat_template = (
         "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}<s>assistant: {% endif %}"

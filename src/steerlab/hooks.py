@@ -63,7 +63,9 @@ class Positions:
 
     @classmethod
     def at(cls, *indices: int, include_sink: bool = False) -> Positions:
-        return cls(start=None, indices=tuple(int(i) for i in indices), decode=False, include_sink=include_sink)
+        return cls(
+            start=None, indices=tuple(int(i) for i in indices), decode=False, include_sink=include_sink
+        )
 
     @classmethod
     def decode_only(cls) -> Positions:
@@ -97,7 +99,9 @@ class Positions:
                 start = self.start
                 if isinstance(start, tuple):
                     if len(start) != pos.shape[0]:
-                        raise ValueError(f"Positions has {len(start)} per-row starts for a batch of {pos.shape[0]}")
+                        raise ValueError(
+                            f"Positions has {len(start)} per-row starts for a batch of {pos.shape[0]}"
+                        )
                     start = torch.tensor(start, device=pos.device)[:, None]
                     start = torch.where(start < 0, plen + start, start)
                 elif start < 0:
@@ -122,7 +126,9 @@ class _StepState:
         self.prev_ids: torch.Tensor | None = None
         self.selection: torch.Tensor | None | str = None  # None: nothing; "all": every token; else (B,T,1)
 
-    def before_forward(self, input_ids, attention_mask, past_len: int, seq_len: int, batch: int, device) -> None:
+    def before_forward(
+        self, input_ids, attention_mask, past_len: int, seq_len: int, batch: int, device
+    ) -> None:
         if past_len > 0 and self.prompt_len is not None:
             self._cached_step(attention_mask, past_len, seq_len, device)
             return
@@ -150,7 +156,11 @@ class _StepState:
             self.selection = None
             return
         # Rare path (explicit indices, or a start beyond some prompt): build the selection for this step.
-        mask = attention_mask if attention_mask is not None else torch.ones(self.prompt_len.shape[0], past_len + seq_len, device=device)
+        mask = (
+            attention_mask
+            if attention_mask is not None
+            else torch.ones(self.prompt_len.shape[0], past_len + seq_len, device=device)
+        )
         pos = (mask.long().cumsum(-1) - 1)[:, -seq_len:]
         self.selection = self.positions.select(pos, self.prompt_len)[..., None]
 
@@ -250,7 +260,9 @@ def read_residual(
         yield
 
 
-def run_to_layers(model, layers: Sequence[int], callback: Callable[[int, torch.Tensor], None], **inputs) -> None:
+def run_to_layers(
+    model, layers: Sequence[int], callback: Callable[[int, torch.Tensor], None], **inputs
+) -> None:
     """Run a forward pass that calls `callback` at `layers` and stops after the last of them."""
     module = as_module(model)
     with read_residual(module, layers, callback, stop_after_last=True):

@@ -26,9 +26,22 @@ _LLAMA_LIKE = ArchitectureSpec("model.layers", "self_attn", "mlp", "model.norm")
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     **{
         name: _LLAMA_LIKE
-        for name in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2")
+        for name in (
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "phi3",
+            "olmo2",
+        )
     },
-    "gemma3": ArchitectureSpec("model.language_model.layers", "self_attn", "mlp", "model.language_model.norm"),
+    "gemma3": ArchitectureSpec(
+        "model.language_model.layers", "self_attn", "mlp", "model.language_model.norm"
+    ),
     "phi": ArchitectureSpec("model.layers", "self_attn", "mlp", "model.final_layernorm"),
     "gpt2": ArchitectureSpec("transformer.h", "attn", "mlp", "transformer.ln_f"),
     "gpt_neox": ArchitectureSpec("gpt_neox.layers", "attention", "mlp", "gpt_neox.final_layer_norm"),
@@ -76,7 +89,9 @@ def resolve_layer(model: nn.Module, layer: int) -> int:
     """Map a possibly negative layer index onto 0..n-1, with a clear error when out of range."""
     n = num_layers(model)
     if not -n <= layer < n:
-        raise IndexError(f"layer {layer} is out of range for a model with {n} decoder layers (use 0..{n - 1} or -{n}..-1)")
+        raise IndexError(
+            f"layer {layer} is out of range for a model with {n} decoder layers (use 0..{n - 1} or -{n}..-1)"
+        )
     return layer % n
 
 

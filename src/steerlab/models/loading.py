@@ -121,14 +121,18 @@ def convert_gguf(gguf_path: Path, digest: str) -> Path:
         return target
     log.info("converting %s to safetensors (once; cached in %s)", gguf_path.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
     _clear_gguf_quantizer(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        (staging / "steerlab.json").write_text(json.dumps({"gguf": str(gguf_path), "sha256": digest}, indent=2))
+        (staging / "steerlab.json").write_text(
+            json.dumps({"gguf": str(gguf_path), "sha256": digest}, indent=2)
+        )
         try:
             os.replace(staging, target)
         except OSError:  # another process finished first
@@ -224,7 +228,9 @@ def load_model(
     return LoadedModel(model, tokenizer, describe(model, tokenizer, name, source, digest))
 
 
-def describe(model: nn.Module, tokenizer, name: str, source: str = "", digest: str | None = None) -> ModelInfo:
+def describe(
+    model: nn.Module, tokenizer, name: str, source: str = "", digest: str | None = None
+) -> ModelInfo:
     """Check the architecture is known, repair the tokenizer and record where the model came from."""
     architecture_of(model)
     repairs = repair_tokenizer(tokenizer, model)

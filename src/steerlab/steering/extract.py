@@ -1,0 +1,229 @@
+"""Mean-difference extraction: CAA on A/B pairs, and paired free texts.
+
+Activations are never stored: each batch adds its float64 sums at the read positions, and the forward
+pass stops after the last layer needed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import transformers
+from tqdm.auto import tqdm
+
+import steerlab
+from steerlab.data import ABDataset, PairedTexts, encode, format_prompt, locate_answers
+from steerlab.hooks import run_to_layers
+from steerlab.models import LoadedModel, resolve_layer
+from steerlab.steering.vector import SteeringVector
+
+
+@dataclass(frozen=True)
+class ReadSpec:
+    """A token sequence and the positions whose activations it contributes (averaged, weight 1 in all)."""
+
+    ids: list[int]
+    positions: list[int]
+
+
+@dataclass
+class LayerMeans:
+    """Per-layer mean activation (float64) and mean residual norm over a set of ReadSpecs."""
+
+    mean: dict[int, torch.Tensor]
+    residual_norm: dict[int, float]
+    count: int
+
+
+def pad_batch(
+    sequences: Sequence[list[int]], pad_id: int, device, left: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token lists into (input_ids, attention_mask) tensors."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, span] = torch.tensor(seq, dtype=torch.long)
+        mask[row, span] = 1
+    return ids.to(device), mask.to(device)
+
+
+def batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (less padding), longest first."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def mean_activations(
+    lm: LoadedModel,
+    examples: Sequence[ReadSpec],
+    layers: Sequence[int],
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "reading activations",
+) -> LayerMeans:
+    """Mean residual-stream activation at each layer over the read positions of `examples`."""
+    model = lm.model
+    resolved = sorted({resolve_layer(model, layer) for layer in layers})
+    width = lm.info.hidden_size
+    sums = {layer: torch.zeros(width, dtype=torch.float64, device=lm.device) for layer in resolved}
+    norm_sums = {layer: torch.zeros((), dtype=torch.float64, device=lm.device) for layer in resolved}
+    pad_id = lm.tokenizer.pad_token_id or 0
+    groups = batches_by_length([len(ex.ids) for ex in examples], batch_size)
+    for group in tqdm(groups, desc=desc, disable=not progress, unit="batch"):
+        batch = [examples[i] for i in group]
+        ids, mask = pad_batch([ex.ids for ex in batch], pad_id, lm.device)
+        flat, weights = [], []
+        for row, ex in enumerate(batch):
+            flat.extend(row * ids.shape[1] + p for p in ex.positions)
+            weights.extend([1.0 / len(ex.positions)] * len(ex.positions))
+        flat_t = torch.tensor(flat, device=lm.device)
+        w_t = torch.tensor(weights, dtype=torch.float64, device=lm.device)
+
+        def accumulate(layer: int, hidden: torch.Tensor, flat_t=flat_t, w_t=w_t) -> None:
+            picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_t).double()
+            sums[layer] += w_t @ picked
+            norm_sums[layer] += w_t @ picked.norm(dim=-1)
+
+        run_to_layers(model, resolved, accumulate, input_ids=ids, attention_mask=mask)
+    n = len(examples)
+    return LayerMeans(
+        mean={layer: s / n for layer, s in sums.items()},
+        residual_norm={layer: float(s) / n for layer, s in norm_sums.items()},
+        count=n,
+    )
+
+
+def _metadata(lm: LoadedModel, method: str, pos: LayerMeans, neg: LayerMeans, vectors: dict, **extra) -> dict:
+    return {
+        "method": method,
+        "model": lm.info.to_dict(),
+        "layers": sorted(vectors),
+        "norms": {str(layer): float(vec.norm()) for layer, vec in vectors.items()},
+        "residual_norms": {
+            str(layer): 0.5 * (pos.residual_norm[layer] + neg.residual_norm[layer]) for layer in vectors
+        },
+        "tokenizer_repairs": lm.info.tokenizer_repairs,
+        "versions": {
+            "steerlab": steerlab.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **extra,
+    }
+
+
+def difference_vector(
+    lm: LoadedModel,
+    positive: Sequence[ReadSpec],
+    negative: Sequence[ReadSpec],
+    layers: Sequence[int],
+    method: str,
+    batch_size: int = 8,
+    progress: bool = True,
+    **metadata,
+) -> SteeringVector:
+    """mean(positive activations) - mean(negative activations) at each layer."""
+    pos = mean_activations(lm, positive, layers, batch_size, progress, desc="positive")
+    neg = mean_activations(lm, negative, layers, batch_size, progress, desc="negative")
+    vectors = {layer: (pos.mean[layer] - neg.mean[layer]).float().cpu() for layer in pos.mean}
+    return SteeringVector(vectors, _metadata(lm, method, pos, neg, vectors, **metadata))
+
+
+def ab_read_specs(
+    lm: LoadedModel, dataset: ABDataset, system_prompt: str | None
+) -> tuple[list[ReadSpec], list[ReadSpec]]:
+    """For each item: the prompt + matching / + not-matching answer, read at the answer-letter token."""
+    positive, negative = [], []
+    for item in dataset:
+        prompt = format_prompt(lm.tokenizer, item.question, system_prompt=system_prompt)
+        where = locate_answers(lm.tokenizer, prompt, [item.matching, item.not_matching])
+        positive.append(ReadSpec(where.option_ids[0], [where.position]))
+        negative.append(ReadSpec(where.option_ids[1], [where.position]))
+    return positive, negative
+
+
+def extract_caa(
+    lm: LoadedModel,
+    dataset: ABDataset,
+    layers: Sequence[int],
+    *,
+    system_prompt: str | None = None,
+    balance: bool = True,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> SteeringVector:
+    """Contrastive Activation Addition: mean difference at the answer letter of A/B pairs.
+
+    With `balance=True` (default) the answer letters are balanced first, so the A-versus-B letter
+    direction cancels instead of leaking into the vector.
+    """
+    counts_before = dataset.letter_counts()
+    if balance:
+        dataset = dataset.balance_letters(seed=seed)
+    positive, negative = ab_read_specs(lm, dataset, system_prompt)
+    return difference_vector(
+        lm,
+        positive,
+        negative,
+        layers,
+        method="caa",
+        batch_size=batch_size,
+        progress=progress,
+        dataset={
+            "name": dataset.name,
+            "fingerprint": dataset.fingerprint,
+            "size": len(dataset),
+            "letter_counts_before_balancing": counts_before,
+            "letter_counts": dataset.letter_counts(),
+        },
+        system_prompt=system_prompt,
+    )
+
+
+def text_read_spec(lm: LoadedModel, text: str, read: str, system_prompt: str | None, chat: bool) -> ReadSpec:
+    """Tokenise one free text; read its last token or average its positions (never position 0)."""
+    if chat:
+        text = format_prompt(lm.tokenizer, text, system_prompt=system_prompt)
+    ids = encode(lm.tokenizer, text)
+    if read == "last":
+        positions = [len(ids) - 1]
+    elif read == "mean":
+        positions = list(range(1, len(ids))) or [0]
+    else:
+        raise ValueError(f"read must be 'last' or 'mean', got {read!r}")
+    return ReadSpec(ids, positions)
+
+
+def extract_mean_difference(
+    lm: LoadedModel,
+    texts: PairedTexts,
+    layers: Sequence[int],
+    *,
+    read: str = "last",
+    system_prompt: str | None = None,
+    chat: bool = False,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> SteeringVector:
+    """Mean difference between paired positive and negative free texts (last token or all positions)."""
+    positive = [text_read_spec(lm, t, read, system_prompt, chat) for t in texts.positive]
+    negative = [text_read_spec(lm, t, read, system_prompt, chat) for t in texts.negative]
+    return difference_vector(
+        lm,
+        positive,
+        negative,
+        layers,
+        method=f"mean-difference-{read}",
+        batch_size=batch_size,
+        progress=progress,
+        dataset={"name": texts.name, "fingerprint": texts.fingerprint, "size": len(texts.positive)},
+        system_prompt=system_prompt if chat else None,
+    )

@@ -1,0 +1,81 @@
+"""The built-in datasets: presence as package data, types, sizes and the properties they promise."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from importlib import resources
+
+import pytest
+
+from steerlab.data import ABDataset, PairedTexts, PromptSet, list_builtin, load_builtin
+
+NAMES = ["sentiment", "sentiment-prompts", "sentiment-words", "sentiment-ab", "neutral-text"]
+
+
+def test_listed_and_shipped_as_package_data():
+    assert list(list_builtin()) == NAMES
+    folder = resources.files("steerlab.data") / "builtin"
+    assert sorted(p.name for p in folder.iterdir() if p.name.endswith(".json")) == sorted(
+        f"{n}.json" for n in NAMES
+    )
+    with pytest.raises(KeyError, match="available: sentiment, sentiment-prompts"):
+        load_builtin("sentiments")
+
+
+def test_sentiment_pairs():
+    pairs = load_builtin("sentiment")
+    assert isinstance(pairs, PairedTexts) and len(pairs) >= 48 and pairs.name == "sentiment"
+    assert pairs[0] == (
+        "I opened the letter and it was wonderful news.",
+        "I opened the letter and it was terrible news.",
+    )
+    for positive, negative in pairs:
+        assert positive != negative and positive.endswith(".") and negative.endswith(".")
+        for text in (positive, negative):  # first person
+            assert set(re.findall(r"[a-z]+", text.lower())) & {"i", "my", "me", "our", "we"}, text
+        similarity = difflib.SequenceMatcher(a=positive.split(), b=negative.split()).ratio()
+        assert similarity >= 0.5, (positive, negative)  # parallel wording
+    assert len(set(pairs.positive)) == len(pairs.positive)
+
+
+def test_sentiment_prompts_are_neutral():
+    prompts = load_builtin("sentiment-prompts")
+    words = load_builtin("sentiment-words")
+    cues = set(words["positive"]) | set(words["negative"]) | {"love", "hate", "happy", "sad", "enjoyed"}
+    assert isinstance(prompts, PromptSet) and len(prompts) >= 40 and prompts.references is None
+    assert "The weather this weekend was" in prompts.prompts
+    for prompt in prompts:
+        assert not set(re.findall(r"[a-z]+", prompt.lower())) & cues, prompt
+        assert not prompt.endswith((" ", "."))
+
+
+def test_sentiment_words():
+    words = load_builtin("sentiment-words")
+    assert set(words) == {"positive", "negative"}
+    assert len(words["positive"]) >= 25 and len(words["negative"]) >= 25
+    assert {"great", "wonderful", "amazing", "good", "excellent"} <= set(words["positive"])
+    assert {"terrible", "awful", "horrible", "bad", "boring", "disappointing"} <= set(words["negative"])
+    assert not set(words["positive"]) & set(words["negative"])
+    assert all(re.fullmatch(r"[a-z]+", w) for w in words["positive"] + words["negative"])
+
+
+def test_sentiment_ab():
+    data = load_builtin("sentiment-ab")
+    assert isinstance(data, ABDataset) and len(data) >= 40
+    assert data.letter_counts() == {"(A)": len(data) // 2, "(B)": len(data) // 2}
+    first = data[0]
+    assert first.question.startswith("Your friend asks how your weekend went.")
+    assert "\n\nChoices:\n (A) " in first.question and "\n (B) " in first.question
+    assert (
+        first.option_text(first.matching) == "It was lovely, I spent it hiking and laughing with my family."
+    )
+    assert data[1].option_text(data[1].matching) == "I love it, it is bright and everyone seems happier."
+    assert all(item.options == ("(A)", "(B)") for item in data)
+    assert data.balance_letters().letter_counts() == data.letter_counts()
+
+
+def test_neutral_text():
+    texts = load_builtin("neutral-text")
+    assert isinstance(texts, list) and 15 <= len(texts) <= 30
+    assert all(isinstance(t, str) and t.endswith(".") for t in texts)
