@@ -11,6 +11,7 @@ from steerlab.evaluate.probability import (
     prepare_word_preference,
     word_preference,
 )
+from steerlab.evaluate.separability import projections, separability
 from steerlab.evaluate.side_effects import NeutralText, SideEffects, prepare_neutral, side_effects
 from steerlab.evaluate.stats import auroc, bootstrap_ci
 
@@ -28,6 +29,8 @@ __all__ = [
     "prepare_ab",
     "prepare_neutral",
     "prepare_word_preference",
+    "projections",
+    "separability",
     "side_effects",
     "word_preference",
 ]

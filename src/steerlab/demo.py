@@ -1,0 +1,188 @@
+"""The end-to-end demo: a sentiment steering vector on the embedded model, chosen on validation,
+reported on test, with controls, side effects, generations and an HTML report.
+
+Everything it needs ships with steerlab (built-in datasets written for the project), so it runs offline.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from steerlab.data import load_builtin
+from steerlab.evaluate import (
+    bootstrap_ci,
+    generate,
+    prepare_neutral,
+    prepare_word_preference,
+    separability,
+    side_effects,
+    word_preference,
+)
+from steerlab.hooks import Positions
+from steerlab.io import atomic_write_text
+from steerlab.models import LoadedModel, load_model
+from steerlab.steering import extract_mean_difference
+from steerlab.steering.extract import text_read_spec
+from steerlab.sweep import Grid, choose_setting, sweep, write_csv
+
+DEFAULT_LAYERS = (6, 8, 10, 12, 14, 16, 18, 20)
+DEFAULT_FRACTIONS = (-0.12, -0.08, -0.04, 0.04, 0.08, 0.12)
+
+
+@dataclass
+class DemoConfig:
+    model: str = "smollm2-135m"
+    layers: tuple[int, ...] = DEFAULT_LAYERS
+    fractions: tuple[float, ...] = DEFAULT_FRACTIONS
+    positions: str = "all"
+    max_perplexity_increase: float = 0.2
+    n_generations: int = 4
+    max_new_tokens: int = 32
+    seed: int = 0
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def _word_metric(lm: LoadedModel, prompts: list[str]):
+    words = load_builtin("sentiment-words")
+    prepared = prepare_word_preference(lm, prompts, words["positive"], words["negative"])
+    return lambda model: {"score": word_preference(model, prepared)}
+
+
+def _per_prompt(lm, vector, layer, multiplier, metric, positions) -> torch.Tensor:
+    with torch.no_grad(), vector.apply(lm, layer=layer, multiplier=multiplier, positions=positions):
+        return metric(lm)["score"].double()
+
+
+def run_demo(out_dir: str | Path, config: DemoConfig | None = None, lm: LoadedModel | None = None) -> dict:
+    """Run the whole demo, write its files into `out_dir` and return the summary dict."""
+    config = config or DemoConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    lm = lm or load_model(config.model)
+    positions = Positions.parse(config.positions)
+
+    pairs_train, pairs_heldout = load_builtin("sentiment").split([0.75, 0.25], seed=config.seed)
+    prompts_val, prompts_test = load_builtin("sentiment-prompts").split([0.5, 0.5], seed=config.seed)
+    vector = extract_mean_difference(lm, pairs_train, config.layers, read="last", progress=config.progress)
+    vector.save(out / "vector")
+
+    heldout_pos = [text_read_spec(lm, t, "last", None, False) for t in pairs_heldout.positive]
+    heldout_neg = [text_read_spec(lm, t, "last", None, False) for t in pairs_heldout.negative]
+    auroc = separability(lm, heldout_pos, heldout_neg, vector)
+
+    neutral = prepare_neutral(lm, load_builtin("neutral-text"))
+    val_metric = _word_metric(lm, prompts_val.prompts)
+    test_metric = _word_metric(lm, prompts_test.prompts)
+    grid = Grid(config.layers, config.fractions)
+    rows = sweep(
+        lm,
+        vector,
+        val_metric,
+        grid,
+        split="validation",
+        positions=positions,
+        neutral=neutral,
+        seed=config.seed,
+        progress=config.progress,
+    )
+    choice = choose_setting(rows, config.max_perplexity_increase)
+    rows += sweep(
+        lm,
+        vector,
+        test_metric,
+        Grid([choice.layer], config.fractions),
+        split="test",
+        positions=positions,
+        neutral=neutral,
+        seed=config.seed,
+        progress=config.progress,
+    )
+    for row in rows:
+        row["auroc"] = auroc[row["layer"]]
+    write_csv(rows, out / "sweep.csv")
+
+    layer, m = choice.layer, vector.multiplier_for_fraction(choice.layer, choice.fraction)
+    control = vector.random_like(seed=config.seed)
+    test = {
+        name: _per_prompt(lm, vec, layer, mult, test_metric, positions)
+        for name, vec, mult in [
+            ("plus", vector, m),
+            ("minus", vector, -m),
+            ("random_plus", control, m),
+            ("random_minus", control, -m),
+        ]
+    }
+    test["base"] = test_metric(lm)["score"].double()
+    diff = (test["plus"] - test["minus"]).numpy()
+    effect, low, high = bootstrap_ci(diff, seed=config.seed)
+    random_shift = max(abs(float((test[k] - test["base"]).mean())) for k in ("random_plus", "random_minus"))
+    curve = sorted(
+        (r["fraction"], r["score"])
+        for r in rows
+        if r["split"] == "test" and r["vector"] in ("steering", "none")
+    )
+    monotone = bool(np.all(np.diff([s for _, s in curve]) >= -1e-9))
+    base_effects = side_effects(lm, neutral)
+    with vector.apply(lm, layer=layer, multiplier=m, positions=positions):
+        plus_effects = side_effects(lm, neutral)
+    with vector.apply(lm, layer=layer, multiplier=-m, positions=positions):
+        minus_effects = side_effects(lm, neutral)
+    ppl_rise = max(plus_effects.perplexity, minus_effects.perplexity) / base_effects.perplexity - 1
+
+    gen_prompts = prompts_test.prompts[: config.n_generations]
+    generations = {
+        "prompt": gen_prompts,
+        "unsteered": generate(lm, gen_prompts, chat=False, max_new_tokens=config.max_new_tokens),
+    }
+    for name, mult in (("minus", -m), ("plus", m)):
+        with vector.apply(lm, layer=layer, multiplier=mult, positions=positions):
+            generations[name] = generate(lm, gen_prompts, chat=False, max_new_tokens=config.max_new_tokens)
+    generation_rows = [
+        {"prompt": p, "minus": a, "unsteered": b, "plus": c}
+        for p, a, b, c in zip(
+            gen_prompts, generations["minus"], generations["unsteered"], generations["plus"]
+        )
+    ]
+    atomic_write_text(out / "generations.json", json.dumps(generation_rows, indent=2))
+
+    residual = vector.residual_norm(layer)
+    summary = {
+        "model": lm.info.name,
+        "behaviour": "sentiment (p of a positive vs negative next word on neutral sentence starts)",
+        "layer": layer,
+        "fraction_of_residual_norm": choice.fraction,
+        "multiplier": m,
+        "vector_norm": vector.norm(layer),
+        "residual_norm": residual,
+        "added_norm_over_residual": abs(m) * vector.norm(layer) / residual,
+        "validation_effect": choice.effect,
+        "test_p_base": float(test["base"].mean()),
+        "test_p_minus": float(test["minus"].mean()),
+        "test_p_plus": float(test["plus"].mean()),
+        "test_effect": effect,
+        "test_effect_ci": [low, high],
+        "test_monotone": monotone,
+        "random_control_max_shift": random_shift,
+        "perplexity_base": base_effects.perplexity,
+        "perplexity_rise": ppl_rise,
+        "kl_plus": plus_effects.kl,
+        "kl_minus": minus_effects.kl,
+        "auroc": auroc[layer],
+        "n_pairs_train": len(pairs_train.positive),
+        "n_prompts_validation": len(prompts_val.prompts),
+        "n_prompts_test": len(prompts_test.prompts),
+        "seconds": time.perf_counter() - started,
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    from steerlab.report import demo_report
+
+    demo_report(out, summary, rows, generation_rows, vector.metadata)
+    return summary

@@ -1,0 +1,106 @@
+"""Plots of sweep rows (the tidy dicts written to sweep.csv)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _select(rows, **conditions):
+    return [r for r in rows if all(r[k] == v for k, v in conditions.items())]
+
+
+def _baseline(rows, split):
+    base = _select(rows, split=split, vector="none")
+    return base[0]["score"] if base else None
+
+
+def score_vs_fraction(rows: Sequence[dict], split: str, metric_label: str):
+    """One line per layer (steering) plus the random control, against the signed fraction of residual norm."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    layers = sorted({r["layer"] for r in _select(rows, split=split)})
+    cmap = plt.get_cmap("viridis")
+    base = _baseline(rows, split)
+    for i, layer in enumerate(layers):
+        color = cmap(i / max(1, len(layers) - 1))
+        for kind, style in (("steering", "-o"), ("random", ":x")):
+            pts = sorted(
+                (r["fraction"], r["score"]) for r in _select(rows, split=split, layer=layer, vector=kind)
+            )
+            if base is not None:
+                pts = sorted([*pts, (0.0, base)])
+            if pts:
+                label = (
+                    f"layer {layer}"
+                    if kind == "steering"
+                    else (f"random, layer {layer}" if len(layers) == 1 else None)
+                )
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    style,
+                    color=color,
+                    ms=4,
+                    label=label,
+                    alpha=0.9 if kind == "steering" else 0.6,
+                )
+    if base is not None:
+        ax.axhline(base, color="grey", lw=1, ls="--", label="unsteered")
+    ax.set_xlabel("multiplier as signed fraction of the residual norm (||m·v|| / ||h||)")
+    ax.set_ylabel(metric_label)
+    ax.set_title(f"{metric_label} against multiplier ({split}); dotted: random vector of the same norm")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def score_vs_layer(rows: Sequence[dict], split: str, metric_label: str):
+    """Effect score(+f) - score(-f) per layer for the largest fraction, steering vs random."""
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    fmax = max(r["fraction"] for r in _select(rows, split=split, vector="steering"))
+    for kind, style in (("steering", "-o"), ("random", ":x")):
+        pts = []
+        for layer in sorted({r["layer"] for r in _select(rows, split=split, vector=kind)}):
+            plus = _select(rows, split=split, vector=kind, layer=layer, fraction=fmax)
+            minus = _select(rows, split=split, vector=kind, layer=layer, fraction=-fmax)
+            if plus and minus:
+                pts.append((layer, plus[0]["score"] - minus[0]["score"]))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{kind} vector")
+    if "auroc" in rows[0]:
+        ax2 = ax.twinx()
+        layers = sorted({r["layer"] for r in _select(rows, split=split)})
+        auroc = [next(r["auroc"] for r in rows if r["layer"] == layer) for layer in layers]
+        ax2.plot(layers, auroc, "--", color="tab:green", alpha=0.6, label="separability (AUROC)")
+        ax2.set_ylabel("AUROC of held-out pairs projected on v")
+        ax2.set_ylim(0.4, 1.02)
+        ax2.legend(loc="lower right", fontsize=8)
+    ax.axhline(0, color="grey", lw=1)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"{metric_label}(+f) − {metric_label}(−f)")
+    ax.set_title(f"Effect per layer at f = ±{fmax:g} ({split})")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def side_effect_plot(rows: Sequence[dict], split: str):
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    for layer in sorted({r["layer"] for r in _select(rows, split=split, vector="steering")}):
+        pts = sorted(
+            (r["fraction"], r["perplexity"])
+            for r in _select(rows, split=split, layer=layer, vector="steering")
+        )
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", ms=3, label=f"layer {layer}")
+    base = _select(rows, split=split, vector="none")
+    if base:
+        ax.axhline(base[0]["perplexity"], color="grey", ls="--", lw=1, label="unsteered")
+    ax.set_xlabel("signed fraction of the residual norm")
+    ax.set_ylabel("perplexity on neutral text")
+    ax.set_title(f"Side effect: perplexity ({split})")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    return fig
