@@ -50,13 +50,16 @@ class HybridConfig:
     n_random: int = 10
     n_top: int = 20
     lanczos_tol: float = 1e-8
+    ica_basis: int = 20  # top mixed-Hessian eigenvectors the unsupervised method rotates within
 
 
 def _patterns(gen: torch.Generator) -> torch.Tensor:
     return (torch.rand(10, 64, generator=gen) < 0.3).double()
 
 
-def _pattern_samples(patterns: torch.Tensor, labels: torch.Tensor, noise: float, gen: torch.Generator) -> torch.Tensor:
+def _pattern_samples(
+    patterns: torch.Tensor, labels: torch.Tensor, noise: float, gen: torch.Generator
+) -> torch.Tensor:
     x = patterns[labels] + noise * torch.randn(len(labels), 64, generator=gen, dtype=torch.float64)
     return x.clamp(0, 1)
 
@@ -139,8 +142,8 @@ def run_seed(cfg: HybridConfig, progress: bool = True) -> dict:
     h_d, h_p, h_m = op("train_digit"), op("train_pattern"), op("train_mix")
     k = max(cfg.k_project, cfg.n_top)
     eig = {
-        name: lanczos(o.matvec, o.dim, k=k, which="LA", tol=cfg.lanczos_tol, seed=cfg.seed, progress=False)
-        for name, o in (("digit", h_d), ("pattern", h_p), ("mix", h_m))
+        name: lanczos(o.matvec, o.dim, k=kk, which="LA", tol=cfg.lanczos_tol, seed=cfg.seed, progress=False)
+        for name, o, kk in (("digit", h_d, k), ("pattern", h_p, k), ("mix", h_m, max(k, cfg.ica_basis)))
     }
     v_pat = project_out(eig["pattern"].vectors[0], eig["digit"].vectors[: cfg.k_project])
     v_dig = project_out(eig["digit"].vectors[0], eig["pattern"].vectors[: cfg.k_project])
@@ -171,14 +174,19 @@ def run_seed(cfg: HybridConfig, progress: bool = True) -> dict:
     top_mix = eig["mix"].vectors[: cfg.n_top]
     r_mix = specialisation(_curvatures(g_d, top_mix), _curvatures(g_p, top_mix))
     x_mix = data["train_mix"][0]  # inputs only: no labels, no subset membership
-    ica_dirs, ica_info = separable_directions(model, params, x_mix, top_mix, seed=cfg.seed)
+    basis = eig["mix"].vectors[: cfg.ica_basis]
+    ica_dirs, ica_info = separable_directions(
+        model, params, x_mix, basis, n_components=cfg.n_top, seed=cfg.seed
+    )
     r_ica = specialisation(_curvatures(g_d, ica_dirs), _curvatures(g_p, ica_dirs))
     # balanced variant: each GGN scaled by its own top eigenvalue, so the weaker skill is not drowned out
     top_d = lanczos(g_d.matvec, g_d.dim, k=1, tol=1e-6, seed=cfg.seed, progress=False).values[0].item()
     top_p = lanczos(g_p.matvec, g_p.dim, k=1, tol=1e-6, seed=cfg.seed, progress=False).values[0].item()
     rb_mix = specialisation(_curvatures(g_d, top_mix) / top_d, _curvatures(g_p, top_mix) / top_p)
     rb_ica = specialisation(_curvatures(g_d, ica_dirs) / top_d, _curvatures(g_p, ica_dirs) / top_p)
-    angles = np.degrees(principal_angles(eig["digit"].vectors[: cfg.k_project], eig["pattern"].vectors[: cfg.k_project]))
+    angles = np.degrees(
+        principal_angles(eig["digit"].vectors[: cfg.k_project], eig["pattern"].vectors[: cfg.k_project])
+    )
     return {
         "seed": cfg.seed,
         "dim": h_m.dim,
@@ -188,9 +196,11 @@ def run_seed(cfg: HybridConfig, progress: bool = True) -> dict:
         "random_drops": random_drops,
         "random_dir_max_drop": max(max(d.values()) for d in random_drops),
         "sweeps": sweeps,
-        "eigenvalues": {name: e.values.tolist() for name, e in eig.items()},
+        "eigenvalues": {name: e.values[:k].tolist() for name, e in eig.items()},
         "hvp_counts": {name: e.n_products for name, e in eig.items()},
-        "max_rel_residual": {name: float((e.residuals / e.values.abs().max()).max()) for name, e in eig.items()},
+        "max_rel_residual": {
+            name: float((e.residuals / e.values.abs().max()).max()) for name, e in eig.items()
+        },
         "r_mix_top": r_mix.tolist(),
         "r_ica": r_ica.tolist(),
         "specialised_fraction_mixed": specialised_fraction(r_mix),
@@ -201,7 +211,9 @@ def run_seed(cfg: HybridConfig, progress: bool = True) -> dict:
         "specialised_fraction_unsupervised_method_balanced": specialised_fraction(rb_ica),
         "ica_info": {k: v for k, v in ica_info.items() if k != "concentration"},
         "principal_angles_digit_vs_pattern_deg": angles.tolist(),
-        "random_angle_baseline_deg": random_angle_baseline(h_m.dim, cfg.k_project, cfg.k_project, trials=5)["mean_deg"],
+        "random_angle_baseline_deg": random_angle_baseline(h_m.dim, cfg.k_project, cfg.k_project, trials=5)[
+            "mean_deg"
+        ],
         "seconds": time.perf_counter() - t0,
     }
 

@@ -33,12 +33,18 @@ def sweep_figure(result: dict) -> bytes:
     plt = _plt()
     runs = result["runs"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
-    for ax, dname, title in zip(axes, ("pattern_dir", "digit_dir"), ("pattern direction (digit top-k projected out)", "digit direction (pattern top-k projected out)")):
+    for ax, dname, title in zip(
+        axes,
+        ("pattern_dir", "digit_dir"),
+        ("pattern direction (digit top-k projected out)", "digit direction (pattern top-k projected out)"),
+    ):
         ts = np.array(runs[0]["sweeps"][dname]["t"])
         for metric, color in (("digit", "tab:blue"), ("pattern", "tab:orange")):
             vals = np.array([r["sweeps"][dname][metric] for r in runs])
             ax.plot(ts, vals.mean(0), color=color, label=f"{metric} accuracy")
-            ax.fill_between(ts, vals.mean(0) - vals.std(0), vals.mean(0) + vals.std(0), color=color, alpha=0.2)
+            ax.fill_between(
+                ts, vals.mean(0) - vals.std(0), vals.mean(0) + vals.std(0), color=color, alpha=0.2
+            )
         ax.axvline(result["config"]["t"], color="gray", ls="--", lw=1, label="fixed t")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("t (unit direction, ±t averaged)")
@@ -69,7 +75,9 @@ def spectra_figure(result: dict) -> bytes:
     fig, ax = plt.subplots(figsize=(6, 3.4))
     for name in ("digit", "pattern", "mix"):
         vals = np.array([r["eigenvalues"][name] for r in result["runs"]])
-        ax.semilogy(np.arange(1, vals.shape[1] + 1), vals.mean(0), marker="o", ms=3, label=f"H on {name} data")
+        ax.semilogy(
+            np.arange(1, vals.shape[1] + 1), vals.mean(0), marker="o", ms=3, label=f"H on {name} data"
+        )
     ax.set_xlabel("eigenvalue index")
     ax.set_ylabel("eigenvalue")
     ax.legend(fontsize=8)
@@ -91,10 +99,12 @@ def density_figure(grid: np.ndarray, dens: np.ndarray, exact: np.ndarray | None 
 
 def write_html(path: str | os.PathLike, title: str, sections: list[tuple[str, str | bytes]]) -> Path:
     """`sections`: (heading, html text or PNG bytes). Written atomically."""
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;max-width:980px;margin:auto}pre{background:#f4f4f4;padding:8px;"
-             "overflow-x:auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}</style>",
-             f"</head><body><h1>{html.escape(title)}</h1>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:980px;margin:auto}pre{background:#f4f4f4;padding:8px;"
+        "overflow-x:auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}</style>",
+        f"</head><body><h1>{html.escape(title)}</h1>",
+    ]
     for heading, body in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>")
         if isinstance(body, bytes):
@@ -116,8 +126,14 @@ def summary_table(summary: dict) -> str:
         if key.endswith("_sd") or key == "n_seeds":
             continue
         sd = summary.get(f"{key}_sd")
-        rows.append(f"<tr><td>{html.escape(key)}</td><td>{val:.3f}</td><td>{'' if sd is None else f'{sd:.3f}'}</td></tr>")
-    return "<table><tr><th>quantity</th><th>mean (max for random)</th><th>sd</th></tr>" + "".join(rows) + "</table>"
+        rows.append(
+            f"<tr><td>{html.escape(key)}</td><td>{val:.3f}</td><td>{'' if sd is None else f'{sd:.3f}'}</td></tr>"
+        )
+    return (
+        "<table><tr><th>quantity</th><th>mean (max for random)</th><th>sd</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
 
 
 def hybrid_report(result: dict, folder: str | os.PathLike) -> Path:

@@ -75,7 +75,9 @@ def curvature_ica(
     gen = torch.Generator().manual_seed(seed)
     w = _sym_orth(torch.randn(min(k, mw), mw, generator=gen, dtype=torch.float64))
     last = -np.inf
-    for it in range(iters):
+    iterations = 0
+    for _ in range(iters):
+        iterations += 1
         c = torch.einsum("jm,nmk,jk->nj", w, aw, w)  # (n, k) curvature of each sample along each w_j
         grad = torch.einsum("nj,nmk,jk->jm", c, aw, w)
         w = _sym_orth(grad)
@@ -88,7 +90,7 @@ def curvature_ica(
     coeffs = coeffs / coeffs.norm(dim=1, keepdim=True)
     conc = (c**2).sum(0)
     order = torch.argsort(conc, descending=True)
-    return coeffs[order], conc[order], {"iterations": it + 1, "whitened_dim": mw}
+    return coeffs[order], conc[order], {"iterations": iterations, "whitened_dim": mw}
 
 
 def separable_directions(
