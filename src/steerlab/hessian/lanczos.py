@@ -61,7 +61,10 @@ def _select(theta: np.ndarray, k: int, which: str) -> np.ndarray:
 
 
 def _orthogonalise(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    for _ in range(2):  # twice is enough (Kahan-Parlett)
+    """Classical Gram-Schmidt against `basis`, repeated once only if the norm collapsed (DGKS criterion)."""
+    before = w.norm()
+    w = w - basis.T @ (basis @ w)
+    if w.norm() < 0.7071 * before:
         w = w - basis.T @ (basis @ w)
     return w
 
@@ -71,10 +74,10 @@ def lanczos(
     dim: int,
     k: int = 10,
     which: Which = "LA",
-    tol: float = 1e-8,
+    tol: float = 1e-6,
     max_iter: int = 200,
     min_iter: int | None = None,
-    check_every: int = 5,
+    check_every: int = 1,
     seed: int = 0,
     v0: torch.Tensor | None = None,
     progress: bool = True,
@@ -107,6 +110,9 @@ def lanczos(
         w = matvec(basis[j]).double().cpu()
         a = float(w @ basis[j])
         alphas.append(a)
+        w -= a * basis[j]
+        if j > 0:
+            w -= betas[-1] * basis[j - 1]
         w = _orthogonalise(w, basis[: j + 1])
         b = float(w.norm())
         betas.append(b)
