@@ -5,6 +5,7 @@ from steerlab.hessian.density import SpectralDensity, slq_density
 from steerlab.hessian.lanczos import Eigenpairs, lanczos, lanczos_tridiagonal
 from steerlab.hessian.operator import CurvatureOperator, dense_matrix
 from steerlab.hessian.params import block_slices, flatten, select_params, unflatten
+from steerlab.hessian.spectra import hessian_vs_ggn, subsample_spectra
 from steerlab.hessian.subspace import (
     orthonormal,
     perturbation_sweep,
@@ -29,6 +30,7 @@ __all__ = [
     "curvature_mode",
     "dense_matrix",
     "flatten",
+    "hessian_vs_ggn",
     "hutchinson",
     "hutchpp",
     "lanczos",
@@ -45,5 +47,6 @@ __all__ = [
     "slq_density",
     "specialisation",
     "specialised_fraction",
+    "subsample_spectra",
     "unflatten",
 ]
