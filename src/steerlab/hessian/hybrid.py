@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from steerlab.hessian.lanczos import lanczos
 from steerlab.hessian.operator import CurvatureOperator
 from steerlab.hessian.params import select_params
-from steerlab.hessian.separate import separable_directions
+from steerlab.hessian.separate import cluster_directions, separable_directions
 from steerlab.hessian.subspace import (
     perturbation_sweep,
     principal_angles,
@@ -51,6 +51,8 @@ class HybridConfig:
     n_top: int = 20
     lanczos_tol: float = 1e-8
     ica_basis: int = 20  # top mixed-Hessian eigenvectors the unsupervised method rotates within
+    cluster_basis: int = 40  # top mixed-Hessian eigenvectors the clustering method works within
+    n_clusters: int = 3
 
 
 def _patterns(gen: torch.Generator) -> torch.Tensor:
@@ -143,7 +145,11 @@ def run_seed(cfg: HybridConfig, progress: bool = True) -> dict:
     k = max(cfg.k_project, cfg.n_top)
     eig = {
         name: lanczos(o.matvec, o.dim, k=kk, which="LA", tol=cfg.lanczos_tol, seed=cfg.seed, progress=False)
-        for name, o, kk in (("digit", h_d, k), ("pattern", h_p, k), ("mix", h_m, max(k, cfg.ica_basis)))
+        for name, o, kk in (
+            ("digit", h_d, k),
+            ("pattern", h_p, k),
+            ("mix", h_m, max(k, cfg.ica_basis, cfg.cluster_basis)),
+        )
     }
     v_pat = project_out(eig["pattern"].vectors[0], eig["digit"].vectors[: cfg.k_project])
     v_dig = project_out(eig["digit"].vectors[0], eig["pattern"].vectors[: cfg.k_project])
@@ -179,11 +185,30 @@ def run_seed(cfg: HybridConfig, progress: bool = True) -> dict:
         model, params, x_mix, basis, n_components=cfg.n_top, seed=cfg.seed
     )
     r_ica = specialisation(_curvatures(g_d, ica_dirs), _curvatures(g_p, ica_dirs))
+    cl_dirs, cl_info = cluster_directions(
+        model,
+        params,
+        x_mix,
+        eig["mix"].vectors[: cfg.cluster_basis],
+        cfg.n_top,
+        cfg.n_clusters,
+        seed=cfg.seed,
+    )
+    r_cl = specialisation(_curvatures(g_d, cl_dirs), _curvatures(g_p, cl_dirs))
+    # how well the discovered clusters match the hidden subsets (reported, never used)
+    subset = torch.tensor(
+        [0] * (len(x_mix) // 3) + [1] * (len(x_mix) // 3) + [2] * (len(x_mix) - 2 * (len(x_mix) // 3))
+    )
+    labels = cl_info.pop("labels")
+    contingency = [
+        [int(((labels == c) & (subset == s_)).sum()) for s_ in range(3)] for c in range(cfg.n_clusters)
+    ]
     # balanced variant: each GGN scaled by its own top eigenvalue, so the weaker skill is not drowned out
     top_d = lanczos(g_d.matvec, g_d.dim, k=1, tol=1e-6, seed=cfg.seed, progress=False).values[0].item()
     top_p = lanczos(g_p.matvec, g_p.dim, k=1, tol=1e-6, seed=cfg.seed, progress=False).values[0].item()
     rb_mix = specialisation(_curvatures(g_d, top_mix) / top_d, _curvatures(g_p, top_mix) / top_p)
     rb_ica = specialisation(_curvatures(g_d, ica_dirs) / top_d, _curvatures(g_p, ica_dirs) / top_p)
+    rb_cl = specialisation(_curvatures(g_d, cl_dirs) / top_d, _curvatures(g_p, cl_dirs) / top_p)
     angles = np.degrees(
         principal_angles(eig["digit"].vectors[: cfg.k_project], eig["pattern"].vectors[: cfg.k_project])
     )
@@ -205,10 +230,22 @@ def run_seed(cfg: HybridConfig, progress: bool = True) -> dict:
         "r_ica": r_ica.tolist(),
         "specialised_fraction_mixed": specialised_fraction(r_mix),
         "specialised_fraction_unsupervised_method": specialised_fraction(r_ica),
-        "n_pattern_specialised": {"mixed": int((r_mix < 0.1).sum()), "ica": int((r_ica < 0.1).sum())},
-        "n_digit_specialised": {"mixed": int((r_mix > 0.9).sum()), "ica": int((r_ica > 0.9).sum())},
+        "r_cluster": r_cl.tolist(),
+        "specialised_fraction_cluster_method": specialised_fraction(r_cl),
+        "cluster_info": {**cl_info, "clusters_x_hidden_subsets(blend,digit,pattern)": contingency},
+        "n_pattern_specialised": {
+            "mixed": int((r_mix < 0.1).sum()),
+            "ica": int((r_ica < 0.1).sum()),
+            "cluster": int((r_cl < 0.1).sum()),
+        },
+        "n_digit_specialised": {
+            "mixed": int((r_mix > 0.9).sum()),
+            "ica": int((r_ica > 0.9).sum()),
+            "cluster": int((r_cl > 0.9).sum()),
+        },
         "specialised_fraction_mixed_balanced": specialised_fraction(rb_mix),
         "specialised_fraction_unsupervised_method_balanced": specialised_fraction(rb_ica),
+        "specialised_fraction_cluster_method_balanced": specialised_fraction(rb_cl),
         "ica_info": {k: v for k, v in ica_info.items() if k != "concentration"},
         "principal_angles_digit_vs_pattern_deg": angles.tolist(),
         "random_angle_baseline_deg": random_angle_baseline(h_m.dim, cfg.k_project, cfg.k_project, trials=5)[
@@ -228,6 +265,8 @@ SUMMARY_KEYS = (
     "specialised_fraction_unsupervised_method",
     "specialised_fraction_mixed_balanced",
     "specialised_fraction_unsupervised_method_balanced",
+    "specialised_fraction_cluster_method",
+    "specialised_fraction_cluster_method_balanced",
 )
 
 

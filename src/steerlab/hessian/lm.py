@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ def read_texts(path: str | os.PathLike, n: int = 16, min_chars: int = 40) -> lis
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"text file not found: {path}")
-    paras = [p.strip() for p in path.read_text(errors="replace").split("\n\n")]
+    paras = [p.strip() for p in re.split(r"\n\s*\n", path.read_text(errors="replace"))]
     out = [p[:400] for p in paras if len(p) >= min_chars]
     if not out:
         raise ValueError(f"{path}: no paragraph of at least {min_chars} characters")

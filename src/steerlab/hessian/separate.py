@@ -112,3 +112,90 @@ def separable_directions(
     dirs = coeffs @ basis.double()
     dirs = dirs / dirs.norm(dim=1, keepdim=True)
     return dirs, {**info, "concentration": conc.tolist()}
+
+
+def _kmeans(x: torch.Tensor, k: int, seed: int, iters: int = 100, restarts: int = 5) -> torch.Tensor:
+    """Plain k-means (k-means++ init, best of `restarts`); returns labels."""
+    gen = torch.Generator().manual_seed(seed)
+    best, best_cost = None, float("inf")
+    for _ in range(restarts):
+        centres = [x[torch.randint(len(x), (1,), generator=gen)].squeeze(0)]
+        for _ in range(k - 1):
+            d2 = torch.cdist(x, torch.stack(centres)).min(1).values ** 2
+            centres.append(x[torch.multinomial(d2 / d2.sum(), 1, generator=gen)].squeeze(0))
+        c = torch.stack(centres)
+        for _ in range(iters):
+            labels = torch.cdist(x, c).argmin(1)
+            new = torch.stack([x[labels == j].mean(0) if (labels == j).any() else c[j] for j in range(k)])
+            if torch.allclose(new, c):
+                break
+            c = new
+        cost = float((torch.cdist(x, c).min(1).values ** 2).sum())
+        if cost < best_cost:
+            best, best_cost = labels, cost
+    return best
+
+
+def curvature_clusters(
+    a: torch.Tensor, n_clusters: int = 3, n_components: int = 20, seed: int = 0
+) -> tuple[torch.Tensor, dict]:
+    """Second method: cluster samples by their trace-normalised curvature profile A_i / tr(A_i), pick the
+    two clusters whose mean profiles are least alike, and return the generalised eigenvectors of
+    (A_1, A_1 + A_2) at both ends (n_components/2 each): the directions whose curvature ratio between the
+    two discovered groups is most extreme. No sample grouping is given; it is discovered.
+
+    Returns (coeffs (n_components, m) unit-norm, info with cluster sizes and the chosen pair).
+    """
+    n, m, _ = a.shape
+    tr = a.diagonal(dim1=1, dim2=2).sum(1).clamp_min(1e-300)
+    profiles = (a / tr[:, None, None]).reshape(n, -1)
+    labels = _kmeans(profiles, n_clusters, seed)
+    means = [profiles[labels == j].mean(0) for j in range(n_clusters)]
+    best, pair = float("inf"), (0, 1)
+    for i in range(n_clusters):
+        for j in range(i + 1, n_clusters):
+            if not ((labels == i).any() and (labels == j).any()):
+                continue
+            cos = float(means[i] @ means[j] / (means[i].norm() * means[j].norm()))
+            if cos < best:
+                best, pair = cos, (i, j)
+    a1 = a[labels == pair[0]].sum(0)
+    a2 = a[labels == pair[1]].sum(0)
+    both = a1 + a2
+    evals, evecs = torch.linalg.eigh(both)
+    keep = evals > 1e-12 * evals.max()
+    w = evecs[:, keep] / evals[keep].sqrt()  # both^{-1/2} on its range
+    g_vals, g_vecs = torch.linalg.eigh(w.T @ a1 @ w)  # ratio r in [0, 1], ascending
+    half = n_components // 2
+    idx = torch.cat(
+        [torch.arange(len(g_vals) - 1, len(g_vals) - 1 - half, -1), torch.arange(n_components - half)]
+    )
+    coeffs = (w @ g_vecs[:, idx]).T
+    coeffs = coeffs / coeffs.norm(dim=1, keepdim=True)
+    info = {
+        "cluster_sizes": [int((labels == j).sum()) for j in range(n_clusters)],
+        "pair": list(pair),
+        "pair_cosine": best,
+        "group_ratio": g_vals[idx].tolist(),
+    }
+    return coeffs, {**info, "labels": labels}
+
+
+def cluster_directions(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    inputs: torch.Tensor,
+    basis: torch.Tensor,
+    n_components: int = 20,
+    n_clusters: int = 3,
+    seed: int = 0,
+    loss_curvature: Callable[[torch.Tensor], torch.Tensor] = softmax_ce_curvature,
+) -> tuple[torch.Tensor, dict]:
+    """`curvature_clusters` directions (n_components, dim) inside the row space of `basis`, from
+    unlabelled `inputs` only."""
+    with torch.no_grad():
+        logits = model(inputs)
+    a = per_sample_curvatures(output_jvps(model, params, inputs, basis), loss_curvature(logits))
+    coeffs, info = curvature_clusters(a, n_clusters, n_components, seed)
+    dirs = coeffs @ basis.double()
+    return dirs / dirs.norm(dim=1, keepdim=True), info
