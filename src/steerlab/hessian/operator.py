@@ -165,13 +165,11 @@ class CurvatureOperator:
         }
 
 
-def dense_matrix(
-    op: CurvatureOperator, chunk: int = 256, progress: bool = True, max_dim: int = 20000
-) -> torch.Tensor:
-    """The exact dense (dim x dim) float64 matrix, built column chunk by column chunk and symmetrised.
+def dense_matrix(op: CurvatureOperator, progress: bool = True, max_dim: int = 20000) -> torch.Tensor:
+    """The exact dense (dim x dim) float64 matrix, built one column (one product) at a time, symmetrised.
 
-    Only one chunk of basis vectors exists at a time, so the peak is the output matrix plus
-    `chunk` columns. Meant as ground truth for small models; refuses dim > `max_dim`.
+    Peak memory is the output matrix plus one column; meant as ground truth for small models, so it
+    refuses dim > `max_dim` (raise it to force).
     """
     n = op.dim
     if n > max_dim:
@@ -179,13 +177,9 @@ def dense_matrix(
             f"dense matrix of dimension {n} would need {8 * n * n / 2**30:.1f} GiB; raise max_dim to force"
         )
     out = torch.empty(n, n, dtype=torch.float64)
-    bar = tqdm(total=n, disable=not progress, desc=f"dense {op.kind}")
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        for j in range(start, stop):
-            e = torch.zeros(n, dtype=torch.float64)
-            e[j] = 1.0
-            out[:, j] = op.matvec(e).cpu()
-        bar.update(stop - start)
-    bar.close()
+    e = torch.zeros(n, dtype=torch.float64)
+    for j in tqdm(range(n), disable=not progress, desc=f"dense {op.kind}"):
+        e[j] = 1.0
+        out[:, j] = op.matvec(e).cpu()
+        e[j] = 0.0
     return (out + out.T) / 2
