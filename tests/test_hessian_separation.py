@@ -61,3 +61,31 @@ def test_hybrid_digits_targeted_perturbation():
     assert np.all((np.array(r["r_ica"]) >= 0) & (np.array(r["r_ica"]) <= 1))
     # the sweep is ±t averaged and starts at the unperturbed accuracy
     assert r["sweeps"]["pattern_dir"]["pattern"][0] == pytest.approx(r["base_accuracy"]["pattern"])
+
+
+def test_per_sample_traces_and_equalised_ggn_are_exact():
+    from torch import nn
+
+    from steerlab.hessian import CurvatureOperator, classification_task, dense_matrix, select_params
+    from steerlab.hessian.separate import equalised_ggn_task, per_sample_ggn_traces
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4)).double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    params = select_params(model)
+    per_sample = [
+        dense_matrix(
+            CurvatureOperator(
+                model, classification_task(), [(x[i : i + 1], torch.tensor([0]))], params, kind="ggn"
+            ),
+            progress=False,
+        )
+        for i in range(len(x))
+    ]
+    traces = per_sample_ggn_traces(model, params, x, chunk=4)
+    assert torch.allclose(traces, torch.stack([g.trace() for g in per_sample]), rtol=1e-10)
+    w = torch.rand(len(x), dtype=torch.float64) + 0.1
+    q = torch.softmax(model(x), -1).detach()
+    op = CurvatureOperator(model, equalised_ggn_task(), [(x, q, w)], params, kind="ggn")
+    expected = sum(wi * g for wi, g in zip(w, per_sample)) / w.sum()
+    assert torch.allclose(dense_matrix(op, progress=False), expected, atol=1e-12)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from steerlab.hessian.lanczos import lanczos
 from steerlab.hessian.operator import CurvatureOperator
 from steerlab.hessian.params import select_params
-from steerlab.hessian.separate import cluster_directions, separable_directions
+from steerlab.hessian.separate import cluster_directions, equalised_directions, separable_directions
 from steerlab.hessian.subspace import (
     perturbation_sweep,
     principal_angles,
@@ -195,6 +195,8 @@ def run_seed(cfg: HybridConfig, progress: bool = True) -> dict:
         seed=cfg.seed,
     )
     r_cl = specialisation(_curvatures(g_d, cl_dirs), _curvatures(g_p, cl_dirs))
+    eq_dirs, eq_info = equalised_directions(model, params, x_mix, cfg.n_top, seed=cfg.seed)
+    r_eq = specialisation(_curvatures(g_d, eq_dirs), _curvatures(g_p, eq_dirs))
     # how well the discovered clusters match the hidden subsets (reported, never used)
     subset = torch.tensor(
         [0] * (len(x_mix) // 3) + [1] * (len(x_mix) // 3) + [2] * (len(x_mix) - 2 * (len(x_mix) // 3))
@@ -209,6 +211,7 @@ def run_seed(cfg: HybridConfig, progress: bool = True) -> dict:
     rb_mix = specialisation(_curvatures(g_d, top_mix) / top_d, _curvatures(g_p, top_mix) / top_p)
     rb_ica = specialisation(_curvatures(g_d, ica_dirs) / top_d, _curvatures(g_p, ica_dirs) / top_p)
     rb_cl = specialisation(_curvatures(g_d, cl_dirs) / top_d, _curvatures(g_p, cl_dirs) / top_p)
+    rb_eq = specialisation(_curvatures(g_d, eq_dirs) / top_d, _curvatures(g_p, eq_dirs) / top_p)
     angles = np.degrees(
         principal_angles(eig["digit"].vectors[: cfg.k_project], eig["pattern"].vectors[: cfg.k_project])
     )
@@ -237,15 +240,21 @@ def run_seed(cfg: HybridConfig, progress: bool = True) -> dict:
             "mixed": int((r_mix < 0.1).sum()),
             "ica": int((r_ica < 0.1).sum()),
             "cluster": int((r_cl < 0.1).sum()),
+            "equalised": int((r_eq < 0.1).sum()),
         },
         "n_digit_specialised": {
             "mixed": int((r_mix > 0.9).sum()),
             "ica": int((r_ica > 0.9).sum()),
             "cluster": int((r_cl > 0.9).sum()),
+            "equalised": int((r_eq > 0.9).sum()),
         },
         "specialised_fraction_mixed_balanced": specialised_fraction(rb_mix),
         "specialised_fraction_unsupervised_method_balanced": specialised_fraction(rb_ica),
         "specialised_fraction_cluster_method_balanced": specialised_fraction(rb_cl),
+        "r_equalised": r_eq.tolist(),
+        "specialised_fraction_equalised_method": specialised_fraction(r_eq),
+        "specialised_fraction_equalised_method_balanced": specialised_fraction(rb_eq),
+        "equalised_info": {k: v for k, v in eq_info.items() if k != "concentration"},
         "ica_info": {k: v for k, v in ica_info.items() if k != "concentration"},
         "principal_angles_digit_vs_pattern_deg": angles.tolist(),
         "random_angle_baseline_deg": random_angle_baseline(h_m.dim, cfg.k_project, cfg.k_project, trials=5)[
@@ -267,6 +276,8 @@ SUMMARY_KEYS = (
     "specialised_fraction_unsupervised_method_balanced",
     "specialised_fraction_cluster_method",
     "specialised_fraction_cluster_method_balanced",
+    "specialised_fraction_equalised_method",
+    "specialised_fraction_equalised_method_balanced",
 )
 
 

@@ -60,8 +60,11 @@ def specialisation_figure(result: dict) -> bytes:
     bins = np.linspace(0, 1, 21)
     mix = np.concatenate([r["r_mix_top"] for r in result["runs"]])
     ica = np.concatenate([r["r_ica"] for r in result["runs"]])
-    ax.hist(mix, bins=bins, alpha=0.6, label="top-20 eigenvectors of mixed Hessian")
-    ax.hist(ica, bins=bins, alpha=0.6, label="curvature-ICA directions (mixed data only)")
+    ax.hist(mix, bins=bins, alpha=0.5, label="top-20 eigenvectors of mixed Hessian")
+    ax.hist(ica, bins=bins, alpha=0.5, label="curvature ICA (mixed inputs only)")
+    if "r_equalised" in result["runs"][0]:
+        eq = np.concatenate([r["r_equalised"] for r in result["runs"]])
+        ax.hist(eq, bins=bins, alpha=0.5, label="equalised GGN + ICA (mixed inputs only)")
     for x in (0.1, 0.9):
         ax.axvline(x, color="gray", ls="--", lw=1)
     ax.set_xlabel("r (0 = pattern-only curvature, 1 = digit-only)")

@@ -199,3 +199,76 @@ def cluster_directions(
     coeffs, info = curvature_clusters(a, n_clusters, n_components, seed)
     dirs = coeffs @ basis.double()
     return dirs / dirs.norm(dim=1, keepdim=True), info
+
+
+def per_sample_ggn_traces(
+    model: nn.Module, params: dict[str, nn.Parameter], inputs: torch.Tensor, chunk: int = 64
+) -> torch.Tensor:
+    """tr(G_i) = tr(L_i J_i J_i^T) for every sample (softmax-CE Gauss-Newton, label-free), exact, chunked."""
+    from torch.func import jacrev, vmap
+
+    names = list(params)
+    base = {n: p.detach() for n, p in params.items()}
+
+    def single(ps, x):
+        return functional_call(model, dict(zip(names, ps)), (x[None],))[0]
+
+    out = []
+    for start in range(0, len(inputs), chunk):
+        x = inputs[start : start + chunk]
+        jac = vmap(jacrev(single), in_dims=(None, 0))(tuple(base.values()), x)  # tuple of (b, c, *shape)
+        ntk = sum(torch.einsum("bc...,bd...->bcd", j.double(), j.double()) for j in jac)
+        with torch.no_grad():
+            lc = softmax_ce_curvature(model(x))
+        out.append(torch.einsum("bcd,bdc->b", lc, ntk))
+    return torch.cat(out)
+
+
+def equalised_ggn_task():
+    """GGN task on batches (inputs, soft_targets, weights): weighted soft-target CE, whose logit Hessian is the
+    label-free diag(p) - pp^T; with weights 1/tr(G_i) every sample contributes equal total curvature."""
+    import torch.nn.functional as F
+
+    from steerlab.hessian.tasks import LossTask
+
+    def loss(out, batch):
+        _, q, w = batch
+        per = -(q * F.log_softmax(out, -1)).sum(-1)
+        return (w * per).sum() / w.sum()
+
+    return LossTask(
+        forward=lambda model, batch: model(batch[0]),
+        loss=loss,
+        weight=lambda batch: float(batch[2].sum()),
+        name="equalised-softmax-ggn",
+    )
+
+
+def equalised_directions(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    inputs: torch.Tensor,
+    n_components: int = 20,
+    seed: int = 0,
+    tol: float = 1e-6,
+) -> tuple[torch.Tensor, dict]:
+    """Third method: top eigenvectors of the *sample-equalised* Gauss-Newton matrix sum_i G_i / tr(G_i)
+    (so confidently-handled samples, whose skill carries little raw curvature, are not drowned out), then
+    curvature ICA inside them. Uses the unlabelled mixed inputs only."""
+    from steerlab.hessian.lanczos import lanczos
+    from steerlab.hessian.operator import CurvatureOperator
+
+    traces = per_sample_ggn_traces(model, params, inputs)
+    with torch.no_grad():
+        q = torch.softmax(model(inputs), -1)
+    w = 1.0 / traces.clamp_min(1e-12 * traces.max())
+    op = CurvatureOperator(
+        model, equalised_ggn_task(), [(inputs, q, w.to(q.dtype))], params, kind="ggn", cache_graph=True
+    )
+    eig = lanczos(op.matvec, op.dim, k=n_components, which="LA", tol=tol, seed=seed, progress=False)
+    dirs, info = separable_directions(model, params, inputs, eig.vectors, n_components, seed=seed)
+    return dirs, {
+        **info,
+        "n_products": eig.n_products,
+        "trace_ratio_max_min": float(traces.max() / traces.min()),
+    }
