@@ -76,16 +76,3 @@ def test_spectrum_density_trace_commands(tiny_folder, tmp_path, capsys):
     main(["trace", *common, "--products", "12", "--out", str(tmp_path / "t")])
     tr = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert tr["low"] <= tr["trace"] <= tr["high"]
-
-
-def test_separate_hybrid_digits_command(tmp_path, capsys):
-    pytest.importorskip("sklearn")
-    main(["separate", "--seeds", "0", "--threads", "1", "--out", str(tmp_path)])
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["n_seeds"] == 1 and "specialised_fraction_unsupervised_method" in summary
-    html = (tmp_path / "report.html").read_text()
-    assert "data:image/png;base64" in html
-    saved = json.loads((tmp_path / "hybrid_digits.json").read_text())
-    assert saved["summary"]["pattern_drop_on_pattern_dir"] == pytest.approx(
-        summary["pattern_drop_on_pattern_dir"]
-    )

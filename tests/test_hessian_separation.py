@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -48,10 +50,15 @@ def test_curvature_ica_recovers_planted_blocks():
     assert ((r_eig > 0.1) & (r_eig < 0.9)).sum() >= 3
 
 
-def test_hybrid_digits_targeted_perturbation():
+@pytest.fixture(scope="module")
+def hybrid_seed0():
     from steerlab.hessian.hybrid import HybridConfig, run_seed
 
-    r = run_seed(HybridConfig(seed=0), progress=False)
+    return run_seed(HybridConfig(seed=0), progress=False)
+
+
+def test_hybrid_digits_targeted_perturbation(hybrid_seed0):
+    r = hybrid_seed0
     assert r["base_accuracy"]["digit"] > 0.9 and r["base_accuracy"]["pattern"] > 0.95
     assert r["pattern_drop_on_pattern_dir"] >= 3 * r["digit_drop_on_pattern_dir"]
     assert r["digit_drop_on_digit_dir"] >= 3 * r["pattern_drop_on_digit_dir"]
@@ -89,3 +96,21 @@ def test_per_sample_traces_and_equalised_ggn_are_exact():
     op = CurvatureOperator(model, equalised_ggn_task(), [(x, q, w)], params, kind="ggn")
     expected = sum(wi * g for wi, g in zip(w, per_sample)) / w.sum()
     assert torch.allclose(dense_matrix(op, progress=False), expected, atol=1e-12)
+
+
+def test_separate_hybrid_digits_command(hybrid_seed0, tmp_path, capsys, monkeypatch):
+    """CLI wiring: JSON, summary line and report (the seed's computation is shared with the test above)."""
+    import steerlab.hessian.hybrid as hybrid
+    from steerlab.hessian.cli import main
+
+    monkeypatch.setattr(hybrid, "run_seed", lambda cfg, progress=True: {**hybrid_seed0, "seed": cfg.seed})
+    main(["separate", "--seeds", "0", "1", "--threads", "1", "--out", str(tmp_path)])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["n_seeds"] == 2 and summary["specialised_fraction_unsupervised_method_sd"] == 0
+    assert summary["pattern_drop_on_pattern_dir"] == pytest.approx(
+        hybrid_seed0["pattern_drop_on_pattern_dir"]
+    )
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("data:image/png;base64") == 3
+    saved = json.loads((tmp_path / "hybrid_digits.json").read_text())
+    assert [r["seed"] for r in saved["runs"]] == [0, 1]
