@@ -221,7 +221,7 @@ def test_subspace_tools(mlp_case):
 
 
 def test_subsample_spectra_and_hessian_vs_ggn(mlp_case):
-    from steerlab.hessian import hessian_vs_ggn, subsample_spectra
+    from steerlab.hessian import blockwise_spectra, hessian_vs_ggn, subsample_spectra
 
     model, x, y, batches, params, op, h = mlp_case
     small = [(x[i : i + 10], y[i : i + 10]) for i in range(0, 40, 10)]
@@ -230,6 +230,22 @@ def test_subsample_spectra_and_hessian_vs_ggn(mlp_case):
     )
     assert len(sub["values"]) == 4 and all(s > 0 for s in sub["sd"])
     # each row is the exact spectrum of its own subset (checked on one subset by the dense matrix)
+    blocks = blockwise_spectra(
+        model,
+        classification_task(),
+        batches,
+        {"first": r"^0\.", "second": r"^2\."},
+        k=2,
+        progress=False,
+        tol=1e-10,
+    )
+    n0 = 6 * 12 + 12
+    assert np.allclose(
+        blocks["first"]["values"], torch.linalg.eigvalsh(h[:n0, :n0]).numpy()[::-1][:2], rtol=1e-8
+    )
+    assert np.allclose(
+        blocks["second"]["values"], torch.linalg.eigvalsh(h[n0:, n0:]).numpy()[::-1][:2], rtol=1e-8
+    )
     cmp = hessian_vs_ggn(model, classification_task(), batches, params, k=3, progress=False, tol=1e-10)
     assert np.allclose(cmp["hessian_top"], torch.linalg.eigvalsh(h).numpy()[::-1][:3], rtol=1e-8)
     assert cmp["hessian_bottom"][0] < 0 < min(cmp["ggn_top"])

@@ -5,7 +5,7 @@ from steerlab.hessian.density import SpectralDensity, slq_density
 from steerlab.hessian.lanczos import Eigenpairs, lanczos, lanczos_tridiagonal
 from steerlab.hessian.operator import CurvatureOperator, dense_matrix
 from steerlab.hessian.params import block_slices, flatten, select_params, unflatten
-from steerlab.hessian.spectra import hessian_vs_ggn, subsample_spectra
+from steerlab.hessian.spectra import blockwise_spectra, hessian_vs_ggn, subsample_spectra
 from steerlab.hessian.subspace import (
     orthonormal,
     perturbation_sweep,
@@ -26,6 +26,7 @@ __all__ = [
     "SpectralDensity",
     "TraceEstimate",
     "block_slices",
+    "blockwise_spectra",
     "classification_task",
     "curvature_mode",
     "dense_matrix",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -132,6 +133,13 @@ def lanczos(
     bar.close()
     m = len(alphas)
     idx = _select(theta, k, which)
+    if not converged:
+        warnings.warn(
+            f"lanczos: {m} iterations did not bring every wanted residual below tol={tol:g} x |lambda_max| "
+            f"(worst {np.abs(betas[-1] * s[-1, idx]).max() / max(np.abs(theta).max(), 1e-300):.1e}); "
+            "check Eigenpairs.residuals or raise max_iter (clustered eigenvalues near 0 converge slowly)",
+            stacklevel=2,
+        )
     ritz = torch.from_numpy(s[:, idx]).T @ basis[:m]
     residuals = np.abs(betas[-1] * s[-1, idx])
     n_products = m

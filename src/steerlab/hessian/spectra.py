@@ -84,3 +84,35 @@ def hessian_vs_ggn(
         "eigenvector_overlap": overlap.tolist(),
         "n_products": sum(op.n_products for op in ops.values()),
     }
+
+
+def blockwise_spectra(
+    model: nn.Module,
+    task: LossTask,
+    batches: Sequence[Any],
+    groups: dict[str, str | Sequence[str]],
+    k: int = 5,
+    which: str = "LA",
+    kind: str = "hessian",
+    seed: int = 0,
+    progress: bool = True,
+    **lanczos_kwargs,
+) -> dict[str, dict]:
+    """Top-k eigenvalues of the diagonal Hessian (or GGN) block of each parameter group.
+
+    `groups` maps a label to include-regex(es), e.g. {f"layer{i}.mlp": rf"layers\\.{i}\\.mlp" for i in ...}.
+    """
+    from steerlab.hessian.params import select_params
+
+    out = {}
+    for label, patterns in tqdm(groups.items(), disable=not progress, desc="blocks"):
+        params = select_params(model, include=patterns)
+        op = CurvatureOperator(model, task, batches, params, kind=kind)
+        res = lanczos(op.matvec, op.dim, k=k, which=which, seed=seed, progress=False, **lanczos_kwargs)
+        out[label] = {
+            "values": res.values.tolist(),
+            "residuals": res.residuals.tolist(),
+            "dim": op.dim,
+            "n_products": res.n_products,
+        }
+    return out
