@@ -1,0 +1,300 @@
+"""The hybrid-digits experiment (after Vaintrob & Rimsky 2023) on scikit-learn's bundled 8x8 digits.
+
+Each class c owns a random 8x8 pattern P_c. A *blended* sample mixes a digit image of class c with a noisy
+P_c; *digit-only* and *pattern-only* samples carry one signal. A small MLP trained on the three-way mix
+learns two independent skills. Hessians on digit-only and pattern-only data give one direction per
+skill; perturbing along one skill's top eigenvector with the other's top eigenvectors projected out
+should destroy that skill and spare the other.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from steerlab.hessian.lanczos import lanczos
+from steerlab.hessian.operator import CurvatureOperator
+from steerlab.hessian.params import select_params
+from steerlab.hessian.separate import cluster_directions, equalised_directions, separable_directions
+from steerlab.hessian.subspace import (
+    perturbation_sweep,
+    principal_angles,
+    project_out,
+    random_angle_baseline,
+    specialisation,
+    specialised_fraction,
+)
+from steerlab.hessian.tasks import classification_task
+
+
+@dataclass(frozen=True)
+class HybridConfig:
+    """Everything fixed in advance, including the perturbation size `t` (for unit directions)."""
+
+    seed: int = 0
+    hidden: int = 64
+    blend: float = 0.5  # weight of the digit in a blended image
+    pattern_noise: float = 0.35
+    train_steps: int = 600
+    lr: float = 1e-2
+    weight_decay: float = 1e-4
+    k_project: int = 10  # top eigenvectors of the *other* subset projected out
+    t: float = 4.0
+    sweep: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+    n_random: int = 10
+    n_top: int = 20
+    lanczos_tol: float = 1e-8
+    ica_basis: int = 20  # top mixed-Hessian eigenvectors the unsupervised method rotates within
+    cluster_basis: int = 40  # top mixed-Hessian eigenvectors the clustering method works within
+    n_clusters: int = 3
+
+
+def _patterns(gen: torch.Generator) -> torch.Tensor:
+    return (torch.rand(10, 64, generator=gen) < 0.3).double()
+
+
+def _pattern_samples(
+    patterns: torch.Tensor, labels: torch.Tensor, noise: float, gen: torch.Generator
+) -> torch.Tensor:
+    x = patterns[labels] + noise * torch.randn(len(labels), 64, generator=gen, dtype=torch.float64)
+    return x.clamp(0, 1)
+
+
+def make_hybrid_digits(cfg: HybridConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Splits: `train_mix` (blended + digit-only + pattern-only thirds), `train_digit`, `train_pattern`,
+    `test_digit`, `test_pattern`, `test_blend`. Inputs are float64 (n, 64) in [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x_all = torch.tensor(digits.data / 16.0, dtype=torch.float64)
+    y_all = torch.tensor(digits.target, dtype=torch.long)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    perm = torch.randperm(len(y_all), generator=gen)
+    x_all, y_all = x_all[perm], y_all[perm]
+    n_train = 1200
+    x_tr, y_tr, x_te, y_te = x_all[:n_train], y_all[:n_train], x_all[n_train:], y_all[n_train:]
+    patterns = _patterns(gen)
+    third = n_train // 3
+    yb, yd, yp = y_tr[:third], y_tr[third : 2 * third], y_tr[2 * third :]
+    xb = cfg.blend * x_tr[:third] + (1 - cfg.blend) * _pattern_samples(patterns, yb, cfg.pattern_noise, gen)
+    xd = x_tr[third : 2 * third]
+    xp = _pattern_samples(patterns, yp, cfg.pattern_noise, gen)
+    y_pat_test = torch.randint(0, 10, (len(y_te),), generator=gen)
+    return {
+        "train_mix": (torch.cat([xb, xd, xp]), torch.cat([yb, yd, yp])),
+        "train_digit": (xd, yd),
+        "train_pattern": (xp, yp),
+        "test_digit": (x_te, y_te),
+        "test_pattern": (_pattern_samples(patterns, y_pat_test, cfg.pattern_noise, gen), y_pat_test),
+        "test_blend": (
+            cfg.blend * x_te + (1 - cfg.blend) * _pattern_samples(patterns, y_te, cfg.pattern_noise, gen),
+            y_te,
+        ),
+    }
+
+
+def make_mlp(cfg: HybridConfig) -> nn.Module:
+    torch.manual_seed(cfg.seed)
+    return nn.Sequential(nn.Linear(64, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, 10)).double()
+
+
+def train(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], cfg: HybridConfig) -> list[float]:
+    """Full-batch Adam on the mixed training set; returns the loss curve."""
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    x, y = data
+    losses = []
+    model.train()
+    for _ in range(cfg.train_steps):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float:
+    with torch.no_grad():
+        return float((model(data[0]).argmax(-1) == data[1]).double().mean())
+
+
+def _curvatures(op: CurvatureOperator, vectors: torch.Tensor) -> np.ndarray:
+    return np.array([op.quadratic(v) for v in vectors])
+
+
+def run_seed(cfg: HybridConfig, progress: bool = True) -> dict:
+    """Train, compute the spectra, run the targeted and random perturbations and the specialisation scores."""
+    t0 = time.perf_counter()
+    data = make_hybrid_digits(cfg)
+    model = make_mlp(cfg)
+    losses = train(model, data["train_mix"], cfg)
+    params = select_params(model)
+    task = classification_task()
+
+    def op(split: str, kind: str = "hessian") -> CurvatureOperator:
+        return CurvatureOperator(model, task, [data[split]], params, kind=kind, cache_graph=True)
+
+    h_d, h_p, h_m = op("train_digit"), op("train_pattern"), op("train_mix")
+    k = max(cfg.k_project, cfg.n_top)
+    eig = {
+        name: lanczos(o.matvec, o.dim, k=kk, which="LA", tol=cfg.lanczos_tol, seed=cfg.seed, progress=False)
+        for name, o, kk in (
+            ("digit", h_d, k),
+            ("pattern", h_p, k),
+            ("mix", h_m, max(k, cfg.ica_basis, cfg.cluster_basis)),
+        )
+    }
+    v_pat = project_out(eig["pattern"].vectors[0], eig["digit"].vectors[: cfg.k_project])
+    v_dig = project_out(eig["digit"].vectors[0], eig["pattern"].vectors[: cfg.k_project])
+    metrics = {
+        "digit": lambda: accuracy(model, data["test_digit"]),
+        "pattern": lambda: accuracy(model, data["test_pattern"]),
+    }
+    base = {name: fn() for name, fn in metrics.items()}
+    base["blend"] = accuracy(model, data["test_blend"])
+    sweeps = {
+        "pattern_dir": perturbation_sweep(params, v_pat, cfg.sweep, metrics),
+        "digit_dir": perturbation_sweep(params, v_dig, cfg.sweep, metrics),
+    }
+    drops = {}
+    for dname, v in (("pattern_dir", v_pat), ("digit_dir", v_dig)):
+        at_t = perturbation_sweep(params, v, [cfg.t], metrics)
+        for metric in metrics:
+            drops[f"{metric}_drop_on_{dname}"] = base[metric] - at_t[metric][0]
+    gen = torch.Generator().manual_seed(10_000 + cfg.seed)
+    random_drops = []
+    for _ in range(cfg.n_random):
+        r = torch.randn(h_m.dim, generator=gen, dtype=torch.float64)
+        r = r / r.norm()
+        at_t = perturbation_sweep(params, r, [cfg.t], metrics)
+        random_drops.append({m: base[m] - at_t[m][0] for m in metrics})
+    # specialisation r = v^T G_D v / (v^T G_D v + v^T G_P v) with Gauss-Newton curvatures
+    g_d, g_p = op("train_digit", "ggn"), op("train_pattern", "ggn")
+    top_mix = eig["mix"].vectors[: cfg.n_top]
+    r_mix = specialisation(_curvatures(g_d, top_mix), _curvatures(g_p, top_mix))
+    x_mix = data["train_mix"][0]  # inputs only: no labels, no subset membership
+    basis = eig["mix"].vectors[: cfg.ica_basis]
+    ica_dirs, ica_info = separable_directions(
+        model, params, x_mix, basis, n_components=cfg.n_top, seed=cfg.seed
+    )
+    r_ica = specialisation(_curvatures(g_d, ica_dirs), _curvatures(g_p, ica_dirs))
+    cl_dirs, cl_info = cluster_directions(
+        model,
+        params,
+        x_mix,
+        eig["mix"].vectors[: cfg.cluster_basis],
+        cfg.n_top,
+        cfg.n_clusters,
+        seed=cfg.seed,
+    )
+    r_cl = specialisation(_curvatures(g_d, cl_dirs), _curvatures(g_p, cl_dirs))
+    eq_dirs, eq_info = equalised_directions(model, params, x_mix, cfg.n_top, seed=cfg.seed)
+    r_eq = specialisation(_curvatures(g_d, eq_dirs), _curvatures(g_p, eq_dirs))
+    # how well the discovered clusters match the hidden subsets (reported, never used)
+    subset = torch.tensor(
+        [0] * (len(x_mix) // 3) + [1] * (len(x_mix) // 3) + [2] * (len(x_mix) - 2 * (len(x_mix) // 3))
+    )
+    labels = cl_info.pop("labels")
+    contingency = [
+        [int(((labels == c) & (subset == s_)).sum()) for s_ in range(3)] for c in range(cfg.n_clusters)
+    ]
+    # balanced variant: each GGN scaled by its own top eigenvalue, so the weaker skill is not drowned out
+    top_d = lanczos(g_d.matvec, g_d.dim, k=1, tol=1e-6, seed=cfg.seed, progress=False).values[0].item()
+    top_p = lanczos(g_p.matvec, g_p.dim, k=1, tol=1e-6, seed=cfg.seed, progress=False).values[0].item()
+    rb_mix = specialisation(_curvatures(g_d, top_mix) / top_d, _curvatures(g_p, top_mix) / top_p)
+    rb_ica = specialisation(_curvatures(g_d, ica_dirs) / top_d, _curvatures(g_p, ica_dirs) / top_p)
+    rb_cl = specialisation(_curvatures(g_d, cl_dirs) / top_d, _curvatures(g_p, cl_dirs) / top_p)
+    rb_eq = specialisation(_curvatures(g_d, eq_dirs) / top_d, _curvatures(g_p, eq_dirs) / top_p)
+    angles = np.degrees(
+        principal_angles(eig["digit"].vectors[: cfg.k_project], eig["pattern"].vectors[: cfg.k_project])
+    )
+    return {
+        "seed": cfg.seed,
+        "dim": h_m.dim,
+        "final_train_loss": losses[-1],
+        "base_accuracy": base,
+        **drops,
+        "random_drops": random_drops,
+        "random_dir_max_drop": max(max(d.values()) for d in random_drops),
+        "sweeps": sweeps,
+        "eigenvalues": {name: e.values[:k].tolist() for name, e in eig.items()},
+        "hvp_counts": {name: e.n_products for name, e in eig.items()},
+        "max_rel_residual": {
+            name: float((e.residuals / e.values.abs().max()).max()) for name, e in eig.items()
+        },
+        "r_mix_top": r_mix.tolist(),
+        "r_ica": r_ica.tolist(),
+        "specialised_fraction_mixed": specialised_fraction(r_mix),
+        "specialised_fraction_unsupervised_method": specialised_fraction(r_ica),
+        "r_cluster": r_cl.tolist(),
+        "specialised_fraction_cluster_method": specialised_fraction(r_cl),
+        "cluster_info": {**cl_info, "clusters_x_hidden_subsets(blend,digit,pattern)": contingency},
+        "n_pattern_specialised": {
+            "mixed": int((r_mix < 0.1).sum()),
+            "ica": int((r_ica < 0.1).sum()),
+            "cluster": int((r_cl < 0.1).sum()),
+            "equalised": int((r_eq < 0.1).sum()),
+        },
+        "n_digit_specialised": {
+            "mixed": int((r_mix > 0.9).sum()),
+            "ica": int((r_ica > 0.9).sum()),
+            "cluster": int((r_cl > 0.9).sum()),
+            "equalised": int((r_eq > 0.9).sum()),
+        },
+        "specialised_fraction_mixed_balanced": specialised_fraction(rb_mix),
+        "specialised_fraction_unsupervised_method_balanced": specialised_fraction(rb_ica),
+        "specialised_fraction_cluster_method_balanced": specialised_fraction(rb_cl),
+        "r_equalised": r_eq.tolist(),
+        "specialised_fraction_equalised_method": specialised_fraction(r_eq),
+        "specialised_fraction_equalised_method_balanced": specialised_fraction(rb_eq),
+        "equalised_info": {k: v for k, v in eq_info.items() if k != "concentration"},
+        "ica_info": {k: v for k, v in ica_info.items() if k != "concentration"},
+        "principal_angles_digit_vs_pattern_deg": angles.tolist(),
+        "random_angle_baseline_deg": random_angle_baseline(h_m.dim, cfg.k_project, cfg.k_project, trials=5)[
+            "mean_deg"
+        ],
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+SUMMARY_KEYS = (
+    "pattern_drop_on_pattern_dir",
+    "digit_drop_on_pattern_dir",
+    "digit_drop_on_digit_dir",
+    "pattern_drop_on_digit_dir",
+    "random_dir_max_drop",
+    "specialised_fraction_mixed",
+    "specialised_fraction_unsupervised_method",
+    "specialised_fraction_mixed_balanced",
+    "specialised_fraction_unsupervised_method_balanced",
+    "specialised_fraction_cluster_method",
+    "specialised_fraction_cluster_method_balanced",
+    "specialised_fraction_equalised_method",
+    "specialised_fraction_equalised_method_balanced",
+)
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean and sd over seeds of the headline numbers; `random_dir_max_drop` is the max over seeds."""
+    out: dict = {}
+    for key in SUMMARY_KEYS:
+        vals = np.array([r[key] for r in runs], float)
+        out[key] = float(vals.max() if key == "random_dir_max_drop" else vals.mean())
+        out[f"{key}_sd"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+    out["n_seeds"] = len(runs)
+    return out
+
+
+def run_experiment(seeds: list[int], cfg: HybridConfig | None = None, progress: bool = True) -> dict:
+    cfg = cfg or HybridConfig()
+    runs = []
+    for seed in tqdm(seeds, disable=not progress, desc="hybrid digits seeds"):
+        runs.append(run_seed(HybridConfig(**{**asdict(cfg), "seed": seed}), progress=progress))
+    return {"config": asdict(cfg), "summary": summarise(runs), "runs": runs}

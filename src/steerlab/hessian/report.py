@@ -1,0 +1,166 @@
+"""Plots and a self-contained HTML report (PNG figures embedded as base64) for hessian results."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    return buf.getvalue()
+
+
+def sweep_figure(result: dict) -> bytes:
+    """Accuracy vs t along the targeted directions (mean ± sd over seeds, ±t averaged)."""
+    plt = _plt()
+    runs = result["runs"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for ax, dname, title in zip(
+        axes,
+        ("pattern_dir", "digit_dir"),
+        ("pattern direction (digit top-k projected out)", "digit direction (pattern top-k projected out)"),
+    ):
+        ts = np.array(runs[0]["sweeps"][dname]["t"])
+        for metric, color in (("digit", "tab:blue"), ("pattern", "tab:orange")):
+            vals = np.array([r["sweeps"][dname][metric] for r in runs])
+            ax.plot(ts, vals.mean(0), color=color, label=f"{metric} accuracy")
+            ax.fill_between(
+                ts, vals.mean(0) - vals.std(0), vals.mean(0) + vals.std(0), color=color, alpha=0.2
+            )
+        ax.axvline(result["config"]["t"], color="gray", ls="--", lw=1, label="fixed t")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("t (unit direction, ±t averaged)")
+    axes[0].set_ylabel("test accuracy")
+    axes[0].legend(fontsize=8)
+    return _png(fig)
+
+
+def specialisation_figure(result: dict) -> bytes:
+    """r = v^T G_D v / (v^T G_D v + v^T G_P v) for the mixed-Hessian eigenvectors vs the unsupervised method."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    bins = np.linspace(0, 1, 21)
+    mix = np.concatenate([r["r_mix_top"] for r in result["runs"]])
+    ica = np.concatenate([r["r_ica"] for r in result["runs"]])
+    ax.hist(mix, bins=bins, alpha=0.5, label="top-20 eigenvectors of mixed Hessian")
+    ax.hist(ica, bins=bins, alpha=0.5, label="curvature ICA (mixed inputs only)")
+    if "r_equalised" in result["runs"][0]:
+        eq = np.concatenate([r["r_equalised"] for r in result["runs"]])
+        ax.hist(eq, bins=bins, alpha=0.5, label="equalised GGN + ICA (mixed inputs only)")
+    for x in (0.1, 0.9):
+        ax.axvline(x, color="gray", ls="--", lw=1)
+    ax.set_xlabel("r (0 = pattern-only curvature, 1 = digit-only)")
+    ax.set_ylabel("directions (all seeds)")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def spectra_figure(result: dict) -> bytes:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for name in ("digit", "pattern", "mix"):
+        vals = np.array([r["eigenvalues"][name] for r in result["runs"]])
+        ax.semilogy(
+            np.arange(1, vals.shape[1] + 1), vals.mean(0), marker="o", ms=3, label=f"H on {name} data"
+        )
+    ax.set_xlabel("eigenvalue index")
+    ax.set_ylabel("eigenvalue")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def density_figure(grid: np.ndarray, dens: np.ndarray, exact: np.ndarray | None = None) -> bytes:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    if exact is not None:
+        ax.hist(exact, bins=80, density=True, alpha=0.4, label="exact eigenvalues")
+    ax.plot(grid, dens, label="SLQ density")
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=max(dens.max() * 1e-6, 1e-8))
+    ax.set_xlabel("eigenvalue")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def write_html(path: str | os.PathLike, title: str, sections: list[tuple[str, str | bytes]]) -> Path:
+    """`sections`: (heading, html text or PNG bytes). Written atomically."""
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:980px;margin:auto}pre{background:#f4f4f4;padding:8px;"
+        "overflow-x:auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}</style>",
+        f"</head><body><h1>{html.escape(title)}</h1>",
+    ]
+    for heading, body in sections:
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        if isinstance(body, bytes):
+            parts.append(f"<img src='data:image/png;base64,{base64.b64encode(body).decode()}'>")
+        else:
+            parts.append(body)
+    parts.append("</body></html>")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("\n".join(parts))
+    os.replace(tmp, path)
+    return path
+
+
+def summary_table(summary: dict) -> str:
+    rows = []
+    for key, val in summary.items():
+        if key.endswith("_sd") or key == "n_seeds":
+            continue
+        sd = summary.get(f"{key}_sd")
+        rows.append(
+            f"<tr><td>{html.escape(key)}</td><td>{val:.3f}</td><td>{'' if sd is None else f'{sd:.3f}'}</td></tr>"
+        )
+    return (
+        "<table><tr><th>quantity</th><th>mean (max for random)</th><th>sd</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
+
+
+def hybrid_report(result: dict, folder: str | os.PathLike) -> Path:
+    """Figures as PNG files and one self-contained report.html in `folder`."""
+    folder = Path(folder)
+    figs = {
+        "sweeps": sweep_figure(result),
+        "specialisation": specialisation_figure(result),
+        "spectra": spectra_figure(result),
+    }
+    for name, png in figs.items():
+        tmp = folder / f".{name}.png.tmp"
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(png)
+        os.replace(tmp, folder / f"hybrid_{name}.png")
+    config = html.escape(json.dumps(result["config"], indent=1))
+    return write_html(
+        folder / "report.html",
+        "Hybrid digits: Hessian separation of two independent skills",
+        [
+            ("Summary over seeds", summary_table(result["summary"])),
+            ("Targeted perturbation sweeps", figs["sweeps"]),
+            ("Specialisation of directions", figs["specialisation"]),
+            ("Top eigenvalues", figs["spectra"]),
+            ("Configuration (fixed in advance)", f"<pre>{config}</pre>"),
+        ],
+    )
