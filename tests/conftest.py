@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import string
 from pathlib import Path
 
@@ -9,6 +10,9 @@ import pytest
 import torch
 
 from steerlab.models import load_model, wrap
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # one thread per worker: oversubscribed OpenMP threads thrash on small machines
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VOCAB = 128

@@ -2,8 +2,8 @@ import json
 
 import pytest
 import torch
-from conftest import char_tokenizer, tiny_model
 
+from conftest import char_tokenizer, tiny_model
 from steerlab.data import ABDataset, ABItem, PairedTexts, encode, format_prompt, locate_answers
 from steerlab.hooks import Positions, capture_residual
 from steerlab.models import wrap
@@ -16,7 +16,9 @@ def _ab_dataset(n: int = 6) -> ABDataset:
     items = []
     for i in range(n):
         match, other = ("(A)", "(B)") if i % 2 == 0 else ("(B)", "(A)")
-        question = f"Question {i}: is {i} {'even' if i % 2 == 0 else 'odd'}?\n\nChoices:\n (A) yes {i}\n (B) no {i}"
+        question = (
+            f"Question {i}: is {i} {'even' if i % 2 == 0 else 'odd'}?\n\nChoices:\n (A) yes {i}\n (B) no {i}"
+        )
         items.append(ABItem(question, match, other))
     return ABDataset(items, name="toy")
 

@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default=None, help="default: every layer stored in the vector")
     p.add_argument(
         "--fractions",
-        default="-0.12,-0.08,-0.04,0.04,0.08,0.12",
+        default="-0.1,-0.07,-0.04,0.04,0.07,0.1",
         help="signed fractions of the residual norm",
     )
     p.add_argument("--positions", default="all")

@@ -32,7 +32,7 @@ from steerlab.steering.extract import text_read_spec
 from steerlab.sweep import Grid, choose_setting, sweep, write_csv
 
 DEFAULT_LAYERS = (6, 8, 10, 12, 14, 16, 18, 20)
-DEFAULT_FRACTIONS = (-0.12, -0.08, -0.04, 0.04, 0.08, 0.12)
+DEFAULT_FRACTIONS = (-0.1, -0.07, -0.04, 0.04, 0.07, 0.1)
 
 
 @dataclass

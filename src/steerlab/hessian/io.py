@@ -4,35 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+from steerlab.io import atomic_write_text, atomic_writer
 
 
 def write_json(path: str | os.PathLike, obj: dict) -> None:
     """Write `obj` as indented JSON, atomically."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=float)
-
-    _atomic(Path(path), write)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=float))
 
 
 def read_json(path: str | os.PathLike) -> dict:
@@ -44,7 +26,8 @@ def save_result(folder: str | os.PathLike, name: str, tensors: dict[str, torch.T
     """Save `tensors` to `folder/name.safetensors` and `meta` to `folder/name.json`, both atomically."""
     folder = Path(folder)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic(folder / f"{name}.safetensors", lambda tmp: save_file(tensors, tmp))
+    with atomic_writer(folder / f"{name}.safetensors") as tmp:
+        save_file(tensors, str(tmp))
     write_json(folder / f"{name}.json", meta)
     return folder
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import os
 from pathlib import Path
 
 import numpy as np
+
+from steerlab.io import atomic_write_text
+from steerlab.report.html import figure_png, page, png_html
 
 
 def _plt():
@@ -19,13 +20,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
-    return buf.getvalue()
 
 
 def sweep_figure(result: dict) -> bytes:
@@ -50,7 +44,7 @@ def sweep_figure(result: dict) -> bytes:
         ax.set_xlabel("t (unit direction, ±t averaged)")
     axes[0].set_ylabel("test accuracy")
     axes[0].legend(fontsize=8)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def specialisation_figure(result: dict) -> bytes:
@@ -70,7 +64,7 @@ def specialisation_figure(result: dict) -> bytes:
     ax.set_xlabel("r (0 = pattern-only curvature, 1 = digit-only)")
     ax.set_ylabel("directions (all seeds)")
     ax.legend(fontsize=8)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def spectra_figure(result: dict) -> bytes:
@@ -84,7 +78,7 @@ def spectra_figure(result: dict) -> bytes:
     ax.set_xlabel("eigenvalue index")
     ax.set_ylabel("eigenvalue")
     ax.legend(fontsize=8)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def density_figure(grid: np.ndarray, dens: np.ndarray, exact: np.ndarray | None = None) -> bytes:
@@ -97,30 +91,14 @@ def density_figure(grid: np.ndarray, dens: np.ndarray, exact: np.ndarray | None 
     ax.set_ylim(bottom=max(dens.max() * 1e-6, 1e-8))
     ax.set_xlabel("eigenvalue")
     ax.legend(fontsize=8)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def write_html(path: str | os.PathLike, title: str, sections: list[tuple[str, str | bytes]]) -> Path:
     """`sections`: (heading, html text or PNG bytes). Written atomically."""
-    parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-        "<style>body{font-family:sans-serif;max-width:980px;margin:auto}pre{background:#f4f4f4;padding:8px;"
-        "overflow-x:auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}</style>",
-        f"</head><body><h1>{html.escape(title)}</h1>",
-    ]
-    for heading, body in sections:
-        parts.append(f"<h2>{html.escape(heading)}</h2>")
-        if isinstance(body, bytes):
-            parts.append(f"<img src='data:image/png;base64,{base64.b64encode(body).decode()}'>")
-        else:
-            parts.append(body)
-    parts.append("</body></html>")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("\n".join(parts))
-    os.replace(tmp, path)
-    return path
+    body = [(heading, png_html(part) if isinstance(part, bytes) else part) for heading, part in sections]
+    atomic_write_text(path, page(title, body))
+    return Path(path)
 
 
 def summary_table(summary: dict) -> str:

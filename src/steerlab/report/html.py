@@ -18,16 +18,26 @@ figure{margin:1em 0} figcaption{font-size:.85em;color:#555} img{max-width:100%}
 """
 
 
-def figure_html(fig, caption: str = "") -> str:
-    """Embed a matplotlib figure as a PNG data URI and close it."""
+def figure_png(fig) -> bytes:
+    """A matplotlib figure as PNG bytes; the figure is closed."""
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
+
+
+def png_html(png: bytes, caption: str = "") -> str:
+    """Embed PNG bytes as a data URI."""
+    data = base64.b64encode(png).decode("ascii")
     cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
     return f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">{cap}</figure>'
+
+
+def figure_html(fig, caption: str = "") -> str:
+    """Embed a matplotlib figure as a PNG data URI and close it."""
+    return png_html(figure_png(fig), caption)
 
 
 def _cell(value) -> str:
