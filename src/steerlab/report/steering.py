@@ -9,7 +9,7 @@ from pathlib import Path
 
 from steerlab.io import atomic_write_text
 from steerlab.report import plots
-from steerlab.report.html import check, figure_html, page, table_html
+from steerlab.report.html import check, figure_png, page, png_html, table_html
 
 METRIC = "p(positive)"
 TABLE_COLUMNS = [
@@ -96,20 +96,26 @@ def demo_report(
     )
     test_rows = [r for r in rows if r["split"] == "test"]
     val_rows = [r for r in rows if r["split"] == "validation"]
+    figures = {
+        "test_curve": plots.score_vs_fraction(rows, "test", METRIC),
+        "sweep": plots.score_vs_fraction(rows, "validation", METRIC),
+        "layers": plots.score_vs_layer(rows, "validation", METRIC),
+        "side_effects": plots.side_effect_plot(rows, "validation"),
+    }
+    images = {}
+    for name, fig in figures.items():
+        images[name] = figure_png(fig)
+        (out / f"plot_{name}.png").write_bytes(images[name])
     sections = [
         ("", overview),
         (
             "Test split at the chosen layer",
-            figure_html(
-                plots.score_vs_fraction(rows, "test", METRIC), "steering vs random control vs unsteered"
-            )
+            png_html(images["test_curve"], "steering vs random control vs unsteered")
             + table_html(test_rows, TABLE_COLUMNS),
         ),
         (
             "Validation sweep: layers × multipliers",
-            figure_html(plots.score_vs_fraction(rows, "validation", METRIC))
-            + figure_html(plots.score_vs_layer(rows, "validation", METRIC))
-            + figure_html(plots.side_effect_plot(rows, "validation")),
+            png_html(images["sweep"]) + png_html(images["layers"]) + png_html(images["side_effects"]),
         ),
         ("Generations (greedy), steered and unsteered", _generations_html(generations)),
         ("Validation grid", table_html(val_rows, TABLE_COLUMNS)),
