@@ -40,15 +40,9 @@ def fmt(name: str, values: list[float], unit: str = "") -> str:
     return f"{name:<44} median {med:10.4f}{unit}  IQR [{lo:.4f}, {hi:.4f}]  n={len(values)}"
 
 
-def generation_tokens_per_s(
-    lm, batch: int, new_tokens: int, vector, reps: int
-) -> tuple[list[float], list[float]]:
-    prompts = load_builtin("sentiment-prompts").prompts[:batch]
-    ids, mask = pad_batch(
-        [lm.tokenizer(p).input_ids for p in prompts], lm.tokenizer.pad_token_id, lm.device, left=True
-    )
-    kwargs = dict(
-        attention_mask=mask,
+def fixed_length(lm, new_tokens: int) -> dict:
+    """generate() arguments for exactly `new_tokens` greedy tokens."""
+    return dict(
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         do_sample=False,
@@ -57,6 +51,16 @@ def generation_tokens_per_s(
         top_p=None,
         top_k=None,
     )
+
+
+def generation_tokens_per_s(
+    lm, batch: int, new_tokens: int, vector, reps: int
+) -> tuple[list[float], list[float]]:
+    prompts = load_builtin("sentiment-prompts").prompts[:batch]
+    ids, mask = pad_batch(
+        [lm.tokenizer(p).input_ids for p in prompts], lm.tokenizer.pad_token_id, lm.device, left=True
+    )
+    kwargs = dict(attention_mask=mask, **fixed_length(lm, new_tokens))
     m = vector.multiplier_for_fraction(LAYER, 0.1)
     lm.model.generate(ids, **kwargs)  # warm-up
     plain, steered = [], []
@@ -76,15 +80,7 @@ def hook_share(lm, vector, new_tokens: int, reps: int) -> list[float]:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     ids = torch.tensor([lm.tokenizer("The weather this weekend was").input_ids])
-    kwargs = dict(
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        pad_token_id=lm.tokenizer.pad_token_id,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-    )
+    kwargs = fixed_length(lm, new_tokens)
     m = vector.multiplier_for_fraction(LAYER, 0.1)
     shares = []
     for _ in range(reps):

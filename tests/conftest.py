@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import string
 from pathlib import Path
 
@@ -11,8 +10,9 @@ import torch
 
 from steerlab.models import load_model, wrap
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)  # one thread per worker: oversubscribed OpenMP threads thrash on small machines
+# One thread per test process: tiny models are dominated by threading overhead, and `make test` runs
+# two workers, whose oversubscribed OpenMP threads would thrash on a small machine.
+torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VOCAB = 128

@@ -6,18 +6,9 @@ import argparse
 import json
 
 import pytest
-import torch
 
 from conftest import char_tokenizer, tiny_model
 from steerlab.hessian.cli import add_subcommands, main
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_parser_wiring():

@@ -13,14 +13,6 @@ from steerlab.hessian.separate import curvature_ica
 pytest.importorskip("sklearn")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_curvature_ica_recovers_planted_blocks():
     """Samples of two kinds curve two generic (non-orthogonal) 3-d subspaces of R^6. Without knowing which
     sample is which, every output direction must carry curvature from one kind of sample only."""

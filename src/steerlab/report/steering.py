@@ -10,23 +10,10 @@ from pathlib import Path
 from steerlab.io import atomic_write_text
 from steerlab.report import plots
 from steerlab.report.html import check, figure_png, page, png_html, table_html
+from steerlab.sweep import COLUMNS
 
 METRIC = "p(positive)"
-TABLE_COLUMNS = [
-    "split",
-    "vector",
-    "layer",
-    "fraction",
-    "multiplier",
-    "added_norm",
-    "score",
-    "score_ci_low",
-    "score_ci_high",
-    "perplexity",
-    "kl",
-    "auroc",
-    "n_items",
-]
+TABLE_COLUMNS = [*COLUMNS, "auroc"]
 
 
 def summary_checks(summary: dict) -> list[tuple[bool, str]]:
