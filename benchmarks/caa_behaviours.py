@@ -23,6 +23,7 @@ import torch  # noqa: E402
 import steerlab  # noqa: E402
 from steerlab.data import CAA_BEHAVIOURS, fetch_caa, load_caa_json  # noqa: E402
 from steerlab.evaluate import ab_scores, bootstrap_ci, prepare_ab  # noqa: E402
+from steerlab.io import atomic_write_text  # noqa: E402
 from steerlab.steering import extract_caa  # noqa: E402
 from steerlab.sweep import Grid, choose_setting, sweep  # noqa: E402
 
@@ -135,10 +136,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--train", type=int, default=200, help="max training pairs per behaviour")
-    parser.add_argument("--validation", type=int, default=40)
-    parser.add_argument("--layers", default="8,12,16,20")
-    parser.add_argument("--fractions", default="-0.15,-0.075,0.075,0.15")
+    parser.add_argument("--train", type=int, default=64, help="max training pairs per behaviour")
+    parser.add_argument("--validation", type=int, default=24)
+    parser.add_argument("--layers", default="8,14,20")
+    parser.add_argument("--fractions", default="-0.1,0.1")
     parser.add_argument("--behaviours", default=",".join(CAA_BEHAVIOURS))
     parser.add_argument(
         "--fetch", action="store_true", help="download the pinned upstream files instead of ../shared"
@@ -146,21 +147,25 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs" / "img" / "caa_behaviours"))
     args = parser.parse_args()
     lm = steerlab.load_model()
-    results = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done_path = out.with_suffix(".json")
+    results = json.loads(done_path.read_text()) if done_path.exists() else []  # resume after an interruption
+    done = {r["behaviour"] for r in results}
     for behaviour in args.behaviours.split(","):
+        if behaviour in done:
+            continue
         start = time.perf_counter()
         result, _ = run_behaviour(lm, behaviour, args)
         result["seconds"] = time.perf_counter() - start
         results.append(result)
+        atomic_write_text(done_path, json.dumps(results, indent=2))
         print(
             f"{behaviour}: layer {result['layer']} effect {result['test_effect']:+.3f} "
             f"CI {result['test_effect_ci']} ({result['seconds']:.0f} s)",
             flush=True,
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     plot(results, out.with_suffix(".png"))
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     print(markdown(results))
     print(json.dumps({r["behaviour"]: round(r["test_effect"], 4) for r in results}))
 
