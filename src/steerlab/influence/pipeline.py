@@ -171,11 +171,17 @@ def fit(
             cap = run_batch(model, task, modules, batch, sample_seed=sample, dtype=dtype)
             lambda_update(acc, cap, eigen, task.batch_size(batch), diagonal)
 
-        lam = _accumulate(run_dir, "lambda", train, lam_step, checkpoint_every, progress)
+        _accumulate(run_dir, "lambda", train, lam_step, checkpoint_every, progress)
+    factors_path = run_dir / "lambda" / "factors.safetensors"
+    barrier()
+    missing = not factors_path.exists()
+    barrier()
+    if missing:
         if is_main():
-            finish_lambda(eigen, lam).save(run_dir / "lambda" / "factors.safetensors")
+            lam, _ = Accumulator.load(run_dir / "lambda" / "result.safetensors")
+            finish_lambda(eigen, lam).save(factors_path)
         barrier()
-    return Factors.load(run_dir / "lambda" / "factors.safetensors")
+    return Factors.load(factors_path)
 
 
 def score(

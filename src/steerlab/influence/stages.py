@@ -39,6 +39,9 @@ def check_stage(run_dir: str | Path, name: str, args: dict) -> bool:
     folder = Path(run_dir) / name
     args = json.loads(json.dumps(args, sort_keys=True))  # normalise (tuples -> lists)
     saved_path = folder / "args.json"
+    from steerlab.distributed import barrier, is_main
+
+    barrier()  # every process sees the same files
     if saved_path.exists():
         saved = load_json(saved_path)
         if saved != args:
@@ -47,13 +50,11 @@ def check_stage(run_dir: str | Path, name: str, args: dict) -> bool:
                 f"stage '{name}' in {folder} was computed with other arguments ({diffs}). "
                 f"Use a new run directory, or delete {folder} to recompute it."
             )
-    else:
-        from steerlab.distributed import barrier, is_main
-
-        if is_main():
-            save_json(saved_path, args)
-        barrier()
-    return (folder / "result.safetensors").exists()
+    elif is_main():
+        save_json(saved_path, args)
+    done = (folder / "result.safetensors").exists()
+    barrier()
+    return done
 
 
 def checkpoint_path(run_dir: str | Path, name: str, rank: int, world: int) -> Path:
