@@ -71,6 +71,19 @@ def _worker() -> None:
         torch.distributed.destroy_process_group()
 
 
+def _run(cmd, env, timeout):
+    """Run a command in its own process group; on timeout kill the whole group (torchrun's children too)."""
+    import signal
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _env():
     env = dict(os.environ, PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
     env.pop("STEERLAB_INFLUENCE_TEST_KILL", None)
@@ -118,11 +131,11 @@ else:
         run = tmp_path / "killed"
         cmd = [sys.executable, str(HERE), "resume", str(run)]
         for stage in ("covariance", "lambda", "scores"):
-            proc = subprocess.run(cmd, env={**_env(), KILL_ENV: f"{stage}:3"}, capture_output=True, text=True, timeout=60)
+            proc = _run(cmd, {**_env(), KILL_ENV: f"{stage}:3"}, 60)
             assert proc.returncode == -9, proc.stderr[-2000:]
             assert (run / stage / "ckpt-r0-w1.safetensors").exists()
             assert not (run / stage / "result.safetensors").exists()
-        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=60)
+        proc = _run(cmd, _env(), 60)
         assert proc.returncode == 0, proc.stderr[-2000:]
         for path in ("lambda/factors.safetensors", "scores/result.safetensors", "covariance/result.safetensors"):
             got, want = load_tensors(run / path)[0], load_tensors(ref / path)[0]
@@ -136,7 +149,7 @@ else:
         multi = tmp_path / "multi"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
                str(HERE), "dist", str(multi)]
-        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+        proc = _run(cmd, _env(), 120)
         assert proc.returncode == 0, proc.stderr[-3000:]
         got = load_tensors(multi / "lambda" / "factors.safetensors")[0]
         for k, v in factors.tensors.items():
