@@ -55,7 +55,9 @@ def train(x, y, *, epochs: int, weight_decay: float, init_seed: int = 0) -> nn.M
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     for _ in range(epochs):
         opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y) + 0.5 * weight_decay * sum((p**2).sum() for p in model.parameters())
+        loss = nn.functional.cross_entropy(model(x), y) + 0.5 * weight_decay * sum(
+            (p**2).sum() for p in model.parameters()
+        )
         loss.backward()
         opt.step()
     return model.eval()
@@ -73,7 +75,9 @@ def batches_of(x, y, size: int = 256):
 def lds(scores: torch.Tensor, masks: torch.Tensor, actual: torch.Tensor) -> np.ndarray:
     """Per-query Spearman(predicted, actual) over subsets. scores [Q, N], masks [R, N], actual [R, Q]."""
     predicted = (masks.double() @ scores.double().T).numpy()  # [R, Q]
-    return np.array([spearmanr(predicted[:, q], actual[:, q].numpy()).statistic for q in range(scores.shape[0])])
+    return np.array(
+        [spearmanr(predicted[:, q], actual[:, q].numpy()).statistic for q in range(scores.shape[0])]
+    )
 
 
 def bootstrap_ci(diff: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -109,8 +113,15 @@ def main(argv=None) -> dict:
     t_scores = time.perf_counter() - t0
 
     gen = torch.Generator().manual_seed(args.seed + 1)
-    masks = torch.stack([torch.randperm(args.n_train, generator=gen) < args.n_train // 2 for _ in range(args.retrains)])
-    actual = torch.stack([log_prob(train(x[m], y[m], epochs=args.epochs, weight_decay=args.weight_decay), xq, yq) for m in masks])
+    masks = torch.stack(
+        [torch.randperm(args.n_train, generator=gen) < args.n_train // 2 for _ in range(args.retrains)]
+    )
+    actual = torch.stack(
+        [
+            log_prob(train(x[m], y[m], epochs=args.epochs, weight_decay=args.weight_decay), xq, yq)
+            for m in masks
+        ]
+    )
     per_query = {s: lds(v, masks, actual) for s, v in strategies.items()}
     result = {f"lds_{s}": float(np.nanmean(v)) for s, v in per_query.items()}
     diff = per_query["ekfac"] - per_query["identity"]
@@ -121,7 +132,9 @@ def main(argv=None) -> dict:
         # one damping per module: `scale` x the module heuristic (damping_for takes one value, so loop)
         pre_full = {}
         for n in factors.modules:
-            pre_full[n] = preconditioned_queries({n: grads[n]}, factors, "ekfac", heuristic[n] * scale).full[n]
+            pre_full[n] = preconditioned_queries({n: grads[n]}, factors, "ekfac", heuristic[n] * scale).full[
+                n
+            ]
         from steerlab.influence import Preconditioned
 
         s = pairwise_scores(model, task, train_batches, Preconditioned(pre_full, {}, {}))["scores"]
@@ -142,7 +155,9 @@ def main(argv=None) -> dict:
         order = self_inf.argsort(descending=True)
         for frac in (0.1, 0.2):
             top = order[: int(frac * args.n_train)]
-            result[f"flip_recall_{strategy}_top{int(frac * 100)}"] = float(is_flipped[top].sum() / len(flipped))
+            result[f"flip_recall_{strategy}_top{int(frac * 100)}"] = float(
+                is_flipped[top].sum() / len(flipped)
+            )
 
     result.update(
         {

@@ -96,8 +96,16 @@ def tiny_llama(seed=0, hidden=8, inter=16, layers=2):
 
     torch.manual_seed(seed)
     cfg = tf.LlamaConfig(
-        vocab_size=64, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=64,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").double().eval()
 
@@ -112,7 +120,10 @@ def tiny_gpt2(seed=0):
 
 def lm_problem(model, n=12, seed=1):
     g = torch.Generator().manual_seed(seed)
-    seqs = [torch.randint(3, 64, (int(torch.randint(6, 12, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+    seqs = [
+        torch.randint(3, 64, (int(torch.randint(6, 12, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(n)
+    ]
     train = [lm_batch(seqs[i : i + 4]) for i in range(0, n, 4)]  # right padding inside batches
     singles = [lm_batch([s]) for s in seqs]
     prompts = [torch.randint(3, 64, (5,), generator=g).tolist() for _ in range(3)]
@@ -138,7 +149,11 @@ def cached(name):
     """Empirical-Fisher factors and autograd per-example gradients of a problem (train, queries)."""
     model, task, train, singles, queries, q_singles = PROBLEMS[name]
     factors = fit_factors(model, task, train, seed=None, diagonal=True)
-    return factors, autograd_gradients(model, task, singles), autograd_gradients(model, task, q_singles, query=True)
+    return (
+        factors,
+        autograd_gradients(model, task, singles),
+        autograd_gradients(model, task, q_singles, query=True),
+    )
 
 
 # ---------------------------------------------------------------- tests
@@ -195,7 +210,9 @@ def test_scores_equal_brute_force_with_materialised_approximation(name, strategy
     factors, gt, gq = cached(name)
     for damping in (None, 1e-3):
         expected = brute_scores(factors, gq, gt, strategy, damping)
-        pre = preconditioned_queries(query_gradients(model, task, queries), factors, strategy, damping, dtype=torch.float64)
+        pre = preconditioned_queries(
+            query_gradients(model, task, queries), factors, strategy, damping, dtype=torch.float64
+        )
         got = pairwise_scores(model, task, train, pre, per_token=True)
         assert rel_err(got["scores"], expected) < 1e-6
         # per-token scores sum to the sequence score
@@ -213,10 +230,16 @@ def test_full_rank_compression_is_exact_and_low_rank_is_close():
     model, task, train, singles, queries, q_singles = PROBLEMS["llama"]
     factors = cached("llama")[0]
     grads = query_gradients(model, task, queries)
-    full = pairwise_scores(model, task, train, preconditioned_queries(grads, factors, dtype=torch.float64))["scores"]
-    rank8 = pairwise_scores(model, task, train, preconditioned_queries(grads, factors, rank=8, dtype=torch.float64))
+    full = pairwise_scores(model, task, train, preconditioned_queries(grads, factors, dtype=torch.float64))[
+        "scores"
+    ]
+    rank8 = pairwise_scores(
+        model, task, train, preconditioned_queries(grads, factors, rank=8, dtype=torch.float64)
+    )
     assert rel_err(rank8["scores"], full) < 1e-9
-    rank1 = pairwise_scores(model, task, train, preconditioned_queries(grads, factors, rank=1, dtype=torch.float64))
+    rank1 = pairwise_scores(
+        model, task, train, preconditioned_queries(grads, factors, rank=1, dtype=torch.float64)
+    )
     assert 1e-6 < rel_err(rank1["scores"], full) < 1.0  # an approximation, but not garbage: it differs
 
 
@@ -275,8 +298,10 @@ def test_module_shapes_fold_bias_and_handle_conv1d():
     model = tiny_gpt2()
     shapes = {n: module_shape(m) for n, m in LanguageModelTask().modules(model).items()}
     assert shapes == {
-        "transformer.h.0.mlp.c_fc": (16, 9), "transformer.h.0.mlp.c_proj": (8, 17),
-        "transformer.h.1.mlp.c_fc": (16, 9), "transformer.h.1.mlp.c_proj": (8, 17),
+        "transformer.h.0.mlp.c_fc": (16, 9),
+        "transformer.h.0.mlp.c_proj": (8, 17),
+        "transformer.h.1.mlp.c_fc": (16, 9),
+        "transformer.h.1.mlp.c_proj": (8, 17),
     }
 
 

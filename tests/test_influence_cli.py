@@ -8,8 +8,8 @@ import re
 
 import pytest
 import torch
-from conftest import char_tokenizer, tiny_model
 
+from conftest import char_tokenizer, tiny_model
 from steerlab.influence.cli import add_subcommands, parse_layers
 
 
@@ -30,17 +30,38 @@ def test_fit_score_report(tmp_path):
     model_dir = tmp_path / "tiny"
     tiny_model("llama", dtype=torch.float32).save_pretrained(model_dir)
     char_tokenizer().save_pretrained(model_dir)
-    text = "".join(f"line {i}: the quick brown fox {i * 7 % 13} jumps over the lazy dog.\n" for i in range(40))
+    text = "".join(
+        f"line {i}: the quick brown fox {i * 7 % 13} jumps over the lazy dog.\n" for i in range(40)
+    )
     (tmp_path / "train.txt").write_text(text)
     copied = text[96:160]
     (tmp_path / "q.jsonl").write_text(
-        json.dumps({"prompt": copied[:32], "completion": copied[32:]}) + "\n"
-        + json.dumps({"prompt": "the lazy ", "completion": "dog jumps"}) + "\n"
+        json.dumps({"prompt": copied[:32], "completion": copied[32:]})
+        + "\n"
+        + json.dumps({"prompt": "the lazy ", "completion": "dog jumps"})
+        + "\n"
     )
     run = tmp_path / "run"
     common = ["--run", str(run)]
-    _main(["influence", "fit", *common, "--model", str(model_dir), "--train", str(tmp_path / "train.txt"),
-           "--block-size", "32", "--n-blocks", "24", "--layers", "2-3", "--batch-size", "6"])
+    _main(
+        [
+            "influence",
+            "fit",
+            *common,
+            "--model",
+            str(model_dir),
+            "--train",
+            str(tmp_path / "train.txt"),
+            "--block-size",
+            "32",
+            "--n-blocks",
+            "24",
+            "--layers",
+            "2-3",
+            "--batch-size",
+            "6",
+        ]
+    )
     _main(["influence", "score", *common, "--queries", str(tmp_path / "q.jsonl"), "--top-k", "4"])
     scores = json.loads((run / "scores" / "args.json").read_text())
     assert scores["top_k"] == 4
@@ -51,5 +72,22 @@ def test_fit_score_report(tmp_path):
     assert "Most negative" in html and "training #" in html
     # changing fit arguments on the same run directory is refused
     with pytest.raises(SystemExit, match="other settings"):
-        _main(["influence", "fit", *common, "--model", str(model_dir), "--train", str(tmp_path / "train.txt"),
-               "--block-size", "32", "--n-blocks", "24", "--layers", "1-3", "--batch-size", "6"])
+        _main(
+            [
+                "influence",
+                "fit",
+                *common,
+                "--model",
+                str(model_dir),
+                "--train",
+                str(tmp_path / "train.txt"),
+                "--block-size",
+                "32",
+                "--n-blocks",
+                "24",
+                "--layers",
+                "1-3",
+                "--batch-size",
+                "6",
+            ]
+        )

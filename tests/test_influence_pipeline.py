@@ -39,13 +39,23 @@ def lm_setup(dtype=torch.float64):
     from steerlab.influence.pipeline import BlockBatches
 
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0)
+    cfg = tf.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
     model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").to(dtype).eval()
     g = torch.Generator().manual_seed(0)
     blocks = torch.randint(3, 64, (24, 16), generator=g)
     copied = [3, 17]
-    queries = [query_batch([blocks[i, :8].tolist() for i in copied], [blocks[i, 8:].tolist() for i in copied])]
+    queries = [
+        query_batch([blocks[i, :8].tolist() for i in copied], [blocks[i, 8:].tolist() for i in copied])
+    ]
     return model, LanguageModelTask(), BlockBatches(blocks, 4), queries, copied
 
 
@@ -75,7 +85,9 @@ def _run(cmd, env, timeout):
     """Run a command in its own process group; on timeout kill the whole group (torchrun's children too)."""
     import signal
 
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -85,7 +97,9 @@ def _run(cmd, env, timeout):
 
 
 def _env():
-    env = dict(os.environ, PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ, PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1"
+    )
     env.pop("STEERLAB_INFLUENCE_TEST_KILL", None)
     return env
 
@@ -137,7 +151,11 @@ else:
             assert not (run / stage / "result.safetensors").exists()
         proc = _run(cmd, _env(), 60)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        for path in ("lambda/factors.safetensors", "scores/result.safetensors", "covariance/result.safetensors"):
+        for path in (
+            "lambda/factors.safetensors",
+            "scores/result.safetensors",
+            "covariance/result.safetensors",
+        ):
             got, want = load_tensors(run / path)[0], load_tensors(ref / path)[0]
             assert got.keys() == want.keys()
             for k in want:
@@ -147,8 +165,18 @@ else:
         single = tmp_path / "single"
         factors, result = run_pipeline(single, lm_setup())
         multi = tmp_path / "multi"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-               str(HERE), "dist", str(multi)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29531",
+            str(HERE),
+            "dist",
+            str(multi),
+        ]
         proc = _run(cmd, _env(), 120)
         assert proc.returncode == 0, proc.stderr[-3000:]
         got = load_tensors(multi / "lambda" / "factors.safetensors")[0]
@@ -174,7 +202,9 @@ else:
         print("tfidf recall of unfiltered top-5 keeping 12/24:", recall)
         from steerlab.influence.pipeline import score
 
-        filtered = score(tmp_path / "full", model, task, train, queries, top_k=5, candidates=cands, name="filtered")
+        filtered = score(
+            tmp_path / "full", model, task, train, queries, top_k=5, candidates=cands, name="filtered"
+        )
         for q in range(len(cands)):
             assert set(filtered["top_index"][q].tolist()) <= set(cands[q].tolist())
         assert filtered["top_index"][:, 0].tolist() == copied

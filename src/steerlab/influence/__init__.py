@@ -12,7 +12,14 @@ For large corpora use `steerlab.influence.pipeline` (streaming, on-disk stages, 
 """
 
 from steerlab.influence.capture import capture, module_shape
-from steerlab.influence.factors import Accumulator, Factors, eigendecompose, fit_covariance, fit_factors, fit_lambda
+from steerlab.influence.factors import (
+    Accumulator,
+    Factors,
+    eigendecompose,
+    fit_covariance,
+    fit_factors,
+    fit_lambda,
+)
 from steerlab.influence.scores import (
     STRATEGIES,
     Preconditioned,

@@ -22,7 +22,9 @@ __all__ = ["Captured", "capture", "module_shape"]
 def module_shape(module: nn.Module) -> tuple[int, int]:
     """(out, in) of the tracked weight matrix, the bias column included in `in`."""
     weight = module.weight
-    out_dim, in_dim = (weight.shape[1], weight.shape[0]) if type(module).__name__ == "Conv1D" else weight.shape
+    out_dim, in_dim = (
+        (weight.shape[1], weight.shape[0]) if type(module).__name__ == "Conv1D" else weight.shape
+    )
     return int(out_dim), int(in_dim) + (module.bias is not None)
 
 
@@ -74,7 +76,9 @@ def capture(
     def make_hook(name: str, has_bias: bool):
         def hook(_module, args, output):
             if name in captured.inputs:
-                raise RuntimeError(f"module {name} ran twice in one forward pass; shared modules are not supported")
+                raise RuntimeError(
+                    f"module {name} ran twice in one forward pass; shared modules are not supported"
+                )
             x = args[0]
             if has_bias:
                 x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)

@@ -39,7 +39,9 @@ def parse_layers(text: str | None) -> list[int] | None:
 
 
 def add_subcommands(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("influence", help="EK-FAC influence functions (fit factors, score queries, report)")
+    parser = subparsers.add_parser(
+        "influence", help="EK-FAC influence functions (fit factors, score queries, report)"
+    )
     sub = parser.add_subparsers(dest="influence_command", required=True)
 
     fit = sub.add_parser("fit", help="fit K-FAC/EK-FAC factors on a text corpus")
@@ -52,7 +54,9 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
     fit.add_argument("--batch-size", type=int, default=8)
     fit.add_argument("--seed", type=int, default=0, help="seed of the sampled labels (true Fisher)")
     fit.add_argument("--empirical", action="store_true", help="empirical Fisher: use the data labels")
-    fit.add_argument("--capture-dtype", choices=sorted(DTYPES), default=None, help="e.g. bfloat16 activations")
+    fit.add_argument(
+        "--capture-dtype", choices=sorted(DTYPES), default=None, help="e.g. bfloat16 activations"
+    )
     fit.add_argument("--model-dtype", choices=sorted(DTYPES), default="float32")
     fit.add_argument("--diagonal", action="store_true", help="also fit the diagonal Fisher")
     fit.add_argument("--checkpoint-every", type=int, default=8)
@@ -63,10 +67,16 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
     score.add_argument("--run", required=True)
     score.add_argument("--queries", required=True, help="jsonl of {prompt, completion}")
     score.add_argument("--strategy", choices=["identity", "diagonal", "kfac", "ekfac"], default="ekfac")
-    score.add_argument("--damping", type=float, default=None, help="default: 0.1 x mean eigenvalue per module")
-    score.add_argument("--rank", type=int, default=None, help="compress preconditioned query gradients to this rank")
+    score.add_argument(
+        "--damping", type=float, default=None, help="default: 0.1 x mean eigenvalue per module"
+    )
+    score.add_argument(
+        "--rank", type=int, default=None, help="compress preconditioned query gradients to this rank"
+    )
     score.add_argument("--top-k", type=int, default=10)
-    score.add_argument("--prefilter", type=int, default=None, help="score only this many TF-IDF candidates per query")
+    score.add_argument(
+        "--prefilter", type=int, default=None, help="score only this many TF-IDF candidates per query"
+    )
     score.add_argument("--sample-stride", type=int, default=1, help="keep every n-th score for histograms")
     score.add_argument("--checkpoint-every", type=int, default=8)
     score.add_argument("--threads", type=int, default=None)
@@ -105,8 +115,13 @@ def _blocks(run: Path, cfg: dict, tokenizer):
 
     text_path = Path(cfg["train"])
     digest = hashlib.sha256(text_path.read_bytes()).hexdigest()[:16]
-    args = {"train": str(text_path), "sha256": digest, "block_size": cfg["block_size"], "n_blocks": cfg["n_blocks"],
-            "model": cfg["model"]}
+    args = {
+        "train": str(text_path),
+        "sha256": digest,
+        "block_size": cfg["block_size"],
+        "n_blocks": cfg["n_blocks"],
+        "model": cfg["model"],
+    }
     path = run / "tokens" / "result.safetensors"
     if not check_stage(run, "tokens", args):
         from steerlab.distributed import barrier, is_main
@@ -142,7 +157,9 @@ def read_queries(path: str | Path, tokenizer) -> list[dict]:
             raise SystemExit(f"{path}:{n}: invalid JSON ({error})") from None
         if "prompt_ids" not in row:
             if "prompt" not in row or "completion" not in row:
-                raise SystemExit(f"{path}:{n}: needs 'prompt' and 'completion' (or 'prompt_ids' and 'completion_ids')")
+                raise SystemExit(
+                    f"{path}:{n}: needs 'prompt' and 'completion' (or 'prompt_ids' and 'completion_ids')"
+                )
             row["prompt_ids"] = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
             row["completion_ids"] = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
         row.setdefault("prompt", tokenizer.decode(row["prompt_ids"]))
@@ -156,8 +173,14 @@ def read_queries(path: str | Path, tokenizer) -> list[dict]:
 def _query_batches(rows: list[dict], pad: int, size: int = 8) -> list[dict]:
     from steerlab.influence.data import query_batch
 
-    return [query_batch([r["prompt_ids"] for r in rows[i : i + size]], [r["completion_ids"] for r in rows[i : i + size]], pad)
-            for i in range(0, len(rows), size)]
+    return [
+        query_batch(
+            [r["prompt_ids"] for r in rows[i : i + size]],
+            [r["completion_ids"] for r in rows[i : i + size]],
+            pad,
+        )
+        for i in range(0, len(rows), size)
+    ]
 
 
 def _threads(args) -> None:
@@ -176,9 +199,15 @@ def cmd_fit(args) -> None:
     _threads(args)
     distributed.init()
     run = Path(args.run)
-    cfg = {"model": args.model, "train": str(Path(args.train).resolve()), "block_size": args.block_size,
-           "n_blocks": args.n_blocks, "layers": parse_layers(args.layers), "batch_size": args.batch_size,
-           "model_dtype": args.model_dtype}
+    cfg = {
+        "model": args.model,
+        "train": str(Path(args.train).resolve()),
+        "block_size": args.block_size,
+        "n_blocks": args.n_blocks,
+        "layers": parse_layers(args.layers),
+        "batch_size": args.batch_size,
+        "model_dtype": args.model_dtype,
+    }
     config_path = run / "config.json"
     if config_path.exists() and json.loads(config_path.read_text()) != json.loads(json.dumps(cfg)):
         raise SystemExit(f"{config_path} exists with other settings; use another --run directory")
@@ -186,9 +215,17 @@ def cmd_fit(args) -> None:
         save_json(config_path, cfg)
     model, tokenizer = _load(cfg)
     train = _blocks(run, cfg, tokenizer)
-    factors = fit(run, model, _task(cfg), train, seed=None if args.empirical else args.seed,
-                  dtype=DTYPES.get(args.capture_dtype), diagonal=args.diagonal,
-                  checkpoint_every=args.checkpoint_every, progress=distributed.is_main())
+    factors = fit(
+        run,
+        model,
+        _task(cfg),
+        train,
+        seed=None if args.empirical else args.seed,
+        dtype=DTYPES.get(args.capture_dtype),
+        diagonal=args.diagonal,
+        checkpoint_every=args.checkpoint_every,
+        progress=distributed.is_main(),
+    )
     if distributed.is_main():
         print(f"factors for {len(factors.modules)} modules in {run}/lambda/factors.safetensors")
 
@@ -209,16 +246,34 @@ def cmd_score(args) -> None:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     candidates = None
     if args.prefilter:
-        candidates = tfidf_candidates([r["prompt_ids"] + r["completion_ids"] for r in rows],
-                                      [b.tolist() for b in train.blocks], args.prefilter, vocab=len(tokenizer))
-    result = score(run, model, _task(cfg), train, _query_batches(rows, pad), strategy=args.strategy, damping=args.damping,
-                   rank_=args.rank, top_k=args.top_k, candidates=candidates, sample_stride=args.sample_stride,
-                   checkpoint_every=args.checkpoint_every, progress=distributed.is_main())
+        candidates = tfidf_candidates(
+            [r["prompt_ids"] + r["completion_ids"] for r in rows],
+            [b.tolist() for b in train.blocks],
+            args.prefilter,
+            vocab=len(tokenizer),
+        )
+    result = score(
+        run,
+        model,
+        _task(cfg),
+        train,
+        _query_batches(rows, pad),
+        strategy=args.strategy,
+        damping=args.damping,
+        rank_=args.rank,
+        top_k=args.top_k,
+        candidates=candidates,
+        sample_stride=args.sample_stride,
+        checkpoint_every=args.checkpoint_every,
+        progress=distributed.is_main(),
+    )
     if distributed.is_main():
         save_json(run / "scores" / "queries.json", rows)
         for qi, row in enumerate(rows):
             top = result["top_index"][qi, :3].tolist()
-            print(f"query {qi} {row['completion'][:40]!r}: top {top} scores {[round(v, 4) for v in result['top_values'][qi, :3].tolist()]}")
+            print(
+                f"query {qi} {row['completion'][:40]!r}: top {top} scores {[round(v, 4) for v in result['top_values'][qi, :3].tolist()]}"
+            )
 
 
 def cmd_report(args) -> None:
@@ -244,22 +299,37 @@ def cmd_report(args) -> None:
         for qi in range(len(rows)):
             pos = [int(i) for i in result["top_index"][qi, : args.show]]
             neg = [int(i) for i in result["bottom_index"][qi, : args.show]]
-            explained.append({"positive": explain(model, task, train, pre, qi, pos),
-                              "negative": explain(model, task, train, pre, qi, neg)})
+            explained.append(
+                {
+                    "positive": explain(model, task, train, pre, qi, pos),
+                    "negative": explain(model, task, train, pre, qi, neg),
+                }
+            )
         save_json(explained_path, explained)
     explained = load_json(explained_path)
     shares = layer_share(result["layer_abs"], result["layers"].tolist())
     queries = []
     for qi, row in enumerate(rows):
-        q = {"prompt": row["prompt"], "completion": row["completion"], "layer_share": shares[qi],
-             "sample_scores": result["sample_values"][qi].tolist() if "sample_values" in result else []}
+        q = {
+            "prompt": row["prompt"],
+            "completion": row["completion"],
+            "layer_share": shares[qi],
+            "sample_scores": result["sample_values"][qi].tolist() if "sample_values" in result else [],
+        }
         for key in ("positive", "negative"):
-            q[key] = [{**ex, "tokens": [tokenizer.decode([t]) for t in train.sequences([ex["index"]])[0]]}
-                      for ex in explained[qi][key]]
+            q[key] = [
+                {**ex, "tokens": [tokenizer.decode([t]) for t in train.sequences([ex["index"]])[0]]}
+                for ex in explained[qi][key]
+            ]
         queries.append(q)
-    meta = {"model": cfg["model"], "training blocks": len(train.blocks), "block size": cfg["block_size"],
-            "layers": cfg["layers"] or "all", "strategy": sargs["strategy"],
-            "damping": sargs["damping"] if sargs["damping"] is not None else "0.1 x mean eigenvalue"}
+    meta = {
+        "model": cfg["model"],
+        "training blocks": len(train.blocks),
+        "block size": cfg["block_size"],
+        "layers": cfg["layers"] or "all",
+        "strategy": sargs["strategy"],
+        "damping": sargs["damping"] if sargs["damping"] is not None else "0.1 x mean eigenvalue",
+    }
     out = Path(args.out) if args.out else run / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render_html("steerlab influence report", meta, queries))

@@ -29,7 +29,9 @@ def lm_batch(
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def query_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int = 0) -> dict:
+def query_batch(
+    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int = 0
+) -> dict:
     """Prompt + completion sequences with loss on the completion tokens only."""
     seqs = [list(p) + list(c) for p, c in zip(prompts, completions, strict=True)]
     return lm_batch(seqs, [len(p) for p in prompts], pad_id)
@@ -37,7 +39,9 @@ def query_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence
 
 def text_blocks(token_ids: Sequence[int], block_size: int, n_blocks: int | None = None) -> list[list[int]]:
     """Consecutive non-overlapping blocks of `block_size` tokens (the last partial block dropped)."""
-    blocks = [list(token_ids[i : i + block_size]) for i in range(0, len(token_ids) - block_size + 1, block_size)]
+    blocks = [
+        list(token_ids[i : i + block_size]) for i in range(0, len(token_ids) - block_size + 1, block_size)
+    ]
     return blocks if n_blocks is None else blocks[:n_blocks]
 
 

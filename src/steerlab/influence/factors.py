@@ -106,7 +106,9 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def covariance_update(acc: Accumulator, captured: Captured, n_sequences: int, mask: torch.Tensor | None) -> None:
+def covariance_update(
+    acc: Accumulator, captured: Captured, n_sequences: int, mask: torch.Tensor | None
+) -> None:
     """Add one batch's sum a a^T, sum ds ds^T and counts to `acc`."""
     for name, a in captured.inputs.items():
         ds = captured.grads[name]
@@ -115,7 +117,11 @@ def covariance_update(acc: Accumulator, captured: Captured, n_sequences: int, ma
         g2 = ds.reshape(-1, ds.shape[-1]).to(dt)
         acc.add(f"{name}/A", a2.T @ a2)
         acc.add(f"{name}/S", g2.T @ g2)
-    tokens = mask.sum() if mask is not None else torch.tensor(float(next(iter(captured.inputs.values())).shape[:2].numel()))
+    tokens = (
+        mask.sum()
+        if mask is not None
+        else torch.tensor(float(next(iter(captured.inputs.values())).shape[:2].numel()))
+    )
     acc.add("n_tokens", torch.as_tensor(tokens, dtype=torch.float64).reshape(1))
     acc.add("n_sequences", torch.tensor([float(n_sequences)]))
 
@@ -126,7 +132,9 @@ def per_example_gradients(a: torch.Tensor, ds: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bto,bti->boi", ds.to(dt), a.to(dt))
 
 
-def lambda_update(acc: Accumulator, captured: Captured, eigen: Factors, n_sequences: int, diagonal: bool) -> None:
+def lambda_update(
+    acc: Accumulator, captured: Captured, eigen: Factors, n_sequences: int, diagonal: bool
+) -> None:
     """Add one batch's sum of squared per-sequence gradients in the K-FAC eigenbasis (and plain, if `diagonal`)."""
     for name, a in captured.inputs.items():
         ds = captured.grads[name]
@@ -179,7 +187,12 @@ def _batches(data: Iterable) -> Iterable[tuple[int, object]]:
 
 
 def fit_covariance(
-    model: nn.Module, task: Task, data: Iterable, *, seed: int | None = 0, dtype: torch.dtype | None = None,
+    model: nn.Module,
+    task: Task,
+    data: Iterable,
+    *,
+    seed: int | None = 0,
+    dtype: torch.dtype | None = None,
     progress: bool = False,
 ) -> Accumulator:
     """Stream `data` (an iterable of batches) once, accumulating A and S. `seed=None`: empirical Fisher."""
@@ -195,8 +208,15 @@ def fit_covariance(
 
 
 def fit_lambda(
-    model: nn.Module, task: Task, data: Iterable, eigen: Factors, *, seed: int | None = 0,
-    dtype: torch.dtype | None = None, diagonal: bool = False, progress: bool = False,
+    model: nn.Module,
+    task: Task,
+    data: Iterable,
+    eigen: Factors,
+    *,
+    seed: int | None = 0,
+    dtype: torch.dtype | None = None,
+    diagonal: bool = False,
+    progress: bool = False,
 ) -> Accumulator:
     """Stream `data` once more, accumulating the EK-FAC eigenvalue correction."""
     from tqdm.auto import tqdm
@@ -222,13 +242,21 @@ def finish_lambda(eigen: Factors, acc: Accumulator) -> Factors:
 
 
 def fit_factors(
-    model: nn.Module, task: Task, data, *, seed: int | None = 0, dtype: torch.dtype | None = None,
-    diagonal: bool = False, progress: bool = False,
+    model: nn.Module,
+    task: Task,
+    data,
+    *,
+    seed: int | None = 0,
+    dtype: torch.dtype | None = None,
+    diagonal: bool = False,
+    progress: bool = False,
 ) -> Factors:
     """Covariances -> eigendecomposition -> EK-FAC eigenvalues, in memory (`data` is iterated twice).
     `seed=None` uses the data labels (empirical Fisher); otherwise labels are sampled per batch."""
     modules = list(task.modules(model))
-    eigen = eigendecompose(fit_covariance(model, task, data, seed=seed, dtype=dtype, progress=progress), modules)
+    eigen = eigendecompose(
+        fit_covariance(model, task, data, seed=seed, dtype=dtype, progress=progress), modules
+    )
     lam = fit_lambda(model, task, data, eigen, seed=seed, dtype=dtype, diagonal=diagonal, progress=progress)
     return finish_lambda(eigen, lam)
 

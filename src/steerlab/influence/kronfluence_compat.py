@@ -47,14 +47,18 @@ def _make_task(module_names: list[str]):
 
     class LMTask(KTask):
         def compute_train_loss(self, batch, model: nn.Module, sample: bool = False) -> torch.Tensor:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[
+                :, :-1
+            ]
             labels = batch["labels"][:, 1:]
             if sample:
                 with torch.no_grad():
                     probs = torch.softmax(logits.float(), -1).reshape(-1, logits.shape[-1])
                     sampled = torch.multinomial(probs, 1).reshape(labels.shape)
                 labels = torch.where(labels != -100, sampled, labels)
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum", ignore_index=-100)
+            return F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum", ignore_index=-100
+            )
 
         def compute_measurement(self, batch, model: nn.Module) -> torch.Tensor:
             return self.compute_train_loss(batch, model, sample=False)
@@ -93,11 +97,22 @@ def kronfluence_pairwise_scores(
 
     task = _make_task(list(module_names))
     model = prepare_model(copy.deepcopy(model), task)
-    analyzer = Analyzer("steerlab", model, task, cpu=not torch.cuda.is_available(), disable_tqdm=True,
-                        output_dir=str(output_dir), disable_model_save=True)
+    analyzer = Analyzer(
+        "steerlab",
+        model,
+        task,
+        cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+        output_dir=str(output_dir),
+        disable_model_save=True,
+    )
     factor_args = FactorArguments(
-        strategy=strategy, use_empirical_fisher=empirical, activation_covariance_dtype=dtype,
-        gradient_covariance_dtype=dtype, eigendecomposition_dtype=torch.float64, per_sample_gradient_dtype=dtype,
+        strategy=strategy,
+        use_empirical_fisher=empirical,
+        activation_covariance_dtype=dtype,
+        gradient_covariance_dtype=dtype,
+        eigendecomposition_dtype=torch.float64,
+        per_sample_gradient_dtype=dtype,
         lambda_dtype=dtype,
     )
     score_args = ScoreArguments(
@@ -105,12 +120,24 @@ def kronfluence_pairwise_scores(
     )
     train_ds, query_ds = _ListDataset(_rows(train)), _ListDataset(_rows(queries))
     t0 = time.perf_counter()
-    analyzer.fit_all_factors("factors", train_ds, per_device_batch_size=train_batch_size, factor_args=factor_args,
-                             overwrite_output_dir=True)
+    analyzer.fit_all_factors(
+        "factors",
+        train_ds,
+        per_device_batch_size=train_batch_size,
+        factor_args=factor_args,
+        overwrite_output_dir=True,
+    )
     t1 = time.perf_counter()
-    analyzer.compute_pairwise_scores("scores", "factors", query_ds, train_ds, per_device_query_batch_size=query_batch_size,
-                                     per_device_train_batch_size=train_batch_size, score_args=score_args,
-                                     overwrite_output_dir=True)
+    analyzer.compute_pairwise_scores(
+        "scores",
+        "factors",
+        query_ds,
+        train_ds,
+        per_device_query_batch_size=query_batch_size,
+        per_device_train_batch_size=train_batch_size,
+        score_args=score_args,
+        overwrite_output_dir=True,
+    )
     t2 = time.perf_counter()
     if stage_times is not None:
         stage_times.update({"fit": t1 - t0, "score": t2 - t1})

@@ -33,7 +33,13 @@ from steerlab.influence.factors import (
     lambda_update,
     run_batch,
 )
-from steerlab.influence.scores import Preconditioned, layer_of, preconditioned_queries, query_gradients, score_captured
+from steerlab.influence.scores import (
+    Preconditioned,
+    layer_of,
+    preconditioned_queries,
+    query_gradients,
+    score_captured,
+)
 from steerlab.influence.stages import check_stage, checkpoint_path, stream_stage
 from steerlab.influence.storage import load_json, load_tensors, save_tensors
 from steerlab.influence.tasks import Task
@@ -54,8 +60,14 @@ class BlockBatches(Sequence):
     """Batches of token blocks for `LanguageModelTask` (loss on every next token), optionally a subset.
     `blocks`: [N, L] token ids (rows may be ragged via `lengths`)."""
 
-    def __init__(self, blocks: torch.Tensor, batch_size: int, lengths: torch.Tensor | None = None,
-                 subset: Sequence[int] | None = None, pad_id: int = 0):
+    def __init__(
+        self,
+        blocks: torch.Tensor,
+        batch_size: int,
+        lengths: torch.Tensor | None = None,
+        subset: Sequence[int] | None = None,
+        pad_id: int = 0,
+    ):
         self.blocks, self.batch_size, self.pad_id = blocks, batch_size, pad_id
         self.lengths = lengths if lengths is not None else torch.full((len(blocks),), blocks.shape[1])
         self.subset = list(range(len(blocks))) if subset is None else [int(i) for i in subset]
@@ -82,13 +94,19 @@ class BlockBatches(Sequence):
         return BlockBatches(self.blocks, self.batch_size, self.lengths, subset, self.pad_id)
 
     def describe(self) -> dict:
-        return {"n": len(self.blocks), "batch_size": self.batch_size, "hash": tensor_hash(self.blocks, self.lengths)}
+        return {
+            "n": len(self.blocks),
+            "batch_size": self.batch_size,
+            "hash": tensor_hash(self.blocks, self.lengths),
+        }
 
 
 class TensorBatches(Sequence):
     """Batches `(x[idx], y[idx])` of tensors for `ClassificationTask`, optionally a subset."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, subset: Sequence[int] | None = None):
+    def __init__(
+        self, x: torch.Tensor, y: torch.Tensor, batch_size: int, subset: Sequence[int] | None = None
+    ):
         self.x, self.y, self.batch_size = x, y, batch_size
         self.subset = list(range(len(x))) if subset is None else [int(i) for i in subset]
 
@@ -119,7 +137,9 @@ def _describe(train) -> dict:
     return train.describe() if hasattr(train, "describe") else {"n_batches": len(train)}
 
 
-def _accumulate(run_dir: Path, name: str, train, step_fn, checkpoint_every: int, progress: bool) -> Accumulator:
+def _accumulate(
+    run_dir: Path, name: str, train, step_fn, checkpoint_every: int, progress: bool
+) -> Accumulator:
     """Stream this process's shard of batches into float64 sums, all-reduce, and store the result."""
     result = run_dir / name / "result.safetensors"
     ckpt = checkpoint_path(run_dir, name, rank(), world_size())
@@ -137,17 +157,33 @@ def _accumulate(run_dir: Path, name: str, train, step_fn, checkpoint_every: int,
 
 
 def fit(
-    run_dir: str | Path, model: nn.Module, task: Task, train, *, seed: int | None = 0, dtype: torch.dtype | None = None,
-    diagonal: bool = False, checkpoint_every: int = 8, progress: bool = False, extra_args: dict | None = None,
+    run_dir: str | Path,
+    model: nn.Module,
+    task: Task,
+    train,
+    *,
+    seed: int | None = 0,
+    dtype: torch.dtype | None = None,
+    diagonal: bool = False,
+    checkpoint_every: int = 8,
+    progress: bool = False,
+    extra_args: dict | None = None,
 ) -> Factors:
     """Fit EK-FAC factors over the indexable batch source `train`, stage by stage (see module docs).
     `seed=None`: empirical Fisher (data labels); otherwise labels sampled per batch from the model."""
     run_dir = Path(run_dir)
     modules = task.modules(model)
-    args = {"train": _describe(train), "modules": list(modules), "seed": seed, "dtype": str(dtype),
-            "world_size": world_size(), **(extra_args or {})}
+    args = {
+        "train": _describe(train),
+        "modules": list(modules),
+        "seed": seed,
+        "dtype": str(dtype),
+        "world_size": world_size(),
+        **(extra_args or {}),
+    }
 
     if not check_stage(run_dir, "covariance", args):
+
         def cov_step(acc: Accumulator, i: int) -> None:
             batch = train[i]
             sample = None if seed is None else batch_seed(seed, i, "covariance")
@@ -165,6 +201,7 @@ def fit(
 
     lam_args = {**args, "diagonal": diagonal}
     if not check_stage(run_dir, "lambda", lam_args):
+
         def lam_step(acc: Accumulator, i: int) -> None:
             batch = train[i]
             sample = None if seed is None else batch_seed(seed, i, "lambda")
@@ -185,9 +222,21 @@ def fit(
 
 
 def score(
-    run_dir: str | Path, model: nn.Module, task: Task, train, queries: Sequence, *, strategy: str = "ekfac",
-    damping: float | None = None, rank_: int | None = None, top_k: int = 10, candidates: torch.Tensor | None = None,
-    sample_stride: int = 1, dtype: torch.dtype | None = None, checkpoint_every: int = 8, progress: bool = False,
+    run_dir: str | Path,
+    model: nn.Module,
+    task: Task,
+    train,
+    queries: Sequence,
+    *,
+    strategy: str = "ekfac",
+    damping: float | None = None,
+    rank_: int | None = None,
+    top_k: int = 10,
+    candidates: torch.Tensor | None = None,
+    sample_stride: int = 1,
+    dtype: torch.dtype | None = None,
+    checkpoint_every: int = 8,
+    progress: bool = False,
     name: str = "scores",
 ) -> dict[str, torch.Tensor]:
     """Score every query against the training batches (an indexable source with `indices(i)`, like
@@ -197,20 +246,36 @@ def score(
     run_dir = Path(run_dir)
     fit_args = load_json(run_dir / "lambda" / "args.json") if strategy != "identity" else {}
     qids = [q["input_ids"] for q in queries] if isinstance(queries[0], dict) else [q[0] for q in queries]
-    qargs = {"fit": fit_args, "queries": tensor_hash(*qids), "strategy": strategy, "damping": damping, "rank": rank_,
-             "dtype": str(dtype), "world_size": world_size()}
+    qargs = {
+        "fit": fit_args,
+        "queries": tensor_hash(*qids),
+        "strategy": strategy,
+        "damping": damping,
+        "rank": rank_,
+        "dtype": str(dtype),
+        "world_size": world_size(),
+    }
     qstage = f"{name}_queries"
     if not check_stage(run_dir, qstage, qargs):
         if is_main():
-            factors = Factors.load(run_dir / "lambda" / "factors.safetensors") if strategy != "identity" else None
-            pre = preconditioned_queries(query_gradients(model, task, queries, dtype=dtype), factors, strategy, damping, rank_)
+            factors = (
+                Factors.load(run_dir / "lambda" / "factors.safetensors") if strategy != "identity" else None
+            )
+            pre = preconditioned_queries(
+                query_gradients(model, task, queries, dtype=dtype), factors, strategy, damping, rank_
+            )
             save_tensors(run_dir / qstage / "result.safetensors", pre.tensors())
         barrier()
     pre = Preconditioned.from_tensors(load_tensors(run_dir / qstage / "result.safetensors")[0])
     n_queries = pre.num_queries
 
-    sargs = {**qargs, "train": _describe(train), "top_k": top_k, "sample_stride": sample_stride,
-             "candidates": None if candidates is None else tensor_hash(candidates)}
+    sargs = {
+        **qargs,
+        "train": _describe(train),
+        "top_k": top_k,
+        "sample_stride": sample_stride,
+        "candidates": None if candidates is None else tensor_hash(candidates),
+    }
     result_path = run_dir / name / "result.safetensors"
     if check_stage(run_dir, name, sargs):
         return load_tensors(result_path)[0]
@@ -247,11 +312,19 @@ def score(
                 dim = 0 if key == "sample_index" else 1
                 state[key] = torch.cat([state[key], value], dim) if key in state else value.clone()
 
-    stream_stage(checkpoint_path(run_dir, name, rank(), world_size()), name, shard(range(len(source))), step,
-                 checkpoint_every, progress)
+    stream_stage(
+        checkpoint_path(run_dir, name, rank(), world_size()),
+        name,
+        shard(range(len(source))),
+        step,
+        checkpoint_every,
+        progress,
+    )
     barrier()
     if is_main():
-        states = [load_tensors(checkpoint_path(run_dir, name, r, world_size()))[0] for r in range(world_size())]
+        states = [
+            load_tensors(checkpoint_path(run_dir, name, r, world_size()))[0] for r in range(world_size())
+        ]
         states = [s for s in states if s]
         out = merge_topk(states, top_k)
         out["layer_abs"] = sum(s["layer_abs"] for s in states)

@@ -25,13 +25,20 @@ __all__ = ["explain", "render_html"]
 
 
 def explain(
-    model: nn.Module, task: Task, train, pre: Preconditioned, query: int, indices: Sequence[int],
+    model: nn.Module,
+    task: Task,
+    train,
+    pre: Preconditioned,
+    query: int,
+    indices: Sequence[int],
 ) -> list[dict]:
     """Per-token and per-layer scores of query `query` on training examples `indices` (a source with
     `with_subset`, e.g. `BlockBatches`). Returns one dict per example: index, score, tokens, layers."""
-    one = Preconditioned({k: v[query : query + 1] for k, v in pre.full.items()},
-                         {k: v[query : query + 1] for k, v in pre.left.items()},
-                         {k: v[query : query + 1] for k, v in pre.right.items()})
+    one = Preconditioned(
+        {k: v[query : query + 1] for k, v in pre.full.items()},
+        {k: v[query : query + 1] for k, v in pre.left.items()},
+        {k: v[query : query + 1] for k, v in pre.right.items()},
+    )
     modules = {n: m for n, m in task.modules(model).items() if n in one.modules}
     source = train.with_subset(list(indices))
     out = []
@@ -46,12 +53,14 @@ def explain(
             for name, s in seq.items():
                 key = str(layer_of(name) if layer_of(name) is not None else name)
                 layers[key] = layers.get(key, 0.0) + float(s[0, b])
-            out.append({
-                "index": idx,
-                "score": float(sum(s[0, b] for s in seq.values())),
-                "token_scores": [float(v) for v in sum(tok.values())[0, b, :n_tok]],
-                "layers": layers,
-            })
+            out.append(
+                {
+                    "index": idx,
+                    "score": float(sum(s[0, b] for s in seq.values())),
+                    "token_scores": [float(v) for v in sum(tok.values())[0, b, :n_tok]],
+                    "layers": layers,
+                }
+            )
     return out
 
 
@@ -110,22 +119,31 @@ h2{border-top:2px solid #ddd;padding-top:1em}
 def render_html(title: str, meta: dict, queries: list[dict]) -> str:
     """queries: dicts with prompt, completion, positive/negative (lists of explained examples, each with
     `tokens` strings), layer_share {layer: share}, sample_scores (list)."""
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
-             "<p class='meta'>" + " &middot; ".join(f"{html.escape(str(k))}: {html.escape(str(v))}" for k, v in meta.items()),
-             "</p><p>Score &gt; 0 (red): training on the sequence raises the completion's log-probability; "
-             "&lt; 0 (blue): lowers it. Token colours: per-token contributions, which sum to the sequence's score.</p>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+        "<p class='meta'>"
+        + " &middot; ".join(f"{html.escape(str(k))}: {html.escape(str(v))}" for k, v in meta.items()),
+        "</p><p>Score &gt; 0 (red): training on the sequence raises the completion's log-probability; "
+        "&lt; 0 (blue): lowers it. Token colours: per-token contributions, which sum to the sequence's score.</p>",
+    ]
     for qi, q in enumerate(queries):
         layer_png, hist_png = _figures(q)
-        parts.append(f"<h2>Query {qi}</h2><div class='seq query'><b>{html.escape(q['prompt'])}</b>"
-                     f"<u>{html.escape(q['completion'])}</u></div>")
-        parts.append(f"<div class='figs'><img src='{layer_png}'><img src='{hist_png}'></div><div class='cols'>")
+        parts.append(
+            f"<h2>Query {qi}</h2><div class='seq query'><b>{html.escape(q['prompt'])}</b>"
+            f"<u>{html.escape(q['completion'])}</u></div>"
+        )
+        parts.append(
+            f"<div class='figs'><img src='{layer_png}'><img src='{hist_png}'></div><div class='cols'>"
+        )
         for label, key in (("Most positive", "positive"), ("Most negative", "negative")):
             parts.append(f"<div><h3>{label}</h3>")
             for ex in q[key]:
                 layers = ", ".join(f"L{k}: {v:.3g}" for k, v in ex["layers"].items())
-                parts.append(f"<div class='meta'>training #{ex['index']} &middot; score {ex['score']:.4g} &middot; {layers}</div>"
-                             f"<div class='seq'>{_heat(ex['tokens'], ex['token_scores'])}</div>")
+                parts.append(
+                    f"<div class='meta'>training #{ex['index']} &middot; score {ex['score']:.4g} &middot; {layers}</div>"
+                    f"<div class='seq'>{_heat(ex['tokens'], ex['token_scores'])}</div>"
+                )
             parts.append("</div>")
         parts.append("</div>")
     parts.append("</body></html>")

@@ -65,7 +65,11 @@ def damping_for(factors: Factors, name: str, strategy: str, damping: float | Non
 
 
 def precondition(
-    grad: torch.Tensor, factors: Factors | None, name: str, strategy: str = "ekfac", damping: float | None = None
+    grad: torch.Tensor,
+    factors: Factors | None,
+    name: str,
+    strategy: str = "ekfac",
+    damping: float | None = None,
 ) -> torch.Tensor:
     """P = (F_approx + damping I)^-1 G for a [Q, out, in] stack of query gradients (float64)."""
     _check_strategy(strategy)
@@ -133,8 +137,12 @@ def query_gradients(
 
 
 def preconditioned_queries(
-    grads: Mapping[str, torch.Tensor], factors: Factors | None, strategy: str = "ekfac",
-    damping: float | None = None, rank: int | None = None, dtype: torch.dtype = torch.float32,
+    grads: Mapping[str, torch.Tensor],
+    factors: Factors | None,
+    strategy: str = "ekfac",
+    damping: float | None = None,
+    rank: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Preconditioned:
     """Precondition every module's query gradients; optionally compress them to rank `rank`."""
     full, left, right = {}, {}, {}
@@ -182,7 +190,12 @@ def score_captured(
 
 
 def pairwise_scores(
-    model: nn.Module, task: Task, train: Iterable, pre: Preconditioned, *, per_token: bool = False,
+    model: nn.Module,
+    task: Task,
+    train: Iterable,
+    pre: Preconditioned,
+    *,
+    per_token: bool = False,
     dtype: torch.dtype | None = None,
 ) -> dict:
     """In-memory scores of every query against every training example (for small problems; the
@@ -207,8 +220,14 @@ def pairwise_scores(
 
 
 def self_scores(
-    model: nn.Module, task: Task, train: Iterable, factors: Factors | None, *, strategy: str = "ekfac",
-    damping: float | None = None, dtype: torch.dtype | None = None,
+    model: nn.Module,
+    task: Task,
+    train: Iterable,
+    factors: Factors | None,
+    *,
+    strategy: str = "ekfac",
+    damping: float | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Self-influence <G_z, (F_approx + damping I)^-1 G_z> of every training example, [N]."""
     modules = task.modules(model)

@@ -31,7 +31,11 @@ class StageArgumentsError(ValueError):
 
 def _diff(saved: dict, new: dict) -> list[str]:
     keys = sorted(set(saved) | set(new))
-    return [f"{k}: saved {saved.get(k, '<absent>')!r} != requested {new.get(k, '<absent>')!r}" for k in keys if saved.get(k) != new.get(k)]
+    return [
+        f"{k}: saved {saved.get(k, '<absent>')!r} != requested {new.get(k, '<absent>')!r}"
+        for k in keys
+        if saved.get(k) != new.get(k)
+    ]
 
 
 def check_stage(run_dir: str | Path, name: str, args: dict) -> bool:
@@ -84,8 +88,12 @@ def stream_stage(
         state, meta = load_tensors(ckpt)
         start = int(meta["next"])
         if meta.get("indices") != list(indices):
-            raise StageArgumentsError(f"checkpoint {ckpt} was written for other batches; delete it to restart")
-    for j in tqdm(range(start, len(indices)), desc=name, initial=start, total=len(indices), disable=not progress):
+            raise StageArgumentsError(
+                f"checkpoint {ckpt} was written for other batches; delete it to restart"
+            )
+    for j in tqdm(
+        range(start, len(indices)), desc=name, initial=start, total=len(indices), disable=not progress
+    ):
         step(state, indices[j])
         if (j + 1) % checkpoint_every == 0 or j + 1 == len(indices):
             save_tensors(ckpt, state, {"next": j + 1, "indices": list(indices)})

@@ -81,7 +81,9 @@ class Task(Protocol):
 
 def _sample_categorical(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     probs = torch.softmax(logits.detach().float(), dim=-1)
-    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).reshape(probs.shape[:-1])
+    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).reshape(
+        probs.shape[:-1]
+    )
 
 
 @dataclass
@@ -116,7 +118,9 @@ class LanguageModelTask:
         if generator is not None:
             sampled = _sample_categorical(logits, generator).to(labels.device)
             labels = torch.where(labels != -100, sampled, labels)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum", ignore_index=-100)
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum", ignore_index=-100
+        )
 
     def query_loss(self, model: nn.Module, batch) -> torch.Tensor:
         return self.train_loss(model, batch, None)
@@ -148,7 +152,9 @@ class ClassificationTask:
         out = model(x)
         if self.regression:
             if generator is not None:
-                noise = torch.randn(out.shape, generator=generator, dtype=out.dtype, device=generator.device).to(out.device)
+                noise = torch.randn(
+                    out.shape, generator=generator, dtype=out.dtype, device=generator.device
+                ).to(out.device)
                 y = out.detach() + noise
             return 0.5 * ((out - y.to(out.dtype).reshape(out.shape)) ** 2).sum()
         if generator is not None:

@@ -62,7 +62,9 @@ def tfidf_candidates(
 ) -> torch.Tensor:
     """[Q, keep] indices of the training documents with the highest TF-IDF cosine similarity (token ids as
     words, sublinear-free counts, smoothed idf fitted on the training documents) to each query."""
-    vocab = vocab or 1 + max(max((max(d) for d in train if len(d)), default=0), max((max(d) for d in queries if len(d)), default=0))
+    vocab = vocab or 1 + max(
+        max((max(d) for d in train if len(d)), default=0), max((max(d) for d in queries if len(d)), default=0)
+    )
     t, idf = _tfidf(train, vocab)
     q, _ = _tfidf(queries, vocab, idf)
     sims = torch.from_numpy((q @ t.T).toarray())
