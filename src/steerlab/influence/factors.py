@@ -174,11 +174,17 @@ def eigendecompose(acc: Accumulator, modules: list[str]) -> Factors:
     n_tokens = float(acc.sums["n_tokens"].item())
     n_seq = float(acc.sums["n_sequences"].item())
     tensors = {}
-    for name in modules:
-        A = acc.sums[f"{name}/A"].double() / n_tokens
-        S = acc.sums[f"{name}/S"].double() / n_seq
-        tensors[f"{name}/lA"], tensors[f"{name}/QA"] = torch.linalg.eigh((A + A.T) / 2)
-        tensors[f"{name}/lS"], tensors[f"{name}/QS"] = torch.linalg.eigh((S + S.T) / 2)
+    threads = torch.get_num_threads()
+    try:
+        # CPU LAPACK eigh in float64 is often *slower* multi-threaded (30x on a shared 2-core machine)
+        torch.set_num_threads(1)
+        for name in modules:
+            A = acc.sums[f"{name}/A"].double() / n_tokens
+            S = acc.sums[f"{name}/S"].double() / n_seq
+            tensors[f"{name}/lA"], tensors[f"{name}/QA"] = torch.linalg.eigh((A + A.T) / 2)
+            tensors[f"{name}/lS"], tensors[f"{name}/QS"] = torch.linalg.eigh((S + S.T) / 2)
+    finally:
+        torch.set_num_threads(threads)
     return Factors(tensors, list(modules), {"n_tokens": n_tokens, "n_sequences": n_seq})
 
 

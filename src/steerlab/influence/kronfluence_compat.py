@@ -120,13 +120,17 @@ def kronfluence_pairwise_scores(
     )
     train_ds, query_ds = _ListDataset(_rows(train)), _ListDataset(_rows(queries))
     t0 = time.perf_counter()
-    analyzer.fit_all_factors(
-        "factors",
-        train_ds,
-        per_device_batch_size=train_batch_size,
-        factor_args=factor_args,
-        overwrite_output_dir=True,
-    )
+    common = {"per_device_batch_size": train_batch_size, "factor_args": factor_args, "overwrite_output_dir": True}
+    if strategy in ("kfac", "ekfac"):
+        analyzer.fit_covariance_matrices("factors", train_ds, **common)
+    t_cov = time.perf_counter()
+    if strategy in ("kfac", "ekfac"):
+        analyzer.perform_eigendecomposition("factors", factor_args=factor_args, overwrite_output_dir=True)
+    t_eig = time.perf_counter()
+    if strategy in ("ekfac", "diagonal"):
+        analyzer.fit_lambda_matrices("factors", train_ds, **common)
+    elif strategy == "identity":
+        analyzer.fit_all_factors("factors", train_ds, **common)
     t1 = time.perf_counter()
     analyzer.compute_pairwise_scores(
         "scores",
@@ -140,5 +144,7 @@ def kronfluence_pairwise_scores(
     )
     t2 = time.perf_counter()
     if stage_times is not None:
-        stage_times.update({"fit": t1 - t0, "score": t2 - t1})
+        stage_times.update(
+            {"covariance": t_cov - t0, "eigen": t_eig - t_cov, "lambda": t1 - t_eig, "fit": t1 - t0, "score": t2 - t1}
+        )
     return analyzer.load_pairwise_scores("scores")["all_modules"].to(torch.float64)
