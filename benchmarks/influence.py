@@ -65,14 +65,16 @@ def worker(args) -> None:
         from steerlab.influence.factors import finish_lambda
 
         t0 = time.perf_counter()
-        cov = fit_covariance(model, task, train, seed=None)
+        cache: dict = {}  # hidden states entering layer 24, recorded by the covariance pass
+        cov = fit_covariance(model, task, train, seed=None, prefix_cache=cache if args.prefix_cache else None)
+        fast = [{**b, **cache.get(i, {})} for i, b in enumerate(train)]
         t1 = time.perf_counter()
         eigen = eigendecompose(cov, list(task.modules(model)))
         t2 = time.perf_counter()
-        factors = finish_lambda(eigen, fit_lambda(model, task, train, eigen, seed=None))
+        factors = finish_lambda(eigen, fit_lambda(model, task, fast, eigen, seed=None))
         t3 = time.perf_counter()
         pre = preconditioned_queries(query_gradients(model, task, queries), factors, "ekfac", args.damping)
-        scores = pairwise_scores(model, task, train, pre)["scores"]
+        scores = pairwise_scores(model, task, fast, pre)["scores"]
         t4 = time.perf_counter()
         times = {"covariance": t1 - t0, "eigen": t2 - t1, "lambda": t3 - t2, "fit": t3 - t0, "score": t4 - t3}
     else:
@@ -106,6 +108,10 @@ def main() -> None:
     parser.add_argument("--damping", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--libs", default="steerlab,kronfluence")
+    parser.add_argument(
+        "--prefix-cache", type=int, default=1, help="start later passes at layer 24 (1) or not (0)"
+    )
+    parser.add_argument("--kronfluence-from", default=None, help="reuse a kronfluence worker's --out folder")
     parser.add_argument("--worker", choices=["steerlab", "kronfluence"], default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -121,10 +127,25 @@ def main() -> None:
     passthrough = [
         f"--{k.replace('_', '-')}={v}"
         for k, v in vars(args).items()
-        if k in ("n_blocks", "block_size", "first_layer", "n_layers", "batch_size", "damping", "threads")
+        if k
+        in (
+            "n_blocks",
+            "block_size",
+            "first_layer",
+            "n_layers",
+            "batch_size",
+            "damping",
+            "threads",
+            "prefix_cache",
+        )
     ]
     for rep in range(args.repeats):
         for lib in libs:
+            if lib == "kronfluence" and args.kronfluence_from:
+                out = args.kronfluence_from
+                runs[lib].append(json.loads((Path(out) / f"{lib}.json").read_text()))
+                scores[lib] = load_file(str(Path(out) / f"{lib}.safetensors"))["scores"]
+                continue
             with tempfile.TemporaryDirectory() as out:
                 cmd = [sys.executable, __file__, "--worker", lib, "--out", out, *passthrough]
                 subprocess.run(cmd, check=True)

@@ -308,3 +308,28 @@ def test_module_shapes_fold_bias_and_handle_conv1d():
 def test_precondition_rejects_unknown_strategy():
     with pytest.raises(ValueError, match="unknown strategy"):
         precondition(torch.zeros(1, 2, 2), None, "x", "newton")
+
+
+def test_prefix_cache_starts_at_first_tracked_layer_with_identical_results():
+    model, task, train, singles, queries, q_singles = PROBLEMS["llama"]
+    task = LanguageModelTask(layers=[1])
+    cache: dict = {}
+    from steerlab.influence import fit_covariance
+
+    plain = fit_covariance(model, task, train, seed=None)
+    cached_cov = fit_covariance(model, task, train, seed=None, prefix_cache=cache)
+    assert sorted(cache) == list(range(len(train)))
+    for k in plain.sums:
+        assert torch.equal(plain.sums[k], cached_cov.sums[k])
+    fast = [{**b, **cache[i]} for i, b in enumerate(train)]
+    with torch.no_grad():
+        for b, f in zip(train, fast):
+            assert torch.allclose(
+                task._logits_labels(model, b)[0], task._logits_labels(model, f)[0], rtol=0, atol=1e-12
+            )
+    factors = fit_factors(model, task, train, seed=None)
+    pre = preconditioned_queries(query_gradients(model, task, queries), factors)
+    s1 = pairwise_scores(model, task, train, pre)["scores"]
+    s2 = pairwise_scores(model, task, fast, pre)["scores"]
+    assert rel_err(s2, s1) < 1e-12
+    assert all(type(m).__name__ == "LlamaDecoderLayer" for m in model.model.layers)  # restored

@@ -210,6 +210,21 @@ else:
         assert filtered["top_index"][:, 0].tolist() == copied
         assert recall >= 0.5
 
+    def test_prefix_cache_pipeline_matches_plain_run(tmp_path):
+        from steerlab.influence.pipeline import fit, score
+
+        model, task, train, queries, copied = lm_setup()
+        task = type(task)(layers=[1])
+        plain = fit(tmp_path / "plain", model, task, train, seed=3)
+        fast = fit(tmp_path / "fast", model, task, train, seed=3, prefix_cache=True)
+        assert len(list((tmp_path / "fast" / "prefix").glob("batch-*.safetensors"))) == len(train)
+        for k, v in plain.tensors.items():
+            assert torch.allclose(fast.tensors[k].abs(), v.abs(), rtol=1e-9, atol=1e-12), k
+        a = score(tmp_path / "plain", model, task, train, queries, top_k=5)
+        b = score(tmp_path / "fast", model, task, train, queries, top_k=5)
+        assert torch.equal(a["top_index"], b["top_index"])
+        assert torch.allclose(a["sample_values"], b["sample_values"], rtol=1e-9)
+
     def test_bfloat16_capture_error_is_small(tmp_path):
         from scipy.stats import spearmanr
 

@@ -200,17 +200,37 @@ def fit_covariance(
     seed: int | None = 0,
     dtype: torch.dtype | None = None,
     progress: bool = False,
+    prefix_cache: dict | None = None,
 ) -> Accumulator:
-    """Stream `data` (an iterable of batches) once, accumulating A and S. `seed=None`: empirical Fisher."""
+    """Stream `data` (an iterable of batches) once, accumulating A and S. `seed=None`: empirical Fisher.
+    With a dict `prefix_cache`, also record {batch index: hidden states entering the first tracked layer};
+    merge them into the batches (`{**batch, **prefix_cache[i]}`) so that later passes start there."""
     from tqdm.auto import tqdm
 
     modules = task.modules(model)
     acc = Accumulator()
+    layer = None
+    if prefix_cache is not None:
+        from steerlab.influence.prefix import first_tracked_layer
+
+        layer = first_tracked_layer(modules)
     for index, batch in tqdm(_batches(data), desc="covariance", disable=not progress):
         sample = None if seed is None else batch_seed(seed, index, "covariance")
-        cap = run_batch(model, task, modules, batch, sample_seed=sample, dtype=dtype)
+        cap = run_batch_recording(model, task, modules, batch, layer, prefix_cache, index, sample, dtype)
         covariance_update(acc, cap, task.batch_size(batch), task.token_mask(batch))
     return acc
+
+
+def run_batch_recording(model, task, modules, batch, layer, cache, index, sample, dtype) -> Captured:
+    """`run_batch` that also stores the hidden states entering block `layer` in `cache[index]`."""
+    if layer is None or cache is None:
+        return run_batch(model, task, modules, batch, sample_seed=sample, dtype=dtype)
+    from steerlab.influence.prefix import record_layer_input
+
+    with record_layer_input(model, layer) as seen:
+        cap = run_batch(model, task, modules, batch, sample_seed=sample, dtype=dtype)
+    cache[index] = {"prefix_hidden": seen[0], "prefix_layer": torch.tensor(layer)}
+    return cap
 
 
 def fit_lambda(

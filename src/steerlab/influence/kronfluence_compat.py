@@ -120,7 +120,11 @@ def kronfluence_pairwise_scores(
     )
     train_ds, query_ds = _ListDataset(_rows(train)), _ListDataset(_rows(queries))
     t0 = time.perf_counter()
-    common = {"per_device_batch_size": train_batch_size, "factor_args": factor_args, "overwrite_output_dir": True}
+    common = {
+        "per_device_batch_size": train_batch_size,
+        "factor_args": factor_args,
+        "overwrite_output_dir": True,
+    }
     if strategy in ("kfac", "ekfac"):
         analyzer.fit_covariance_matrices("factors", train_ds, **common)
     t_cov = time.perf_counter()
@@ -145,6 +149,12 @@ def kronfluence_pairwise_scores(
     t2 = time.perf_counter()
     if stage_times is not None:
         stage_times.update(
-            {"covariance": t_cov - t0, "eigen": t_eig - t_cov, "lambda": t1 - t_eig, "fit": t1 - t0, "score": t2 - t1}
+            {
+                "covariance": t_cov - t0,
+                "eigen": t_eig - t_cov,
+                "lambda": t1 - t_eig,
+                "fit": t1 - t0,
+                "score": t2 - t1,
+            }
         )
     return analyzer.load_pairwise_scores("scores")["all_modules"].to(torch.float64)

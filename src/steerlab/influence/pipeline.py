@@ -32,7 +32,9 @@ from steerlab.influence.factors import (
     finish_lambda,
     lambda_update,
     run_batch,
+    run_batch_recording,
 )
+from steerlab.influence.prefix import first_tracked_layer
 from steerlab.influence.scores import (
     Preconditioned,
     layer_of,
@@ -133,6 +135,18 @@ class TensorBatches(Sequence):
         return {"n": len(self.x), "batch_size": self.batch_size, "hash": tensor_hash(self.x, self.y)}
 
 
+def _prefix_path(run_dir: Path, index: int) -> Path:
+    return run_dir / "prefix" / f"batch-{index:07d}.safetensors"
+
+
+def with_prefix(run_dir: Path, batch, index: int):
+    """The batch with its cached hidden states merged in, when the covariance pass stored them."""
+    path = _prefix_path(run_dir, index)
+    if not isinstance(batch, dict) or not path.exists():
+        return batch
+    return {**batch, **load_tensors(path)[0]}
+
+
 def _describe(train) -> dict:
     return train.describe() if hasattr(train, "describe") else {"n_batches": len(train)}
 
@@ -168,9 +182,12 @@ def fit(
     checkpoint_every: int = 8,
     progress: bool = False,
     extra_args: dict | None = None,
+    prefix_cache: bool = False,
 ) -> Factors:
     """Fit EK-FAC factors over the indexable batch source `train`, stage by stage (see module docs).
-    `seed=None`: empirical Fisher (data labels); otherwise labels sampled per batch from the model."""
+    `seed=None`: empirical Fisher (data labels); otherwise labels sampled per batch from the model.
+    `prefix_cache`: the covariance pass stores the hidden states entering the first tracked layer
+    (`run/prefix/`), and later passes start there (see `prefix`)."""
     run_dir = Path(run_dir)
     modules = task.modules(model)
     args = {
@@ -182,12 +199,20 @@ def fit(
         **(extra_args or {}),
     }
 
+    if prefix_cache:
+        args["prefix_cache"] = True
+    layer = first_tracked_layer(modules) if prefix_cache else None
     if not check_stage(run_dir, "covariance", args):
 
         def cov_step(acc: Accumulator, i: int) -> None:
             batch = train[i]
             sample = None if seed is None else batch_seed(seed, i, "covariance")
-            cap = run_batch(model, task, modules, batch, sample_seed=sample, dtype=dtype)
+            if layer is None:
+                cap = run_batch(model, task, modules, batch, sample_seed=sample, dtype=dtype)
+            else:
+                cache: dict = {}
+                cap = run_batch_recording(model, task, modules, batch, layer, cache, i, sample, dtype)
+                save_tensors(_prefix_path(run_dir, i), cache[i])
             covariance_update(acc, cap, task.batch_size(batch), task.token_mask(batch))
 
         _accumulate(run_dir, "covariance", train, cov_step, checkpoint_every, progress)
@@ -203,7 +228,7 @@ def fit(
     if not check_stage(run_dir, "lambda", lam_args):
 
         def lam_step(acc: Accumulator, i: int) -> None:
-            batch = train[i]
+            batch = with_prefix(run_dir, train[i], i)
             sample = None if seed is None else batch_seed(seed, i, "lambda")
             cap = run_batch(model, task, modules, batch, sample_seed=sample, dtype=dtype)
             lambda_update(acc, cap, eigen, task.batch_size(batch), diagonal)
@@ -290,7 +315,7 @@ def score(
     layers = sorted({layer_of(n) if layer_of(n) is not None else -1 for n in modules})
 
     def step(state: dict[str, torch.Tensor], i: int) -> None:
-        batch = source[i]
+        batch = source[i] if candidates is not None else with_prefix(run_dir, source[i], i)
         idx = source.indices(i)
         cap = run_batch(model, task, modules, batch, dtype=dtype)
         per_module, _ = score_captured(cap, pre)

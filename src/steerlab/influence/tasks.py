@@ -110,7 +110,18 @@ class LanguageModelTask:
         return mlp_modules(model, self.layers)
 
     def _logits_labels(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+        kwargs = {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch.get("attention_mask"),
+            "use_cache": False,
+        }
+        if "prefix_hidden" in batch:  # cached hidden states entering block `prefix_layer` (see prefix.py)
+            from steerlab.influence.prefix import start_at_layer
+
+            with start_at_layer(model, int(batch["prefix_layer"]), batch["prefix_hidden"]):
+                out = model(**kwargs)
+        else:
+            out = model(**kwargs)
         return out.logits[:, :-1], batch["labels"][:, 1:]
 
     def train_loss(self, model: nn.Module, batch, generator: torch.Generator | None = None) -> torch.Tensor:
