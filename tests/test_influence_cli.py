@@ -65,7 +65,8 @@ def test_fit_score_report(tmp_path):
     _main(["influence", "score", *common, "--queries", str(tmp_path / "q.jsonl"), "--top-k", "4"])
     scores = json.loads((run / "scores" / "args.json").read_text())
     assert scores["top_k"] == 4
-    _main(["influence", "report", *common, "--show", "2"])
+    _main(["influence", "report", *common, "--show", "2", "--png"])
+    assert (run / "report-query1.png").stat().st_size > 1000
     html = (run / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4  # 2 figures x 2 queries
     assert not re.search(r"(src|href)=['\"]?https?:", html)  # self-contained

@@ -59,6 +59,11 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
     )
     fit.add_argument("--model-dtype", choices=sorted(DTYPES), default="float32")
     fit.add_argument("--diagonal", action="store_true", help="also fit the diagonal Fisher")
+    fit.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="recompute the layers below the first tracked one in every pass (default: cache their output on disk)",
+    )
     fit.add_argument("--checkpoint-every", type=int, default=8)
     fit.add_argument("--threads", type=int, default=None)
     fit.set_defaults(func=cmd_fit)
@@ -86,6 +91,7 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
     report.add_argument("--run", required=True)
     report.add_argument("--out", default=None, help="default: RUN/report.html")
     report.add_argument("--show", type=int, default=3, help="sequences per sign and query")
+    report.add_argument("--png", action="store_true", help="also write a static picture per query (for docs)")
     report.set_defaults(func=cmd_report)
     return parser
 
@@ -223,6 +229,7 @@ def cmd_fit(args) -> None:
         seed=None if args.empirical else args.seed,
         dtype=DTYPES.get(args.capture_dtype),
         diagonal=args.diagonal,
+        prefix_cache=not args.no_prefix_cache,
         checkpoint_every=args.checkpoint_every,
         progress=distributed.is_main(),
     )
@@ -333,4 +340,9 @@ def cmd_report(args) -> None:
     out = Path(args.out) if args.out else run / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render_html("steerlab influence report", meta, queries))
+    if args.png:
+        from steerlab.influence.report import render_png
+
+        for qi, q in enumerate(queries):
+            render_png(q, out.with_name(f"{out.stem}-query{qi}.png"))
     print(f"report: {out}")

@@ -21,7 +21,7 @@ from steerlab.influence.factors import run_batch
 from steerlab.influence.scores import Preconditioned, layer_of, score_captured
 from steerlab.influence.tasks import Task
 
-__all__ = ["explain", "render_html"]
+__all__ = ["explain", "layer_share", "render_html", "render_png"]
 
 
 def explain(
@@ -154,3 +154,63 @@ def layer_share(layer_abs: torch.Tensor, layers: Sequence[int]) -> list[dict[int
     """Per query, each layer's share of the summed |per-layer score| over the scored training set."""
     share = layer_abs / layer_abs.sum(1, keepdim=True).clamp_min(1e-300)
     return [{int(layer): float(v) for layer, v in zip(layers, row)} for row in share]
+
+
+def _wrap_tokens(tokens: Sequence[str], scores: Sequence[float], width: int) -> list[list[tuple[str, float]]]:
+    lines: list[list[tuple[str, float]]] = [[]]
+    used = 0
+    for tok, s in zip(tokens, scores):
+        tok = tok.replace("\n", "⏎")
+        if used + len(tok) > width and lines[-1]:
+            lines.append([])
+            used = 0
+        lines[-1].append((tok, s))
+        used += len(tok)
+    return lines
+
+
+def render_png(query: dict, path, show: int = 2, width: int = 100, max_lines: int = 5) -> None:
+    """A static picture of one query's report section (for docs): the query, then the most positive and
+    most negative training sequences as per-token heat-maps (monospace, a few lines each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    rows: list[tuple[str, object]] = [("title", f"Query: {query['prompt']!r} -> {query['completion']!r}")]
+    for label, key in (("most positive", "positive"), ("most negative", "negative")):
+        for ex in query[key][:show]:
+            rows.append(("title", f"{label}: training #{ex['index']}  score {ex['score']:.3g}"))
+            lines = _wrap_tokens(ex["tokens"], ex["token_scores"], width)[:max_lines]
+            scale = max((abs(v) for v in ex["token_scores"]), default=1.0) or 1.0
+            rows.extend(("tokens", (line, scale)) for line in lines)
+    char_in, line_h = 7.5 * 0.6 / 72, 1.0  # monospace advance of a 7.5 pt font, in inches
+    fig = plt.figure(figsize=(width * char_in, 0.2 * len(rows) + 0.3))
+    ax = fig.add_axes([0, 0, 1, 1])
+    ax.set_xlim(0, width)
+    ax.set_ylim(len(rows) * line_h + 0.3, 0)
+    ax.axis("off")
+    for r, (kind, content) in enumerate(rows):
+        y = r * line_h + 0.6
+        if kind == "title":
+            ax.text(
+                0,
+                y,
+                str(content)[: width + 20],
+                fontsize=8,
+                fontweight="bold",
+                va="center",
+                family="monospace",
+            )
+            continue
+        line, scale = content
+        x = 0.0
+        for tok, s in line:
+            alpha = min(1.0, abs(s) / scale)
+            color = (0.84, 0.15, 0.16, alpha) if s > 0 else (0.12, 0.47, 0.71, alpha)
+            ax.add_patch(Rectangle((x, y - 0.45), len(tok), 0.9, color=color, lw=0))
+            ax.text(x, y, tok, fontsize=7.5, va="center", family="monospace")
+            x += len(tok)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
