@@ -94,6 +94,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", type=int, default=400)
     parser.add_argument("--weight-decay", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--plot", default=None, help="write a PNG with LDS per strategy and the damping sweep"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -169,8 +172,33 @@ def main(argv=None) -> dict:
             "seconds_scores": round(t_scores, 2),
         }
     )
+    if args.plot:
+        plot(result, args.plot)
     print(json.dumps(result))
     return result
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 2.8))
+    names = ["identity", "diagonal", "kfac", "ekfac"]
+    ax1.bar(names, [result[f"lds_{n}"] for n in names], color=["#999", "#bbb", "#8da0cb", "#4c72b0"])
+    ax1.set_ylabel("LDS (mean Spearman)")
+    ax1.set_title(f"digits MLP, {result['n_retrains']} retrains, {result['n_queries']} queries", fontsize=9)
+    sweep = result["damping_sweep_ekfac"]
+    ax2.semilogx([float(k) for k in sweep], list(sweep.values()), "o-", color="#4c72b0", label="EK-FAC")
+    ax2.axhline(result["lds_identity"], color="#999", ls="--", label="identity")
+    ax2.set_xlabel("damping / (0.1 x mean eigenvalue)")
+    ax2.set_ylabel("LDS")
+    ax2.legend(fontsize=8)
+    ax2.set_title("damping sweep", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
