@@ -133,9 +133,27 @@ def lm_problem(model, n=12, seed=1):
     return train, singles, queries, q_singles
 
 
+def tiny_regression_problem(n=24, seed=3):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x, y = torch.randn(n, 3, dtype=torch.float64), torch.randn(n, 2, dtype=torch.float64)
+    qx, qy = torch.randn(3, 3, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    train = [(x[i : i + 6], y[i : i + 6]) for i in range(0, n, 6)]
+    singles = [(x[i : i + 1], y[i : i + 1]) for i in range(n)]
+    return (
+        model,
+        ClassificationTask(regression=True),
+        train,
+        singles,
+        [(qx, qy)],
+        [(qx[i : i + 1], qy[i : i + 1]) for i in range(3)],
+    )
+
+
 def problems():
     model, task, train, singles, queries, q_singles = tiny_mlp_problem()
     yield "mlp", model, task, train, singles, queries, q_singles
+    yield "regression", *tiny_regression_problem()
     for name, build in [("llama", tiny_llama), ("gpt2", tiny_gpt2)]:
         model = build()
         yield (name, model, LanguageModelTask(), *lm_problem(model))
