@@ -311,11 +311,17 @@ def score(
         source = train.with_subset(sorted(set(candidates.reshape(-1).tolist())))
         allowed = torch.zeros(n_queries, train.n_examples, dtype=torch.bool)
         allowed.scatter_(1, candidates.long(), True)
+    # cached hidden states belong to the fitted corpus and its batching: use them only for that corpus
+    use_prefix = (
+        candidates is None
+        and bool(fit_args.get("prefix_cache"))
+        and fit_args.get("train") == _describe(train)
+    )
     modules = {n: m for n, m in task.modules(model).items() if n in pre.modules}
     layers = sorted({layer_of(n) if layer_of(n) is not None else -1 for n in modules})
 
     def step(state: dict[str, torch.Tensor], i: int) -> None:
-        batch = source[i] if candidates is not None else with_prefix(run_dir, source[i], i)
+        batch = with_prefix(run_dir, source[i], i) if use_prefix else source[i]
         idx = source.indices(i)
         cap = run_batch(model, task, modules, batch, dtype=dtype)
         per_module, _ = score_captured(cap, pre)
