@@ -34,9 +34,9 @@ def test_fit_score_report(tmp_path):
         f"line {i}: the quick brown fox {i * 7 % 13} jumps over the lazy dog.\n" for i in range(40)
     )
     (tmp_path / "train.txt").write_text(text)
-    copied = text[96:160]
+    copied = text[48:96]
     (tmp_path / "q.jsonl").write_text(
-        json.dumps({"prompt": copied[:32], "completion": copied[32:]})
+        json.dumps({"prompt": copied[:24], "completion": copied[24:]})
         + "\n"
         + json.dumps({"prompt": "the lazy ", "completion": "dog jumps"})
         + "\n"
@@ -53,9 +53,9 @@ def test_fit_score_report(tmp_path):
             "--train",
             str(tmp_path / "train.txt"),
             "--block-size",
-            "32",
-            "--n-blocks",
             "24",
+            "--n-blocks",
+            "12",
             "--layers",
             "2-3",
             "--batch-size",
@@ -83,9 +83,9 @@ def test_fit_score_report(tmp_path):
                 "--train",
                 str(tmp_path / "train.txt"),
                 "--block-size",
-                "32",
-                "--n-blocks",
                 "24",
+                "--n-blocks",
+                "12",
                 "--layers",
                 "1-3",
                 "--batch-size",
