@@ -65,6 +65,21 @@ def test_fit_score_report(tmp_path):
     _main(["influence", "score", *common, "--queries", str(tmp_path / "q.jsonl"), "--top-k", "4"])
     scores = json.loads((run / "scores" / "args.json").read_text())
     assert scores["top_k"] == 4
+    _main(
+        [
+            "influence",
+            "score",
+            *common,
+            "--queries",
+            str(tmp_path / "q.jsonl"),
+            "--prefilter",
+            "6",
+            "--name",
+            "tfidf",
+        ]
+    )
+    recall = json.loads((run / "tfidf" / "recall.json").read_text())["recall_of_unfiltered_top10"]
+    assert 0 <= recall <= 1
     _main(["influence", "report", *common, "--show", "2", "--png"])
     assert (run / "report-query1.png").stat().st_size > 1000
     html = (run / "report.html").read_text()

@@ -83,6 +83,9 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
         "--prefilter", type=int, default=None, help="score only this many TF-IDF candidates per query"
     )
     score.add_argument("--sample-stride", type=int, default=1, help="keep every n-th score for histograms")
+    score.add_argument(
+        "--name", default="scores", help="stage name (e.g. a prefiltered variant beside 'scores')"
+    )
     score.add_argument("--checkpoint-every", type=int, default=8)
     score.add_argument("--threads", type=int, default=None)
     score.set_defaults(func=cmd_score)
@@ -92,6 +95,7 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
     report.add_argument("--out", default=None, help="default: RUN/report.html")
     report.add_argument("--show", type=int, default=3, help="sequences per sign and query")
     report.add_argument("--png", action="store_true", help="also write a static picture per query (for docs)")
+    report.add_argument("--name", default="scores", help="which score stage to report")
     report.set_defaults(func=cmd_report)
     return parser
 
@@ -271,11 +275,27 @@ def cmd_score(args) -> None:
         top_k=args.top_k,
         candidates=candidates,
         sample_stride=args.sample_stride,
+        name=args.name,
         checkpoint_every=args.checkpoint_every,
         progress=distributed.is_main(),
     )
     if distributed.is_main():
-        save_json(run / "scores" / "queries.json", rows)
+        save_json(run / args.name / "queries.json", rows)
+        unfiltered = run / "scores" / "result.safetensors"
+        if candidates is not None and args.name != "scores" and unfiltered.exists():
+            from steerlab.influence.storage import load_tensors
+            from steerlab.influence.topk import topk_recall
+
+            reference = load_tensors(unfiltered)[0]["top_index"][:, :10]
+            if reference.shape[0] == len(rows):
+                recall = topk_recall(candidates, reference)
+                save_json(
+                    run / args.name / "recall.json",
+                    {"recall_of_unfiltered_top10": recall, "keep": args.prefilter},
+                )
+                print(
+                    f"TF-IDF prefilter keeping {args.prefilter}: recall of the unfiltered top-10 = {recall:.3f}"
+                )
         for qi, row in enumerate(rows):
             top = result["top_index"][qi, :3].tolist()
             print(
@@ -291,17 +311,18 @@ def cmd_report(args) -> None:
 
     run = Path(args.run)
     cfg = _config(run)
-    if not (run / "scores" / "result.safetensors").exists():
+    if not (run / args.name / "result.safetensors").exists():
         raise SystemExit(f"{run} has no scores: run `steerlab influence score --run {run} ...` first")
     model, tokenizer = _load(cfg)
     train = _blocks(run, cfg, tokenizer)
     task = _task(cfg)
-    rows = load_json(run / "scores" / "queries.json")
-    result = load_tensors(run / "scores" / "result.safetensors")[0]
-    pre = Preconditioned.from_tensors(load_tensors(run / "scores_queries" / "result.safetensors")[0])
-    sargs = load_json(run / "scores" / "args.json")
-    explained_path = run / "report" / "explained.json"
-    if not check_stage(run, "report", {"scores": sargs, "show": args.show}) or not explained_path.exists():
+    rows = load_json(run / args.name / "queries.json")
+    result = load_tensors(run / args.name / "result.safetensors")[0]
+    pre = Preconditioned.from_tensors(load_tensors(run / f"{args.name}_queries" / "result.safetensors")[0])
+    sargs = load_json(run / args.name / "args.json")
+    stage = "report" if args.name == "scores" else f"report_{args.name}"
+    explained_path = run / stage / "explained.json"
+    if not check_stage(run, stage, {"scores": sargs, "show": args.show}) or not explained_path.exists():
         explained = []
         for qi in range(len(rows)):
             pos = [int(i) for i in result["top_index"][qi, : args.show]]
