@@ -64,6 +64,7 @@ def run_batch(
     dtype: torch.dtype | None = None,
 ) -> Captured:
     """One forward/backward of the training loss (or the query loss), capturing tracked modules."""
+    batch = to_device(batch, _device(model))
     generator = None
     if sample_seed is not None and not query:
         generator = torch.Generator(device=_device(model)).manual_seed(sample_seed)
@@ -72,6 +73,17 @@ def run_batch(
         loss.backward()
     captured.check_complete(modules)
     return captured
+
+
+def to_device(batch, device: torch.device):
+    """Move the tensors of a dict / tuple / list batch to `device` (a no-op when already there)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
 
 
 @dataclass

@@ -325,14 +325,14 @@ def score(
         idx = source.indices(i)
         cap = run_batch(model, task, modules, batch, dtype=dtype)
         per_module, _ = score_captured(cap, pre)
-        total = sum(per_module.values()).double()
+        total = sum(per_module.values()).double().cpu()
         if allowed is not None:
             total = total.masked_fill(~allowed[:, idx], float("nan"))
         update_topk(state, total, idx, top_k)
         layer_abs = torch.zeros(n_queries, len(layers), dtype=torch.float64)
         for n, s in per_module.items():
             lay = layer_of(n)
-            s = s.double().abs()
+            s = s.double().abs().cpu()
             if allowed is not None:
                 s = s.masked_fill(~allowed[:, idx], 0.0)
             layer_abs[:, layers.index(-1 if lay is None else lay)] += s.sum(1)
