@@ -70,10 +70,13 @@ def worker(args) -> None:
         fast = [{**b, **cache.get(i, {})} for i, b in enumerate(train)]
         t1 = time.perf_counter()
         eigen = eigendecompose(cov, list(task.modules(model)))
+        del cov
         t2 = time.perf_counter()
         factors = finish_lambda(eigen, fit_lambda(model, task, fast, eigen, seed=None))
         t3 = time.perf_counter()
-        pre = preconditioned_queries(query_gradients(model, task, queries), factors, "ekfac", args.damping)
+        pre = preconditioned_queries(
+            query_gradients(model, task, queries), factors, "ekfac", args.damping, consume=True
+        )
         scores = pairwise_scores(model, task, fast, pre)["scores"]
         t4 = time.perf_counter()
         times = {"covariance": t1 - t0, "eigen": t2 - t1, "lambda": t3 - t2, "fit": t3 - t0, "score": t4 - t3}

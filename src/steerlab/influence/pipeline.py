@@ -287,7 +287,12 @@ def score(
                 Factors.load(run_dir / "lambda" / "factors.safetensors") if strategy != "identity" else None
             )
             pre = preconditioned_queries(
-                query_gradients(model, task, queries, dtype=dtype), factors, strategy, damping, rank_
+                query_gradients(model, task, queries, dtype=dtype),
+                factors,
+                strategy,
+                damping,
+                rank_,
+                consume=True,
             )
             save_tensors(run_dir / qstage / "result.safetensors", pre.tensors())
         barrier()

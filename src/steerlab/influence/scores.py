@@ -71,15 +71,17 @@ def precondition(
     strategy: str = "ekfac",
     damping: float | None = None,
 ) -> torch.Tensor:
-    """P = (F_approx + damping I)^-1 G for a [Q, out, in] stack of query gradients (float64)."""
+    """P = (F_approx + damping I)^-1 G for a [Q, out, in] stack of query gradients, computed in the
+    gradient's precision (at least float32; float64 gradients stay float64)."""
     _check_strategy(strategy)
-    grad = grad.double()
+    dt = torch.promote_types(grad.dtype, torch.float32)
+    grad = grad.to(dt)
     if strategy == "identity":
         return grad
-    lam = eigenvalues_for(factors, name, strategy).double() + damping_for(factors, name, strategy, damping)
+    lam = eigenvalues_for(factors, name, strategy).to(dt) + damping_for(factors, name, strategy, damping)
     if strategy == "diagonal":
         return grad / lam
-    qa, qs = factors.get(name, "QA").double(), factors.get(name, "QS").double()
+    qa, qs = factors.get(name, "QA").to(dt), factors.get(name, "QS").to(dt)
     return qs @ ((qs.T @ grad @ qa) / lam) @ qa.T
 
 
@@ -143,11 +145,15 @@ def preconditioned_queries(
     damping: float | None = None,
     rank: int | None = None,
     dtype: torch.dtype = torch.float32,
+    consume: bool = False,
 ) -> Preconditioned:
-    """Precondition every module's query gradients; optionally compress them to rank `rank`."""
+    """Precondition every module's query gradients; optionally compress them to rank `rank`.
+    `consume=True` removes each gradient from `grads` once preconditioned (halves peak memory)."""
     full, left, right = {}, {}, {}
-    for name, g in grads.items():
+    for name in list(grads):
+        g = grads.pop(name) if consume else grads[name]
         p = precondition(g, factors, name, strategy, damping)
+        del g
         if rank is None:
             full[name] = p.to(dtype)
         else:
