@@ -122,7 +122,10 @@ class LanguageModelTask:
                 out = model(**kwargs)
         else:
             out = model(**kwargs)
-        return out.logits[:, :-1], batch["labels"][:, 1:]
+        # shift the labels, not the logits: slicing [B, T, vocab] logits would copy them (and their gradient)
+        labels = batch["labels"]
+        shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+        return out.logits, shifted
 
     def train_loss(self, model: nn.Module, batch, generator: torch.Generator | None = None) -> torch.Tensor:
         logits, labels = self._logits_labels(model, batch)
