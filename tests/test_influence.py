@@ -328,8 +328,12 @@ def test_precondition_rejects_unknown_strategy():
         precondition(torch.zeros(1, 2, 2), None, "x", "newton")
 
 
-def test_prefix_cache_starts_at_first_tracked_layer_with_identical_results():
-    model, task, train, singles, queries, q_singles = PROBLEMS["llama"]
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_prefix_cache_starts_at_first_tracked_layer_with_identical_results(name):
+    model, task, train, singles, queries, q_singles = PROBLEMS[name]
+    from steerlab.models import decoder_layers
+
+    blocks_before = list(decoder_layers(model))
     task = LanguageModelTask(layers=[1])
     cache: dict = {}
     from steerlab.influence import fit_covariance
@@ -350,4 +354,4 @@ def test_prefix_cache_starts_at_first_tracked_layer_with_identical_results():
     s1 = pairwise_scores(model, task, train, pre)["scores"]
     s2 = pairwise_scores(model, task, fast, pre)["scores"]
     assert rel_err(s2, s1) < 1e-12
-    assert all(type(m).__name__ == "LlamaDecoderLayer" for m in model.model.layers)  # restored
+    assert list(decoder_layers(model)) == blocks_before  # restored
