@@ -1,0 +1,267 @@
+"""Preconditioned query gradients and influence scores (pairwise, self, per token, per module/layer).
+
+score(q, z) = sum_modules < P_q , G_z >,  P_q = (F_approx + damping I)^-1 G_q, with G_q the gradient of
+the query loss and G_z the gradient of the training loss of sequence z (both summed over tokens). Positive:
+training on z raises the query's measurement (the completion's log-probability). This is the same number
+Kronfluence reports when its measurement is the query loss (its "positive = helpful" convention).
+
+Strategies: "identity" (P = G, the gradient dot product), "diagonal" (diagonal Fisher), "kfac",
+"ekfac". For EK-FAC: P = Q_S [(Q_S^T G Q_A) / (Lambda + damping)] Q_A^T.
+Training gradients are never stored: scores are contracted with the per-token inputs and output gradients
+of each batch (per-token scores: ds_t^T P_q a_t, which sum to the sequence score).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from steerlab.influence.capture import Captured
+from steerlab.influence.factors import Factors, _compute_dtype, per_example_gradients, run_batch
+from steerlab.influence.tasks import Task
+
+__all__ = [
+    "STRATEGIES",
+    "Preconditioned",
+    "damping_for",
+    "eigenvalues_for",
+    "pairwise_scores",
+    "precondition",
+    "query_gradients",
+    "score_captured",
+    "self_scores",
+]
+
+STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
+
+
+def _check_strategy(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+
+
+def eigenvalues_for(factors: Factors, name: str, strategy: str) -> torch.Tensor:
+    """The diagonal of the approximate Fisher in its own basis (out x in)."""
+    _check_strategy(strategy)
+    if strategy == "ekfac":
+        return factors.get(name, "lambda")
+    if strategy == "kfac":
+        return torch.outer(factors.get(name, "lS"), factors.get(name, "lA"))
+    if strategy == "diagonal":
+        if f"{name}/diag" not in factors.tensors:
+            raise ValueError("strategy 'diagonal' needs factors fitted with diagonal=True")
+        return factors.get(name, "diag")
+    raise ValueError("the identity strategy has no eigenvalues")
+
+
+def damping_for(factors: Factors, name: str, strategy: str, damping: float | None) -> float:
+    """An explicit damping, or 0.1 x mean(eigenvalues) of the module (the heuristic)."""
+    if damping is not None:
+        return float(damping)
+    return 0.1 * float(eigenvalues_for(factors, name, strategy).mean())
+
+
+def precondition(
+    grad: torch.Tensor,
+    factors: Factors | None,
+    name: str,
+    strategy: str = "ekfac",
+    damping: float | None = None,
+) -> torch.Tensor:
+    """P = (F_approx + damping I)^-1 G for a [Q, out, in] stack of query gradients, computed in the
+    gradient's precision (at least float32; float64 gradients stay float64)."""
+    _check_strategy(strategy)
+    dt = torch.promote_types(grad.dtype, torch.float32)
+    grad = grad.to(dt)
+    if strategy == "identity":
+        return grad
+    lam = eigenvalues_for(factors, name, strategy).to(dt) + damping_for(factors, name, strategy, damping)
+    if strategy == "diagonal":
+        return grad / lam
+    qa, qs = factors.get(name, "QA").to(dt), factors.get(name, "QS").to(dt)
+    return qs @ ((qs.T @ grad @ qa) / lam) @ qa.T
+
+
+@dataclass
+class Preconditioned:
+    """Per module: `full[name]` [Q, out, in], or, compressed to rank k, `left[name]` [Q, out, k] and
+    `right[name]` [Q, in, k] with P ~ left @ right^T."""
+
+    full: dict[str, torch.Tensor]
+    left: dict[str, torch.Tensor]
+    right: dict[str, torch.Tensor]
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.full or self.left)
+
+    @property
+    def num_queries(self) -> int:
+        first = next(iter((self.full or self.left).values()))
+        return int(first.shape[0])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"full/{k}": v for k, v in self.full.items()}
+        out.update({f"left/{k}": v for k, v in self.left.items()})
+        out.update({f"right/{k}": v for k, v in self.right.items()})
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> Preconditioned:
+        parts: dict[str, dict[str, torch.Tensor]] = {"full": {}, "left": {}, "right": {}}
+        for key, value in tensors.items():
+            kind, name = key.split("/", 1)
+            parts[kind][name] = value
+        return cls(parts["full"], parts["left"], parts["right"])
+
+
+def compress(p: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-k approximation of each [out, in] matrix (SVD): left = U_k S_k, right = V_k."""
+    u, s, vh = torch.linalg.svd(p, full_matrices=False)
+    k = min(rank, s.shape[-1])
+    return u[..., :k] * s[..., None, :k], vh[..., :k, :].transpose(-1, -2)
+
+
+def query_gradients(
+    model: nn.Module, task: Task, queries: Iterable, *, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Per-query gradients of the query loss, {module: [Q, out, in]} (queries is an iterable of batches)."""
+    modules = task.modules(model)
+    chunks: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+    for batch in queries:
+        cap = run_batch(model, task, modules, batch, query=True, dtype=dtype)
+        for name in modules:
+            chunks[name].append(per_example_gradients(cap.inputs[name], cap.grads[name]))
+    return {n: torch.cat(c) for n, c in chunks.items()}
+
+
+def preconditioned_queries(
+    grads: Mapping[str, torch.Tensor],
+    factors: Factors | None,
+    strategy: str = "ekfac",
+    damping: float | None = None,
+    rank: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    consume: bool = False,
+) -> Preconditioned:
+    """Precondition every module's query gradients; optionally compress them to rank `rank`.
+    `consume=True` removes each gradient from `grads` once preconditioned (halves peak memory)."""
+    full, left, right = {}, {}, {}
+    for name in list(grads):
+        g = grads.pop(name) if consume else grads[name]
+        p = precondition(g, factors, name, strategy, damping)
+        del g
+        if rank is None:
+            full[name] = p.to(dtype)
+        else:
+            left[name], right[name] = (t.to(dtype) for t in compress(p, rank))
+    return Preconditioned(full, left, right)
+
+
+def score_captured(
+    cap: Captured, pre: Preconditioned, per_token: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Scores of one batch against all queries, per module: {name: [Q, B]} and, if `per_token`,
+    {name: [Q, B, T]}. Uses the per-token inputs/output gradients; per-sequence gradients exist only
+    transiently (one batch, one module) and only when that is cheaper than the token contraction."""
+    seq, tok = {}, {}
+    for name in pre.modules:
+        a, ds = cap.inputs[name], cap.grads[name]
+        dt = _compute_dtype(a)
+        a, ds = a.to(dt), ds.to(dt)
+        b, t, n_in = a.shape
+        n_out = ds.shape[-1]
+        if name in pre.left:
+            left, right = pre.left[name].to(a.device, dt), pre.right[name].to(a.device, dt)
+            per = torch.einsum("bto,qok->qbtk", ds, left) * torch.einsum("bti,qik->qbtk", a, right)
+            token_scores = per.sum(-1)
+        else:
+            p = pre.full[name].to(a.device, dt)
+            q = p.shape[0]
+            if not per_token and t * n_in * n_out + q * n_in * n_out < q * t * n_in * n_out:
+                g = per_example_gradients(a, ds).reshape(b, -1)
+                seq[name] = p.reshape(q, -1) @ g.T
+                continue
+            if n_in <= n_out:
+                token_scores = (torch.einsum("bto,qoi->qbti", ds, p) * a).sum(-1)
+            else:
+                token_scores = (torch.einsum("bti,qoi->qbto", a, p) * ds).sum(-1)
+        seq[name] = token_scores.sum(-1)
+        if per_token:
+            tok[name] = token_scores
+    return seq, tok
+
+
+def pairwise_scores(
+    model: nn.Module,
+    task: Task,
+    train: Iterable,
+    pre: Preconditioned,
+    *,
+    per_token: bool = False,
+    dtype: torch.dtype | None = None,
+) -> dict:
+    """In-memory scores of every query against every training example (for small problems; the
+    streaming pipeline keeps only top-k). Returns {"scores": [Q, N], "modules": {name: [Q, N]},
+    "tokens": list of [Q, T_b] per training example (if per_token)}."""
+    modules = {n: m for n, m in task.modules(model).items() if n in pre.modules}
+    per_module: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+    tokens: list[torch.Tensor] = []
+    for batch in train:
+        cap = run_batch(model, task, modules, batch, dtype=dtype)
+        seq, tok = score_captured(cap, pre, per_token)
+        for name in modules:
+            per_module[name].append(seq[name])
+        if per_token:
+            total = sum(tok.values())
+            tokens.extend(total[:, i] for i in range(total.shape[1]))
+    stacked = {n: torch.cat(v, dim=1) for n, v in per_module.items()}
+    result = {"scores": sum(stacked.values()), "modules": stacked}
+    if per_token:
+        result["tokens"] = tokens
+    return result
+
+
+def self_scores(
+    model: nn.Module,
+    task: Task,
+    train: Iterable,
+    factors: Factors | None,
+    *,
+    strategy: str = "ekfac",
+    damping: float | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Self-influence <G_z, (F_approx + damping I)^-1 G_z> of every training example, [N]."""
+    modules = task.modules(model)
+    out = []
+    for batch in train:
+        cap = run_batch(model, task, modules, batch, dtype=dtype)
+        total = 0.0
+        for name in modules:
+            g = per_example_gradients(cap.inputs[name], cap.grads[name]).double()
+            total = total + (g * precondition(g, factors, name, strategy, damping)).sum((1, 2))
+        out.append(total)
+    return torch.cat(out)
+
+
+def layer_of(name: str) -> int | None:
+    """The decoder-layer index in a module name like 'model.layers.12.mlp.up_proj' (None if absent)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[1:], 1):
+        if part.isdigit() and parts[i - 1] in {"layers", "h", "layer", "blocks"}:
+            return int(part)
+    return None
+
+
+def per_layer(module_scores: Mapping[str, torch.Tensor]) -> dict[int | str, torch.Tensor]:
+    """Sum per-module scores over the modules of each decoder layer (unknown layers keep their name)."""
+    out: dict[int | str, torch.Tensor] = {}
+    for name, s in module_scores.items():
+        key = layer_of(name)
+        key = name if key is None else key
+        out[key] = out[key] + s if key in out else s.clone()
+    return out

@@ -1,0 +1,185 @@
+"""What influence is computed for: a `Task` names the tracked modules, the training loss and the query loss.
+
+Sign convention used everywhere in `steerlab.influence`: the *query loss* is the negative of the
+measurement we care about (for a language model: minus the completion's log-probability). A score
+s(q, z) = <(F + lambda I)^-1 grad L_q, grad L_z> is positive when one (preconditioned) gradient step on the
+training example z lowers the query loss, i.e. raises the completion's log-probability.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "ClassificationTask",
+    "LanguageModelTask",
+    "Task",
+    "is_trackable",
+    "linear_modules",
+    "mlp_modules",
+]
+
+
+def is_trackable(module: nn.Module) -> bool:
+    """`nn.Linear`, or the `Conv1D` GPT-2 uses (weight stored as [in, out])."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def linear_modules(model: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
+    """Every trackable module of `model` (names as in `named_modules`), optionally under `prefix`."""
+    return {n: m for n, m in model.named_modules() if is_trackable(m) and n.startswith(prefix)}
+
+
+def mlp_modules(model: nn.Module, layers: Sequence[int] | None = None) -> dict[str, nn.Module]:
+    """The trackable modules inside the MLP of each decoder layer (all layers by default)."""
+    from steerlab.models import mlp, num_layers, resolve_layer
+
+    names = {id(m): n for n, m in model.named_modules()}
+    layers = range(num_layers(model)) if layers is None else [resolve_layer(model, i) for i in layers]
+    out: dict[str, nn.Module] = {}
+    for layer in layers:
+        for sub in mlp(model, layer).modules():
+            if is_trackable(sub):
+                out[names[id(sub)]] = sub
+    if not out:
+        raise ValueError(f"no nn.Linear/Conv1D found in the MLPs of layers {list(layers)}")
+    return out
+
+
+@runtime_checkable
+class Task(Protocol):
+    """The three things influence needs to know about a model and its data.
+
+    Batches are whatever the task understands. Losses are *sums* over the examples of the batch, so the
+    output gradient of one example's tokens is the gradient of that example's own loss.
+    """
+
+    def modules(self, model: nn.Module) -> Mapping[str, nn.Module]:
+        """The `nn.Linear`/`Conv1D` modules whose weights are tracked, by name."""
+        ...
+
+    def train_loss(self, model: nn.Module, batch, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Summed training loss. With a generator, labels are sampled from the model (true Fisher)."""
+        ...
+
+    def query_loss(self, model: nn.Module, batch) -> torch.Tensor:
+        """Summed query loss: minus the measurement (e.g. minus the completion log-probability)."""
+        ...
+
+    def token_mask(self, batch) -> torch.Tensor | None:
+        """[batch, tokens] 1 for real tokens, 0 for padding (None: no token dimension or no padding)."""
+        ...
+
+    def batch_size(self, batch) -> int: ...
+
+
+def _sample_categorical(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    probs = torch.softmax(logits.detach().float(), dim=-1)
+    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).reshape(
+        probs.shape[:-1]
+    )
+
+
+@dataclass
+class LanguageModelTask:
+    """A causal LM. Batches are dicts with `input_ids`, `attention_mask` and `labels` (HF convention:
+    `labels` aligned with `input_ids`, -100 where no loss is taken, shifted inside).
+
+    Training loss: summed next-token cross-entropy over positions with a label (for training documents
+    every real token; for prompt/completion pairs only the completion). Query loss: the same over the
+    completion, i.e. minus its log-probability. With `generator`, the training labels at those positions
+    are sampled from the model's own distribution (the true Fisher); without, the data labels are used.
+    """
+
+    layers: Sequence[int] | None = None
+    module_names: Sequence[str] | None = None
+
+    def modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        if self.module_names is not None:
+            found = dict(model.named_modules())
+            missing = [n for n in self.module_names if n not in found]
+            if missing:
+                raise KeyError(f"modules not found in the model: {missing}")
+            return {n: found[n] for n in self.module_names}
+        return mlp_modules(model, self.layers)
+
+    def _logits_labels(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        kwargs = {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch.get("attention_mask"),
+            "use_cache": False,
+        }
+        if "prefix_hidden" in batch:  # cached hidden states entering block `prefix_layer` (see prefix.py)
+            from steerlab.influence.prefix import start_at_layer
+
+            with start_at_layer(model, int(batch["prefix_layer"]), batch["prefix_hidden"]):
+                out = model(**kwargs)
+        else:
+            out = model(**kwargs)
+        # shift the labels, not the logits: slicing [B, T, vocab] logits would copy them (and their gradient)
+        labels = batch["labels"]
+        shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+        return out.logits, shifted
+
+    def train_loss(self, model: nn.Module, batch, generator: torch.Generator | None = None) -> torch.Tensor:
+        logits, labels = self._logits_labels(model, batch)
+        if generator is not None:
+            sampled = _sample_categorical(logits, generator).to(labels.device)
+            labels = torch.where(labels != -100, sampled, labels)
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum", ignore_index=-100
+        )
+
+    def query_loss(self, model: nn.Module, batch) -> torch.Tensor:
+        return self.train_loss(model, batch, None)
+
+    def token_mask(self, batch) -> torch.Tensor | None:
+        return batch.get("attention_mask")
+
+    def batch_size(self, batch) -> int:
+        return int(batch["input_ids"].shape[0])
+
+
+@dataclass
+class ClassificationTask:
+    """Any `model(x) -> [batch, classes]` (cross-entropy) or `[batch, outputs]` (`regression=True`, loss
+    0.5 * squared error, whose Fisher is the Gauss-Newton with unit noise). Batches are `(x, y)` tuples.
+    The query loss is the same loss on the query example. `module_names=None` tracks every Linear."""
+
+    regression: bool = False
+    module_names: Sequence[str] | None = None
+
+    def modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        found = linear_modules(model)
+        if self.module_names is None:
+            return found
+        return {n: dict(model.named_modules())[n] for n in self.module_names}
+
+    def train_loss(self, model: nn.Module, batch, generator: torch.Generator | None = None) -> torch.Tensor:
+        x, y = batch
+        out = model(x)
+        if self.regression:
+            if generator is not None:
+                noise = torch.randn(
+                    out.shape, generator=generator, dtype=out.dtype, device=generator.device
+                ).to(out.device)
+                y = out.detach() + noise
+            return 0.5 * ((out - y.to(out.dtype).reshape(out.shape)) ** 2).sum()
+        if generator is not None:
+            y = _sample_categorical(out, generator).to(out.device)
+        return F.cross_entropy(out, y, reduction="sum")
+
+    def query_loss(self, model: nn.Module, batch) -> torch.Tensor:
+        return self.train_loss(model, batch, None)
+
+    def token_mask(self, batch) -> torch.Tensor | None:
+        return None
+
+    def batch_size(self, batch) -> int:
+        return int(batch[0].shape[0])

@@ -1,0 +1,240 @@
+"""Streaming pipeline: equals the in-memory scores, refuses changed arguments, resumes after SIGKILL to
+bitwise-identical results, shards over 2 gloo processes, TF-IDF prefilter recall, bf16 capture error.
+
+Run as a script, this file is the worker of the subprocess tests (`resume` and `dist` modes)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve()
+SRC = HERE.parents[1] / "src"
+
+
+def mlp_setup():
+    """A small MLP classification problem (no transformers import: fast subprocesses)."""
+    from torch import nn
+
+    from steerlab.influence import ClassificationTask
+    from steerlab.influence.pipeline import TensorBatches
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(37, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (37,), generator=g)
+    queries = [(torch.randn(4, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (4,), generator=g))]
+    return model, ClassificationTask(), TensorBatches(x, y, 4), queries
+
+
+def lm_setup(dtype=torch.float64):
+    import transformers as tf
+
+    from steerlab.influence import LanguageModelTask
+    from steerlab.influence.data import query_batch
+    from steerlab.influence.pipeline import BlockBatches
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").to(dtype).eval()
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(3, 64, (24, 16), generator=g)
+    copied = [3, 17]
+    queries = [
+        query_batch([blocks[i, :8].tolist() for i in copied], [blocks[i, 8:].tolist() for i in copied])
+    ]
+    return model, LanguageModelTask(), BlockBatches(blocks, 4), queries, copied
+
+
+def run_pipeline(run_dir, setup, **kw):
+    from steerlab.influence.pipeline import fit, score
+
+    model, task, train, queries = setup[:4]
+    factors = fit(run_dir, model, task, train, seed=7, checkpoint_every=1, **kw)
+    result = score(run_dir, model, task, train, queries, top_k=5, checkpoint_every=1)
+    return factors, result
+
+
+def _worker() -> None:
+    mode, run_dir = sys.argv[1], sys.argv[2]
+    torch.set_num_threads(1)
+    if mode == "resume":
+        run_pipeline(run_dir, mlp_setup())
+    elif mode == "dist":
+        from steerlab import distributed
+
+        assert distributed.init("gloo")
+        run_pipeline(run_dir, lm_setup())
+        torch.distributed.destroy_process_group()
+
+
+def _run(cmd, env, timeout):
+    """Run a command in its own process group; on timeout kill the whole group (torchrun's children too)."""
+    import signal
+
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _env():
+    env = dict(
+        os.environ, PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1"
+    )
+    env.pop("STEERLAB_INFLUENCE_TEST_KILL", None)
+    return env
+
+
+if __name__ == "__main__":
+    _worker()
+else:
+    import pytest
+
+    from steerlab.influence import fit_factors, pairwise_scores, preconditioned_queries, query_gradients
+    from steerlab.influence.stages import KILL_ENV, StageArgumentsError
+    from steerlab.influence.storage import load_tensors
+    from steerlab.influence.topk import tfidf_candidates, topk_recall
+
+    def test_pipeline_equals_in_memory_scores(tmp_path):
+        model, task, train, queries = mlp_setup()
+        factors, result = run_pipeline(tmp_path, (model, task, train, queries))
+        mem = fit_factors(model, task, list(train), seed=None)  # different labels: compare structure only
+        assert set(mem.tensors) == set(factors.tensors)
+        pre = preconditioned_queries(query_gradients(model, task, queries), factors, "ekfac")
+        full = pairwise_scores(model, task, list(train), pre)["scores"].double()
+        top = full.topk(5, dim=1)
+        assert torch.equal(result["top_index"], top.indices)
+        assert torch.allclose(result["top_values"], top.values, rtol=1e-5)
+        bottom = (-full).topk(5, dim=1)
+        assert torch.equal(result["bottom_index"], bottom.indices)
+        assert torch.allclose(result["sample_values"], full, rtol=1e-5)
+
+    def test_changed_arguments_are_refused_and_done_stages_skipped(tmp_path):
+        model, task, train, queries = mlp_setup()
+        from steerlab.influence.pipeline import fit
+
+        fit(tmp_path, model, task, train, seed=7)
+        mtime = (tmp_path / "covariance" / "result.safetensors").stat().st_mtime_ns
+        fit(tmp_path, model, task, train, seed=7)  # done: skipped
+        assert (tmp_path / "covariance" / "result.safetensors").stat().st_mtime_ns == mtime
+        with pytest.raises(StageArgumentsError, match="seed: saved 7 != requested 8"):
+            fit(tmp_path, model, task, train, seed=8)
+
+    def test_sigkill_in_every_stage_resumes_bitwise(tmp_path):
+        ref = tmp_path / "ref"
+        ref_factors, ref_scores = run_pipeline(ref, mlp_setup())
+        run = tmp_path / "killed"
+        cmd = [sys.executable, str(HERE), "resume", str(run)]
+        for stage in ("covariance", "lambda", "scores"):
+            proc = _run(cmd, {**_env(), KILL_ENV: f"{stage}:3"}, 60)
+            assert proc.returncode == -9, proc.stderr[-2000:]
+            assert (run / stage / "ckpt-r0-w1.safetensors").exists()
+            assert not (run / stage / "result.safetensors").exists()
+        proc = _run(cmd, _env(), 60)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        for path in (
+            "lambda/factors.safetensors",
+            "scores/result.safetensors",
+            "covariance/result.safetensors",
+        ):
+            got, want = load_tensors(run / path)[0], load_tensors(ref / path)[0]
+            assert got.keys() == want.keys()
+            for k in want:
+                assert torch.equal(got[k], want[k]), (path, k)
+
+    def test_two_gloo_processes_equal_one(tmp_path):
+        single = tmp_path / "single"
+        factors, result = run_pipeline(single, lm_setup())
+        multi = tmp_path / "multi"
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29531",
+            str(HERE),
+            "dist",
+            str(multi),
+        ]
+        proc = _run(cmd, _env(), 120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got = load_tensors(multi / "lambda" / "factors.safetensors")[0]
+        for k, v in factors.tensors.items():
+            if "/Q" in k:  # eigenvectors: compare up to sign through the projector of each vector
+                v, g = v * v[0:1].sign(), got[k] * got[k][0:1].sign()
+                assert torch.allclose(g.abs(), v.abs(), atol=1e-8), k
+            else:
+                assert torch.allclose(got[k], v, rtol=1e-10, atol=1e-14), k
+        scores = load_tensors(multi / "scores" / "result.safetensors")[0]
+        assert torch.equal(scores["top_index"], result["top_index"])
+        assert torch.allclose(scores["top_values"], result["top_values"], rtol=1e-8)
+        assert torch.allclose(scores["sample_values"], result["sample_values"], rtol=1e-8, atol=1e-12)
+        assert (multi / "covariance" / "ckpt-r1-w2.safetensors").exists()
+
+    def test_copied_queries_rank_first_and_tfidf_prefilter_recall(tmp_path):
+        model, task, train, queries, copied = lm_setup()
+        _, full = run_pipeline(tmp_path / "full", (model, task, train, queries))
+        assert full["top_index"][:, 0].tolist() == copied
+        q_tokens = [row.tolist() for row in queries[0]["input_ids"]]
+        cands = tfidf_candidates(q_tokens, [b.tolist() for b in train.blocks], keep=12)
+        recall = topk_recall(cands, full["top_index"][:, :5])
+        print("tfidf recall of unfiltered top-5 keeping 12/24:", recall)
+        from steerlab.influence.pipeline import score
+
+        filtered = score(
+            tmp_path / "full", model, task, train, queries, top_k=5, candidates=cands, name="filtered"
+        )
+        for q in range(len(cands)):
+            assert set(filtered["top_index"][q].tolist()) <= set(cands[q].tolist())
+        assert filtered["top_index"][:, 0].tolist() == copied
+        assert recall >= 0.5
+
+    def test_prefix_cache_pipeline_matches_plain_run(tmp_path):
+        from steerlab.influence.pipeline import fit, score
+
+        model, task, train, queries, copied = lm_setup()
+        task = type(task)(layers=[1])
+        plain = fit(tmp_path / "plain", model, task, train, seed=3)
+        fast = fit(tmp_path / "fast", model, task, train, seed=3, prefix_cache=True)
+        assert len(list((tmp_path / "fast" / "prefix").glob("batch-*.safetensors"))) == len(train)
+        for k, v in plain.tensors.items():
+            assert torch.allclose(fast.tensors[k].abs(), v.abs(), rtol=1e-9, atol=1e-12), k
+        a = score(tmp_path / "plain", model, task, train, queries, top_k=5)
+        b = score(tmp_path / "fast", model, task, train, queries, top_k=5)
+        assert torch.equal(a["top_index"], b["top_index"])
+        assert torch.allclose(a["sample_values"], b["sample_values"], rtol=1e-9)
+
+    def test_bfloat16_capture_error_is_small(tmp_path):
+        from scipy.stats import spearmanr
+
+        model, task, train, queries, _ = lm_setup(torch.float32)
+        out = {}
+        for dtype in (None, torch.bfloat16):
+            factors = fit_factors(model, task, list(train), seed=0, dtype=dtype)
+            pre = preconditioned_queries(query_gradients(model, task, queries, dtype=dtype), factors, "ekfac")
+            out[dtype] = pairwise_scores(model, task, list(train), pre, dtype=dtype)["scores"].double()
+        err = float((out[torch.bfloat16] - out[None]).norm() / out[None].norm())
+        rho = min(spearmanr(a, b).statistic for a, b in zip(out[None], out[torch.bfloat16]))
+        print(f"bf16 capture: relative score error {err:.4f}, min Spearman {rho:.4f}")
+        assert err < 0.05 and rho > 0.95
