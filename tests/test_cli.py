@@ -21,7 +21,7 @@ def test_help_lists_every_command():
     out = subprocess.run(
         [sys.executable, "-m", "steerlab.cli", "--help"], capture_output=True, text=True, check=True
     )
-    for command in ("extract", "evaluate", "sweep", "generate", "demo", "hessian"):
+    for command in ("extract", "evaluate", "sweep", "generate", "demo", "hessian", "influence"):
         assert command in out.stdout
 
 

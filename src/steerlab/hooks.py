@@ -213,7 +213,9 @@ def steer(
             hidden = _hidden_of(output)
             if isinstance(selection, str):
                 return _replace_hidden(output, hidden + delta)
-            return _replace_hidden(output, hidden + selection.to(device=hidden.device, dtype=hidden.dtype) * delta)
+            return _replace_hidden(
+                output, hidden + selection.to(device=hidden.device, dtype=hidden.dtype) * delta
+            )
 
         return hook
 
