@@ -101,3 +101,11 @@ def test_embedded_gguf_cache_reproduces_the_gguf_model(smollm2):
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(again.model(ids).logits, gguf_model(ids).logits)
+
+
+def test_subpackages_load_on_first_use():
+    import steerlab
+
+    assert steerlab.steering.extract_caa is not None and steerlab.hooks.Positions is not None
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        steerlab.nope  # noqa: B018
