@@ -7,7 +7,18 @@ from steerlab.models import LoadedModel, load_model
 __version__ = "0.1.0"
 __all__ = ["LoadedModel", "__version__", "load_model"]
 
-_SUBPACKAGES = {"data", "demo", "evaluate", "hessian", "hooks", "influence", "models", "report", "steering", "sweep"}
+_SUBPACKAGES = {
+    "data",
+    "demo",
+    "evaluate",
+    "hessian",
+    "hooks",
+    "influence",
+    "models",
+    "report",
+    "steering",
+    "sweep",
+}
 
 
 def __getattr__(name: str):
