@@ -58,7 +58,22 @@ def tensor_hash(*tensors: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
-class BlockBatches(Sequence):
+class _SubsetBatches(Sequence):
+    """Batches of `batch_size` consecutive entries of `self.subset` (example indices)."""
+
+    subset: list[int]
+    batch_size: int
+
+    def __len__(self) -> int:
+        return (len(self.subset) + self.batch_size - 1) // self.batch_size
+
+    def indices(self, i: int) -> torch.Tensor:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return torch.tensor(self.subset[i * self.batch_size : (i + 1) * self.batch_size])
+
+
+class BlockBatches(_SubsetBatches):
     """Batches of token blocks for `LanguageModelTask` (loss on every next token), optionally a subset.
     `blocks`: [N, L] token ids (rows may be ragged via `lengths`)."""
 
@@ -73,14 +88,6 @@ class BlockBatches(Sequence):
         self.blocks, self.batch_size, self.pad_id = blocks, batch_size, pad_id
         self.lengths = lengths if lengths is not None else torch.full((len(blocks),), blocks.shape[1])
         self.subset = list(range(len(blocks))) if subset is None else [int(i) for i in subset]
-
-    def __len__(self) -> int:
-        return (len(self.subset) + self.batch_size - 1) // self.batch_size
-
-    def indices(self, i: int) -> torch.Tensor:
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        return torch.tensor(self.subset[i * self.batch_size : (i + 1) * self.batch_size])
 
     def sequences(self, idx: Sequence[int]) -> list[list[int]]:
         return [self.blocks[j, : int(self.lengths[j])].tolist() for j in idx]
@@ -103,7 +110,7 @@ class BlockBatches(Sequence):
         }
 
 
-class TensorBatches(Sequence):
+class TensorBatches(_SubsetBatches):
     """Batches `(x[idx], y[idx])` of tensors for `ClassificationTask`, optionally a subset."""
 
     def __init__(
@@ -111,14 +118,6 @@ class TensorBatches(Sequence):
     ):
         self.x, self.y, self.batch_size = x, y, batch_size
         self.subset = list(range(len(x))) if subset is None else [int(i) for i in subset]
-
-    def __len__(self) -> int:
-        return (len(self.subset) + self.batch_size - 1) // self.batch_size
-
-    def indices(self, i: int) -> torch.Tensor:
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        return torch.tensor(self.subset[i * self.batch_size : (i + 1) * self.batch_size])
 
     def __getitem__(self, i: int):
         idx = self.indices(i)
