@@ -72,6 +72,24 @@ def tiny_model(family: str = "llama", dtype: torch.dtype = torch.float64, seed: 
     return model.to(dtype).eval()
 
 
+def micro_llama(dtype: torch.dtype = torch.float64, seed: int = 0):
+    """A 2-layer, 16-wide Llama with a 64-token vocabulary (pad id 0): small enough to materialise Fishers."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    return tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(dtype).eval()
+
+
 def char_tokenizer():
     """A character-level fast tokenizer (ids < 128) with BOS/EOS/PAD and a simple chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

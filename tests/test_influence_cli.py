@@ -43,25 +43,9 @@ def test_fit_score_report(tmp_path):
     )
     run = tmp_path / "run"
     common = ["--run", str(run)]
-    _main(
-        [
-            "influence",
-            "fit",
-            *common,
-            "--model",
-            str(model_dir),
-            "--train",
-            str(tmp_path / "train.txt"),
-            "--block-size",
-            "24",
-            "--n-blocks",
-            "12",
-            "--layers",
-            "2-3",
-            "--batch-size",
-            "6",
-        ]
-    )
+    fit = ["influence", "fit", *common, "--model", str(model_dir), "--train", str(tmp_path / "train.txt")]
+    fit += ["--block-size", "24", "--n-blocks", "12", "--batch-size", "6"]
+    _main([*fit, "--layers", "2-3"])
     _main(["influence", "score", *common, "--queries", str(tmp_path / "q.jsonl"), "--top-k", "4"])
     scores = json.loads((run / "scores" / "args.json").read_text())
     assert scores["top_k"] == 4
@@ -88,22 +72,4 @@ def test_fit_score_report(tmp_path):
     assert "Most negative" in html and "training #" in html
     # changing fit arguments on the same run directory is refused
     with pytest.raises(SystemExit, match="other settings"):
-        _main(
-            [
-                "influence",
-                "fit",
-                *common,
-                "--model",
-                str(model_dir),
-                "--train",
-                str(tmp_path / "train.txt"),
-                "--block-size",
-                "24",
-                "--n-blocks",
-                "12",
-                "--layers",
-                "1-3",
-                "--batch-size",
-                "6",
-            ]
-        )
+        _main([*fit, "--layers", "1-3"])

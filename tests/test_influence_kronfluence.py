@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import micro_llama
 from steerlab.influence import (
     LanguageModelTask,
     fit_factors,
@@ -19,26 +20,9 @@ pytest.importorskip("kronfluence")
 scipy_stats = pytest.importorskip("scipy.stats")
 
 
-def _tiny_llama():
-    import transformers as tf
-
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    return tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").double().eval()
-
-
 @pytest.mark.parametrize("strategy", ["ekfac", "identity"])
 def test_pairwise_scores_agree_with_kronfluence(tmp_path, strategy):
-    model = _tiny_llama()
+    model = micro_llama()
     g = torch.Generator().manual_seed(0)
     seqs = [
         torch.randint(3, 64, (int(torch.randint(10, 17, (1,), generator=g)),), generator=g).tolist()

@@ -32,24 +32,12 @@ def mlp_setup():
 
 
 def lm_setup(dtype=torch.float64):
-    import transformers as tf
-
+    from conftest import micro_llama
     from steerlab.influence import LanguageModelTask
     from steerlab.influence.data import query_batch
     from steerlab.influence.pipeline import BlockBatches
 
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").to(dtype).eval()
+    model = micro_llama(dtype)
     g = torch.Generator().manual_seed(0)
     blocks = torch.randint(3, 64, (24, 16), generator=g)
     copied = [3, 17]
