@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from steerlab.data import load_builtin
 from steerlab.evaluate import (
@@ -21,7 +20,6 @@ from steerlab.evaluate import (
     prepare_neutral,
     prepare_word_preference,
     separability,
-    side_effects,
     word_preference,
 )
 from steerlab.hooks import Positions
@@ -53,11 +51,6 @@ def _word_metric(lm: LoadedModel, prompts: list[str]):
     words = load_builtin("sentiment-words")
     prepared = prepare_word_preference(lm, prompts, words["positive"], words["negative"])
     return lambda model: {"score": word_preference(model, prepared)}
-
-
-def _per_prompt(lm, vector, layer, multiplier, metric, positions) -> torch.Tensor:
-    with torch.no_grad(), vector.apply(lm, layer=layer, multiplier=multiplier, positions=positions):
-        return metric(lm)["score"].double()
 
 
 def run_demo(out_dir: str | Path, config: DemoConfig | None = None, lm: LoadedModel | None = None) -> dict:
@@ -110,32 +103,16 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, lm: LoadedMo
     write_csv(rows, out / "sweep.csv")
 
     layer, m = choice.layer, vector.multiplier_for_fraction(choice.layer, choice.fraction)
-    control = vector.random_like(seed=config.seed)
-    test = {
-        name: _per_prompt(lm, vec, layer, mult, test_metric, positions)
-        for name, vec, mult in [
-            ("plus", vector, m),
-            ("minus", vector, -m),
-            ("random_plus", control, m),
-            ("random_minus", control, -m),
-        ]
-    }
-    test["base"] = test_metric(lm)["score"].double()
-    diff = (test["plus"] - test["minus"]).numpy()
+    # The test sweep already scored every setting at the chosen layer: reuse its per-prompt scores.
+    at = {(r["vector"], r["fraction"]): r for r in rows if r["split"] == "test"}
+    f = choice.fraction
+    plus, minus, base = at["steering", f], at["steering", -f], at["none", 0.0]
+    diff = (plus["item_scores"] - minus["item_scores"]).numpy()
     effect, low, high = bootstrap_ci(diff, seed=config.seed)
-    random_shift = max(abs(float((test[k] - test["base"]).mean())) for k in ("random_plus", "random_minus"))
-    curve = sorted(
-        (r["fraction"], r["score"])
-        for r in rows
-        if r["split"] == "test" and r["vector"] in ("steering", "none")
-    )
+    random_shift = max(abs(at["random", sign * f]["score"] - base["score"]) for sign in (1, -1))
+    curve = sorted((r["fraction"], r["score"]) for r in at.values() if r["vector"] in ("steering", "none"))
     monotone = bool(np.all(np.diff([s for _, s in curve]) >= -1e-9))
-    base_effects = side_effects(lm, neutral)
-    with vector.apply(lm, layer=layer, multiplier=m, positions=positions):
-        plus_effects = side_effects(lm, neutral)
-    with vector.apply(lm, layer=layer, multiplier=-m, positions=positions):
-        minus_effects = side_effects(lm, neutral)
-    ppl_rise = max(plus_effects.perplexity, minus_effects.perplexity) / base_effects.perplexity - 1
+    ppl_rise = max(plus["perplexity"], minus["perplexity"]) / base["perplexity"] - 1
 
     gen_prompts = prompts_test.prompts[: config.n_generations]
     generations = {
@@ -164,17 +141,17 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, lm: LoadedMo
         "residual_norm": residual,
         "added_norm_over_residual": abs(m) * vector.norm(layer) / residual,
         "validation_effect": choice.effect,
-        "test_p_base": float(test["base"].mean()),
-        "test_p_minus": float(test["minus"].mean()),
-        "test_p_plus": float(test["plus"].mean()),
+        "test_p_base": base["score"],
+        "test_p_minus": minus["score"],
+        "test_p_plus": plus["score"],
         "test_effect": effect,
         "test_effect_ci": [low, high],
         "test_monotone": monotone,
         "random_control_max_shift": random_shift,
-        "perplexity_base": base_effects.perplexity,
+        "perplexity_base": base["perplexity"],
         "perplexity_rise": ppl_rise,
-        "kl_plus": plus_effects.kl,
-        "kl_minus": minus_effects.kl,
+        "kl_plus": plus["kl"],
+        "kl_minus": minus["kl"],
         "auroc": auroc[layer],
         "n_pairs_train": len(pairs_train.positive),
         "n_prompts_validation": len(prompts_val.prompts),

@@ -66,6 +66,7 @@ def _row(
         "perplexity": effects.perplexity if effects else None,
         "kl": effects.kl if effects else None,
         "n_items": int(scores["score"].numel()),
+        "item_scores": scores["score"].double().cpu(),  # per item, for paired statistics; not in the CSV
     }
 
 
