@@ -20,7 +20,8 @@ from steerlab.influence import (
 )
 from steerlab.influence.capture import module_shape, weight_gradient_matrix
 from steerlab.influence.data import lm_batch, query_batch
-from steerlab.influence.scores import damping_for, per_layer
+from steerlab.influence.factors import per_example_gradients
+from steerlab.influence.scores import STRATEGIES, damping_for, per_layer
 
 # ---------------------------------------------------------------- brute-force references
 
@@ -341,6 +342,7 @@ def test_prefix_cache_starts_at_first_tracked_layer_with_identical_results(name)
     plain = fit_covariance(model, task, train, seed=None)
     cached_cov = fit_covariance(model, task, train, seed=None, prefix_cache=cache)
     assert sorted(cache) == list(range(len(train)))
+    assert all("head_grad" in entry for entry in cache.values())  # later passes skip the head
     for k in plain.sums:
         assert torch.equal(plain.sums[k], cached_cov.sums[k])
     fast = [{**b, **cache[i]} for i, b in enumerate(train)]
@@ -355,3 +357,18 @@ def test_prefix_cache_starts_at_first_tracked_layer_with_identical_results(name)
     s2 = pairwise_scores(model, task, fast, pre)["scores"]
     assert rel_err(s2, s1) < 1e-12
     assert list(decoder_layers(model)) == blocks_before  # restored
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("name", ["mlp", "llama"])  # rotation of the factors (mlp) / of G (llama)
+def test_factored_query_gradients_precondition_like_dense(name, strategy):
+    model, task, train, singles, queries, q_singles = PROBLEMS[name]
+    factors = fit_factors(model, task, train, seed=0, diagonal=True)
+    dense_grads = query_gradients(model, task, queries)
+    factored = query_gradients(model, task, queries, factored=True)
+    for n, (a, ds) in factored.items():
+        assert rel_err(per_example_gradients(a, ds), dense_grads[n]) < 1e-12
+    dense = preconditioned_queries(dense_grads, factors, strategy, dtype=torch.float64)
+    got = preconditioned_queries(factored, factors, strategy, dtype=torch.float64)
+    for n in dense.full:
+        assert rel_err(got.full[n], dense.full[n]) < 1e-10, n

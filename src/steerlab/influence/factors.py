@@ -28,6 +28,7 @@ from torch import nn
 from steerlab.influence.capture import Captured, capture, module_shape, no_param_grads
 from steerlab.influence.storage import load_tensors, save_tensors
 from steerlab.influence.tasks import Task
+from steerlab.memory import release_free_memory
 
 __all__ = [
     "Accumulator",
@@ -62,16 +63,30 @@ def run_batch(
     query: bool = False,
     sample_seed: int | None = None,
     dtype: torch.dtype | None = None,
+    head_grads: list | None = None,
 ) -> Captured:
-    """One forward/backward of the training loss (or the query loss), capturing tracked modules."""
+    """One forward/backward of the training loss (or the query loss), capturing tracked modules.
+    With a list `head_grads` (and a task that supports it), also append the data-label loss's gradient
+    at the output head's input (see `prefix`; None when the task cannot record it)."""
+    release_free_memory()  # the previous batch's transient buffers (see steerlab.memory)
     batch = to_device(batch, _device(model))
     generator = None
     if sample_seed is not None and not query:
         generator = torch.Generator(device=_device(model)).manual_seed(sample_seed)
+    record = head_grads is not None and hasattr(task, "train_loss_recording_head") and not query
+    if record and model.get_output_embeddings() in modules.values():
+        record = False  # the head itself is tracked: it must run in every pass
     with no_param_grads(model), capture(modules, task.token_mask(batch), dtype) as captured:
-        loss = task.query_loss(model, batch) if query else task.train_loss(model, batch, generator)
+        if query:
+            loss = task.query_loss(model, batch)
+        elif record:
+            loss, head_grad = task.train_loss_recording_head(model, batch, generator)
+        else:
+            loss = task.train_loss(model, batch, generator)
         loss.backward()
     captured.check_complete(modules)
+    if head_grads is not None:
+        head_grads.append(head_grad if record else None)
     return captured
 
 
@@ -141,7 +156,7 @@ def covariance_update(
 def per_example_gradients(a: torch.Tensor, ds: torch.Tensor) -> torch.Tensor:
     """[B, out, in] = sum_t ds_t a_t^T (transient: one batch of one module)."""
     dt = _compute_dtype(a)
-    return torch.einsum("bto,bti->boi", ds.to(dt), a.to(dt))
+    return torch.bmm(ds.to(dt).transpose(1, 2), a.to(dt))
 
 
 def lambda_update(
@@ -234,14 +249,18 @@ def fit_covariance(
 
 
 def run_batch_recording(model, task, modules, batch, layer, cache, index, sample, dtype) -> Captured:
-    """`run_batch` that also stores the hidden states entering block `layer` in `cache[index]`."""
+    """`run_batch` that also stores in `cache[index]` the hidden states entering block `layer` and the
+    data-label gradient at the head's input (the pass cache, see `prefix`)."""
     if layer is None or cache is None:
         return run_batch(model, task, modules, batch, sample_seed=sample, dtype=dtype)
     from steerlab.influence.prefix import record_layer_input
 
+    head_grads: list = []
     with record_layer_input(model, layer) as seen:
-        cap = run_batch(model, task, modules, batch, sample_seed=sample, dtype=dtype)
+        cap = run_batch(model, task, modules, batch, sample_seed=sample, dtype=dtype, head_grads=head_grads)
     cache[index] = {"prefix_hidden": seen[0], "prefix_layer": torch.tensor(layer)}
+    if head_grads[0] is not None:
+        cache[index]["head_grad"] = head_grads[0]
     return cap
 
 

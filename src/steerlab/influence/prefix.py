@@ -1,11 +1,17 @@
-"""Start the forward pass at the first tracked layer from cached hidden states.
+"""The pass cache: start the forward pass at the first tracked layer, and skip the output head.
 
 Influence passes (covariance, eigenvalue correction, scoring) differ only above the first tracked layer:
 with MLPs of layers 24-29 of a 30-layer model tracked, 80% of each forward pass recomputes the same hidden
 states. The covariance pass records the input of block L (the first tracked layer); later passes replace
-blocks 0..L-1 by a pass-through and feed the recorded states to block L, so only blocks L.. and the head
-run. The model is restored on exit, also on exceptions. Supported where decoder blocks return a tensor
+blocks 0..L-1 by a pass-through and feed the recorded states to block L, so only blocks L.. run. The
+model is restored on exit, also on exceptions. Supported where decoder blocks return a tensor
 (Llama-like families in transformers >= 5); the equality of logits is tested.
+
+The covariance pass also records g_h, the gradient of the data-label training loss with respect to the
+output head's input h. Every later pass that uses data labels (scoring; the eigenvalue correction of the
+empirical Fisher) backpropagates the surrogate <h, g_h> instead of the loss: its gradient is the same
+everywhere below the head, and the head (vocabulary x hidden, the largest matrix of a small LM) is
+neither run forward nor backward.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from torch import nn
 
 from steerlab.influence.scores import layer_of
 
-__all__ = ["first_tracked_layer", "record_layer_input", "start_at_layer"]
+__all__ = ["first_tracked_layer", "record_head_input", "record_layer_input", "start_at_layer"]
 
 
 def first_tracked_layer(modules: Mapping[str, nn.Module]) -> int | None:
@@ -42,6 +48,21 @@ def record_layer_input(model: nn.Module, layer: int) -> Iterator[list[torch.Tens
         seen.append(_hidden_arg(args, kwargs).detach().clone())
 
     handle = block(model, layer).register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def record_head_input(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect the tensor entering the output head (`get_output_embeddings()`), graph attached."""
+    seen: list[torch.Tensor] = []
+
+    def pre_hook(_module, args):
+        seen.append(args[0])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(pre_hook)
     try:
         yield seen
     finally:

@@ -109,32 +109,74 @@ class LanguageModelTask:
             return {n: found[n] for n in self.module_names}
         return mlp_modules(model, self.layers)
 
-    def _logits_labels(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, model: nn.Module, batch, head: bool = True) -> torch.Tensor:
+        """Logits, or (head=False) the hidden states entering the output head."""
         kwargs = {
             "input_ids": batch["input_ids"],
             "attention_mask": batch.get("attention_mask"),
             "use_cache": False,
         }
+        net = model if head else model.base_model
         if "prefix_hidden" in batch:  # cached hidden states entering block `prefix_layer` (see prefix.py)
             from steerlab.influence.prefix import start_at_layer
 
             with start_at_layer(model, int(batch["prefix_layer"]), batch["prefix_hidden"]):
-                out = model(**kwargs)
+                out = net(**kwargs)
         else:
-            out = model(**kwargs)
+            out = net(**kwargs)
+        return out.logits if head else out.last_hidden_state
+
+    @staticmethod
+    def _shifted_labels(batch) -> torch.Tensor:
         # shift the labels, not the logits: slicing [B, T, vocab] logits would copy them (and their gradient)
         labels = batch["labels"]
-        shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
-        return out.logits, shifted
+        return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+
+    def _logits_labels(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._forward(model, batch), self._shifted_labels(batch)
+
+    @staticmethod
+    def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            labels.to(logits.device).reshape(-1),
+            reduction="sum",
+            ignore_index=-100,
+        )
 
     def train_loss(self, model: nn.Module, batch, generator: torch.Generator | None = None) -> torch.Tensor:
+        if generator is None and "head_grad" in batch:
+            # <head input, recorded data-label gradient there> has the training loss's gradient everywhere
+            # below the head, so the head (vocabulary x hidden) is skipped (see prefix.py)
+            hidden = self._forward(model, batch, head=False)
+            return (hidden * batch["head_grad"].to(hidden.dtype)).sum()
         logits, labels = self._logits_labels(model, batch)
         if generator is not None:
             sampled = _sample_categorical(logits, generator).to(labels.device)
             labels = torch.where(labels != -100, sampled, labels)
-        return F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum", ignore_index=-100
-        )
+        return self._cross_entropy(logits, labels)
+
+    def train_loss_recording_head(
+        self, model: nn.Module, batch, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The training loss to backpropagate, and the gradient of the *data-label* loss with respect to
+        the head's input (None when nothing below the head is tracked), recorded once so that later
+        passes with data labels skip the head. Data labels: no extra work (the loss returned is the
+        equivalent surrogate); sampled labels: one extra backward through the head."""
+        from steerlab.influence.prefix import record_head_input
+
+        with record_head_input(model) as seen:
+            logits = self._forward(model, batch)
+        labels = self._shifted_labels(batch)
+        data_loss = self._cross_entropy(logits, labels)
+        hidden = seen[0]
+        if not hidden.requires_grad:
+            return self.train_loss(model, batch, generator), None
+        (grad,) = torch.autograd.grad(data_loss, hidden, retain_graph=True)
+        if generator is None:
+            return (hidden * grad).sum(), grad.detach()
+        sampled = _sample_categorical(logits, generator).to(labels.device)
+        return self._cross_entropy(logits, torch.where(labels != -100, sampled, labels)), grad.detach()
 
     def query_loss(self, model: nn.Module, batch) -> torch.Tensor:
         return self.train_loss(model, batch, None)
