@@ -286,7 +286,7 @@ def score(
                 Factors.load(run_dir / "lambda" / "factors.safetensors") if strategy != "identity" else None
             )
             pre = preconditioned_queries(
-                query_gradients(model, task, queries, dtype=dtype),
+                query_gradients(model, task, queries, dtype=dtype, factored=True),
                 factors,
                 strategy,
                 damping,

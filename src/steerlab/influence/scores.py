@@ -64,16 +64,35 @@ def damping_for(factors: Factors, name: str, strategy: str, damping: float | Non
     return 0.1 * float(eigenvalues_for(factors, name, strategy).mean())
 
 
+TokenFactors = tuple[torch.Tensor, torch.Tensor]  # (inputs [Q, T, in], output gradients [Q, T, out])
+
+
 def precondition(
-    grad: torch.Tensor,
+    grad: torch.Tensor | TokenFactors,
     factors: Factors | None,
     name: str,
     strategy: str = "ekfac",
     damping: float | None = None,
 ) -> torch.Tensor:
     """P = (F_approx + damping I)^-1 G for a [Q, out, in] stack of query gradients, computed in the
-    gradient's precision (at least float32; float64 gradients stay float64)."""
+    gradient's precision (at least float32; float64 gradients stay float64). `grad` may also be the
+    per-token factors (a, ds) of G = sum_t ds_t a_t^T: for K-FAC/EK-FAC the rotation into the eigenbasis
+    is then (ds Q_S)^T (a Q_A), cheaper than Q_S^T G Q_A when queries have fewer tokens than the
+    module's widths."""
     _check_strategy(strategy)
+    if isinstance(grad, tuple):
+        a, ds = grad
+        dt = torch.promote_types(a.dtype, torch.float32)
+        a, ds = a.to(dt), ds.to(dt)
+        (t, n_in), n_out = a.shape[1:], ds.shape[-1]
+        if strategy in ("kfac", "ekfac") and t * (n_out + n_in) < n_out * n_in:
+            qa, qs = factors.get(name, "QA").to(dt), factors.get(name, "QS").to(dt)
+            lam = eigenvalues_for(factors, name, strategy).to(dt) + damping_for(
+                factors, name, strategy, damping
+            )
+            rotated = torch.bmm((ds @ qs).transpose(1, 2), a @ qa)
+            return qs @ (rotated / lam) @ qa.T
+        grad = per_example_gradients(a, ds)
     dt = torch.promote_types(grad.dtype, torch.float32)
     grad = grad.to(dt)
     if strategy == "identity":
@@ -126,20 +145,40 @@ def compress(p: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def query_gradients(
-    model: nn.Module, task: Task, queries: Iterable, *, dtype: torch.dtype | None = None
-) -> dict[str, torch.Tensor]:
-    """Per-query gradients of the query loss, {module: [Q, out, in]} (queries is an iterable of batches)."""
+    model: nn.Module,
+    task: Task,
+    queries: Iterable,
+    *,
+    dtype: torch.dtype | None = None,
+    factored: bool = False,
+) -> dict[str, torch.Tensor] | dict[str, TokenFactors]:
+    """Per-query gradients of the query loss, {module: [Q, out, in]} (queries is an iterable of batches).
+    `factored=True`: {module: (inputs [Q, T, in], output gradients [Q, T, out])} instead, whose
+    sum_t ds_t a_t^T is the gradient (batches of different lengths are zero-padded to the longest)."""
     modules = task.modules(model)
-    chunks: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+    inputs: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+    grads: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
     for batch in queries:
         cap = run_batch(model, task, modules, batch, query=True, dtype=dtype)
         for name in modules:
-            chunks[name].append(per_example_gradients(cap.inputs[name], cap.grads[name]))
-    return {n: torch.cat(c) for n, c in chunks.items()}
+            if factored:
+                inputs[name].append(cap.inputs[name])
+                grads[name].append(cap.grads[name])
+            else:
+                grads[name].append(per_example_gradients(cap.inputs[name], cap.grads[name]))
+    if not factored:
+        return {n: torch.cat(c) for n, c in grads.items()}
+    return {n: (_cat_padded(inputs[n]), _cat_padded(grads[n])) for n in modules}
+
+
+def _cat_padded(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate [B_i, T_i, d] tensors along the batch, zero-padding the token dimension."""
+    length = max(c.shape[1] for c in chunks)
+    return torch.cat([torch.nn.functional.pad(c, (0, 0, 0, length - c.shape[1])) for c in chunks])
 
 
 def preconditioned_queries(
-    grads: Mapping[str, torch.Tensor],
+    grads: Mapping[str, torch.Tensor | TokenFactors],
     factors: Factors | None,
     strategy: str = "ekfac",
     damping: float | None = None,
