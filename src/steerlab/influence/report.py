@@ -3,15 +3,13 @@
 Per-token score of training token t: ds_t^T P_q a_t summed over tracked modules (the module input at
 position t and the loss gradient flowing into that position); the per-token scores of a sequence sum to
 its score. The report shows them as a heat-map (red: raises the completion's log-probability, blue:
-lowers it), like Grosse et al.'s figures. Figures are matplotlib PNGs embedded as base64 data URIs; the
-CSS is inline; the file needs nothing else.
+lowers it), like Grosse et al.'s figures. The page is built with `steerlab.report.html` (inline CSS,
+figures as base64 PNG data URIs): the file needs nothing else.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 from collections.abc import Sequence
 
 import torch
@@ -64,20 +62,13 @@ def explain(
     return out
 
 
-def _png(fig) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _figures(query: dict) -> tuple[str, str]:
+def _figures(query: dict) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from steerlab.report.html import figure_html
 
     fig, ax = plt.subplots(figsize=(4.2, 2.4))
     layers = query["layer_share"]
@@ -85,7 +76,7 @@ def _figures(query: dict) -> tuple[str, str]:
     ax.set_xlabel("layer")
     ax.set_ylabel("share of |score|")
     ax.set_title("layer-wise distribution (all training)", fontsize=9)
-    layer_png = _png(fig)
+    layer_fig = figure_html(fig)
     fig, ax = plt.subplots(figsize=(4.2, 2.4))
     ax.hist(query["sample_scores"], bins=40, color="#55a868")
     ax.axvline(0, color="k", lw=0.8)
@@ -93,7 +84,7 @@ def _figures(query: dict) -> tuple[str, str]:
     ax.set_xlabel("influence score")
     ax.set_ylabel("training sequences")
     ax.set_title("score histogram", fontsize=9)
-    return layer_png, _png(fig)
+    return f"<div class='figs'>{layer_fig}{figure_html(fig)}</div>"
 
 
 def _heat(tokens: Sequence[str], scores: Sequence[float]) -> str:
@@ -106,48 +97,47 @@ def _heat(tokens: Sequence[str], scores: Sequence[float]) -> str:
     return "".join(spans)
 
 
-CSS = """
-body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
-h2{border-top:2px solid #ddd;padding-top:1em}
+HEATMAP_CSS = """
 .seq{font-family:ui-monospace,monospace;white-space:pre-wrap;font-size:12px;line-height:1.6;
  border:1px solid #ddd;padding:.5em;border-radius:4px;margin:.3em 0 1em}
 .query{background:#f6f6f6}.meta{color:#666;font-size:12px}
-.figs img{margin-right:1em}.cols{display:flex;gap:2em}.cols>div{flex:1;min-width:0}
+.figs{display:flex;gap:1em}.cols{display:flex;gap:2em}.cols>div{flex:1;min-width:0}
 """
+
+
+def _query_section(q: dict) -> str:
+    parts = [
+        f"<div class='seq query'><b>{html.escape(q['prompt'])}</b><u>{html.escape(q['completion'])}</u></div>",
+        _figures(q),
+        "<div class='cols'>",
+    ]
+    for label, key in (("Most positive", "positive"), ("Most negative", "negative")):
+        parts.append(f"<div><h3>{label}</h3>")
+        for ex in q[key]:
+            layers = ", ".join(f"L{k}: {v:.3g}" for k, v in ex["layers"].items())
+            parts.append(
+                f"<div class='meta'>training #{ex['index']} &middot; score {ex['score']:.4g} &middot; {layers}</div>"
+                f"<div class='seq'>{_heat(ex['tokens'], ex['token_scores'])}</div>"
+            )
+        parts.append("</div>")
+    parts.append("</div>")
+    return "".join(parts)
 
 
 def render_html(title: str, meta: dict, queries: list[dict]) -> str:
     """queries: dicts with prompt, completion, positive/negative (lists of explained examples, each with
     `tokens` strings), layer_share {layer: share}, sample_scores (list)."""
-    parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-        f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+    from steerlab.report.html import page
+
+    intro = (
         "<p class='meta'>"
-        + " &middot; ".join(f"{html.escape(str(k))}: {html.escape(str(v))}" for k, v in meta.items()),
-        "</p><p>Score &gt; 0 (red): training on the sequence raises the completion's log-probability; "
-        "&lt; 0 (blue): lowers it. Token colours: per-token contributions, which sum to the sequence's score.</p>",
-    ]
-    for qi, q in enumerate(queries):
-        layer_png, hist_png = _figures(q)
-        parts.append(
-            f"<h2>Query {qi}</h2><div class='seq query'><b>{html.escape(q['prompt'])}</b>"
-            f"<u>{html.escape(q['completion'])}</u></div>"
-        )
-        parts.append(
-            f"<div class='figs'><img src='{layer_png}'><img src='{hist_png}'></div><div class='cols'>"
-        )
-        for label, key in (("Most positive", "positive"), ("Most negative", "negative")):
-            parts.append(f"<div><h3>{label}</h3>")
-            for ex in q[key]:
-                layers = ", ".join(f"L{k}: {v:.3g}" for k, v in ex["layers"].items())
-                parts.append(
-                    f"<div class='meta'>training #{ex['index']} &middot; score {ex['score']:.4g} &middot; {layers}</div>"
-                    f"<div class='seq'>{_heat(ex['tokens'], ex['token_scores'])}</div>"
-                )
-            parts.append("</div>")
-        parts.append("</div>")
-    parts.append("</body></html>")
-    return "".join(parts)
+        + " &middot; ".join(f"{html.escape(str(k))}: {html.escape(str(v))}" for k, v in meta.items())
+        + "</p><p>Score &gt; 0 (red): training on the sequence raises the completion's log-probability; "
+        "&lt; 0 (blue): lowers it. Token colours: per-token contributions, which sum to the sequence's "
+        "score (hover for values).</p>"
+    )
+    sections = [("", intro)] + [(f"Query {i}", _query_section(q)) for i, q in enumerate(queries)]
+    return page(title, sections, extra_css=HEATMAP_CSS)
 
 
 def layer_share(layer_abs: torch.Tensor, layers: Sequence[int]) -> list[dict[int, float]]:

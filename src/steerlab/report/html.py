@@ -57,12 +57,12 @@ def table_html(rows: Sequence[dict], columns: Sequence[str] | None = None, css_c
     return f'<table class="{css_class}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def page(title: str, sections: Sequence[tuple[str, str]]) -> str:
+def page(title: str, sections: Sequence[tuple[str, str]], extra_css: str = "") -> str:
     """A complete HTML document; `sections` are (heading, inner html) pairs."""
     parts = [f"<h2>{html.escape(h)}</h2>\n{body}" if h else body for h, body in sections]
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>\n"
+        f"<style>{CSS}{extra_css}</style></head><body><h1>{html.escape(title)}</h1>\n"
         + "\n".join(parts)
         + "</body></html>\n"
     )
