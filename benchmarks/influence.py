@@ -37,6 +37,10 @@ def build_inputs(tokenizer, n_blocks: int, block_size: int):
     return train_blocks, queries
 
 
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
 def worker(args) -> None:
     torch.set_num_threads(args.threads)
     from safetensors.torch import save_file
@@ -69,16 +73,21 @@ def worker(args) -> None:
         cov = fit_covariance(model, task, train, seed=None, prefix_cache=cache if args.prefix_cache else None)
         fast = [{**b, **cache.get(i, {})} for i, b in enumerate(train)]
         t1 = time.perf_counter()
+        peaks = {"covariance": peak_rss_gb()}
         eigen = eigendecompose(cov, list(task.modules(model)))
         del cov
         t2 = time.perf_counter()
+        peaks["eigen"] = peak_rss_gb()
         factors = finish_lambda(eigen, fit_lambda(model, task, fast, eigen, seed=None))
         t3 = time.perf_counter()
+        peaks["lambda"] = peak_rss_gb()
         pre = preconditioned_queries(
-            query_gradients(model, task, queries), factors, "ekfac", args.damping, consume=True
+            query_gradients(model, task, queries, factored=True), factors, "ekfac", args.damping, consume=True
         )
         scores = pairwise_scores(model, task, fast, pre)["scores"]
         t4 = time.perf_counter()
+        peaks["score"] = peak_rss_gb()
+        print(f"steerlab peak RSS (GB) after each stage: {peaks}", file=sys.stderr)
         times = {"covariance": t1 - t0, "eigen": t2 - t1, "lambda": t3 - t2, "fit": t3 - t0, "score": t4 - t3}
     else:
         from steerlab.influence.kronfluence_compat import kronfluence_pairwise_scores
@@ -95,7 +104,7 @@ def worker(args) -> None:
                 train_batch_size=args.batch_size,
                 stage_times=times,
             )
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    peak_gb = peak_rss_gb()
     save_file({"scores": scores.double().contiguous()}, str(Path(args.out) / f"{args.worker}.safetensors"))
     (Path(args.out) / f"{args.worker}.json").write_text(json.dumps({**times, "peak_rss_gb": peak_gb}))
 
@@ -165,10 +174,13 @@ def main() -> None:
     }
     for lib in libs:
         result[lib] = {k: round(med(lib, k), 3) for k in runs[lib][0]}
-    ours = scores["steerlab"]
     n_copied = sum(i < args.n_blocks for i in COPIED)
-    result["copied_query_rank1"] = [int(ours[q].argmax()) == COPIED[q] for q in range(n_copied)]
-    if "kronfluence" in libs:
+    for lib in libs:
+        result[lib]["copied_query_rank1"] = [
+            int(scores[lib][q].argmax()) == COPIED[q] for q in range(n_copied)
+        ]
+    if set(libs) == {"steerlab", "kronfluence"}:
+        ours = scores["steerlab"]
         theirs = scores["kronfluence"]
         rhos = [float(spearmanr(ours[q], theirs[q]).statistic) for q in range(len(ours))]
         result.update(
