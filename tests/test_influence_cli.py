@@ -64,6 +64,11 @@ def test_fit_score_report(tmp_path):
     )
     recall = json.loads((run / "tfidf" / "recall.json").read_text())["recall_of_unfiltered_top10"]
     assert 0 <= recall <= 1
+    _main(["influence", "self", *common, "--top-k", "3"])
+    top = json.loads((run / "self" / "top.json").read_text())
+    assert (
+        len(top) == 3 and top[0]["self_influence"] >= top[1]["self_influence"] >= top[2]["self_influence"] > 0
+    )
     _main(["influence", "report", *common, "--show", "2", "--png"])
     assert (run / "report-query1.png").stat().st_size > 1000
     html = (run / "report.html").read_text()

@@ -48,11 +48,12 @@ def lm_setup(dtype=torch.float64):
 
 
 def run_pipeline(run_dir, setup, **kw):
-    from steerlab.influence.pipeline import fit, score
+    from steerlab.influence.pipeline import fit, score, self_influence
 
     model, task, train, queries = setup[:4]
     factors = fit(run_dir, model, task, train, seed=7, checkpoint_every=1, **kw)
     result = score(run_dir, model, task, train, queries, top_k=5, checkpoint_every=1)
+    self_influence(run_dir, model, task, train, checkpoint_every=1)  # stored in run_dir/self
     return factors, result
 
 
@@ -97,7 +98,13 @@ if __name__ == "__main__":
 else:
     import pytest
 
-    from steerlab.influence import fit_factors, pairwise_scores, preconditioned_queries, query_gradients
+    from steerlab.influence import (
+        fit_factors,
+        pairwise_scores,
+        preconditioned_queries,
+        query_gradients,
+        self_scores,
+    )
     from steerlab.influence.stages import KILL_ENV, StageArgumentsError
     from steerlab.influence.storage import load_tensors
     from steerlab.influence.topk import tfidf_candidates, topk_recall
@@ -115,6 +122,10 @@ else:
         bottom = (-full).topk(5, dim=1)
         assert torch.equal(result["bottom_index"], bottom.indices)
         assert torch.allclose(result["sample_values"], full, rtol=1e-5)
+        stored = load_tensors(tmp_path / "self" / "result.safetensors")[0]
+        assert torch.equal(stored["index"], torch.arange(len(train.x)))
+        in_memory = self_scores(model, task, list(train), factors)
+        assert torch.allclose(stored["values"], in_memory, rtol=1e-12)
 
     def test_changed_arguments_are_refused_and_done_stages_skipped(tmp_path):
         model, task, train, queries = mlp_setup()
@@ -132,7 +143,7 @@ else:
         ref_factors, ref_scores = run_pipeline(ref, mlp_setup())
         run = tmp_path / "killed"
         cmd = [sys.executable, str(HERE), "resume", str(run)]
-        for stage in ("covariance", "lambda", "scores"):
+        for stage in ("covariance", "lambda", "scores", "self"):
             proc = _run(cmd, {**_env(), KILL_ENV: f"{stage}:3"}, 60)
             assert proc.returncode == -9, proc.stderr[-2000:]
             assert (run / stage / "ckpt-r0-w1.safetensors").exists()
@@ -143,6 +154,7 @@ else:
             "lambda/factors.safetensors",
             "scores/result.safetensors",
             "covariance/result.safetensors",
+            "self/result.safetensors",
         ):
             got, want = load_tensors(run / path)[0], load_tensors(ref / path)[0]
             assert got.keys() == want.keys()
@@ -179,6 +191,9 @@ else:
         assert torch.allclose(scores["top_values"], result["top_values"], rtol=1e-8)
         assert torch.allclose(scores["sample_values"], result["sample_values"], rtol=1e-8, atol=1e-12)
         assert (multi / "covariance" / "ckpt-r1-w2.safetensors").exists()
+        one, two = (load_tensors(r / "self" / "result.safetensors")[0] for r in (single, multi))
+        assert torch.equal(one["index"], two["index"])
+        assert torch.allclose(one["values"], two["values"], rtol=1e-10)
 
     def test_copied_queries_rank_first_and_tfidf_prefilter_recall(tmp_path):
         model, task, train, queries, copied = lm_setup()

@@ -1,13 +1,14 @@
-"""`steerlab influence fit|score|report`: EK-FAC influence of a text corpus on prompt/completion queries.
+"""`steerlab influence fit|score|self|report`: EK-FAC influence of a text corpus on prompt/completion queries.
 
     steerlab influence fit --model smollm2-135m --train corpus.txt --block-size 128 --n-blocks 128 \\
         --layers 24-29 --run runs/demo
     steerlab influence score --run runs/demo --queries queries.jsonl --top-k 10 [--prefilter 64]
+    steerlab influence self --run runs/demo --top-k 20
     steerlab influence report --run runs/demo --out runs/demo/report.html
 
 queries.jsonl: one {"prompt": ..., "completion": ...} (or {"prompt_ids": [...], "completion_ids": [...]})
 per line. Wiring: `steerlab.cli` calls `add_subcommands(subparsers)`; each leaf sets `func(args)`.
-Under `torchrun`, fit and score shard their batches across processes.
+Under `torchrun`, fit, score and self shard their batches across processes.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def parse_layers(text: str | None) -> list[int] | None:
 
 def add_subcommands(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "influence", help="EK-FAC influence functions (fit factors, score queries, report)"
+        "influence", help="EK-FAC influence functions (fit factors, score queries, self-influence, report)"
     )
     sub = parser.add_subparsers(dest="influence_command", required=True)
 
@@ -89,6 +90,19 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
     score.add_argument("--checkpoint-every", type=int, default=8)
     score.add_argument("--threads", type=int, default=None)
     score.set_defaults(func=cmd_score)
+
+    self_ = sub.add_parser(
+        "self", help="self-influence of every training sequence (atypical or memorised ones rank high)"
+    )
+    self_.add_argument("--run", required=True)
+    self_.add_argument("--strategy", choices=["identity", "diagonal", "kfac", "ekfac"], default="ekfac")
+    self_.add_argument(
+        "--damping", type=float, default=None, help="default: 0.1 x mean eigenvalue per module"
+    )
+    self_.add_argument("--top-k", type=int, default=10, help="list this many highest sequences")
+    self_.add_argument("--checkpoint-every", type=int, default=8)
+    self_.add_argument("--threads", type=int, default=None)
+    self_.set_defaults(func=cmd_self)
 
     report = sub.add_parser("report", help="self-contained HTML report with per-token heat-maps")
     report.add_argument("--run", required=True)
@@ -301,6 +315,42 @@ def cmd_score(args) -> None:
             print(
                 f"query {qi} {row['completion'][:40]!r}: top {top} scores {[round(v, 4) for v in result['top_values'][qi, :3].tolist()]}"
             )
+
+
+def cmd_self(args) -> None:
+    from steerlab import distributed
+    from steerlab.influence.pipeline import self_influence
+    from steerlab.influence.storage import save_json
+
+    _threads(args)
+    distributed.init()
+    run = Path(args.run)
+    cfg = _config(run)
+    model, tokenizer = _load(cfg)
+    train = _blocks(run, cfg, tokenizer)
+    result = self_influence(
+        run,
+        model,
+        _task(cfg),
+        train,
+        strategy=args.strategy,
+        damping=args.damping,
+        checkpoint_every=args.checkpoint_every,
+        progress=distributed.is_main(),
+    )
+    if distributed.is_main():
+        order = result["values"].argsort(descending=True)[: args.top_k]
+        top = [
+            {
+                "index": int(result["index"][i]),
+                "self_influence": float(result["values"][i]),
+                "text": tokenizer.decode(train.sequences([int(result["index"][i])])[0]),
+            }
+            for i in order
+        ]
+        save_json(run / "self" / "top.json", top)
+        for row in top:
+            print(f"#{row['index']:<6} {row['self_influence']:.4g}  {row['text'][:80]!r}")
 
 
 def cmd_report(args) -> None:

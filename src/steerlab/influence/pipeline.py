@@ -41,13 +41,14 @@ from steerlab.influence.scores import (
     preconditioned_queries,
     query_gradients,
     score_captured,
+    self_influence_of_batch,
 )
 from steerlab.influence.stages import check_stage, checkpoint_path, stream_stage
 from steerlab.influence.storage import load_json, load_tensors, save_tensors
 from steerlab.influence.tasks import Task
 from steerlab.influence.topk import merge_topk, update_topk
 
-__all__ = ["BlockBatches", "TensorBatches", "fit", "load_scores", "score", "tensor_hash"]
+__all__ = ["BlockBatches", "TensorBatches", "fit", "load_scores", "score", "self_influence", "tensor_hash"]
 
 
 def tensor_hash(*tensors: torch.Tensor) -> str:
@@ -343,9 +344,8 @@ def score(
         state["layer_abs"] = state["layer_abs"] + layer_abs if "layer_abs" in state else layer_abs
         keep = idx % sample_stride == 0
         if keep.any():
-            for key, value in (("sample_index", idx[keep]), ("sample_values", total[:, keep])):
-                dim = 0 if key == "sample_index" else 1
-                state[key] = torch.cat([state[key], value], dim) if key in state else value.clone()
+            _append(state, "sample_index", idx[keep], 0)
+            _append(state, "sample_values", total[:, keep], 1)
 
     stream_stage(
         checkpoint_path(run_dir, name, rank(), world_size()),
@@ -365,11 +365,81 @@ def score(
         out["layer_abs"] = sum(s["layer_abs"] for s in states)
         out["layers"] = torch.tensor(layers)
         if any("sample_index" in s for s in states):
-            index = torch.cat([s["sample_index"] for s in states if "sample_index" in s])
-            values = torch.cat([s["sample_values"] for s in states if "sample_index" in s], 1)
-            order = index.argsort()
-            out["sample_index"], out["sample_values"] = index[order], values[:, order]
+            out["sample_index"], out["sample_values"] = _by_index(states, "sample_index", "sample_values", 1)
         save_tensors(result_path, out)
+    barrier()
+    return load_tensors(result_path)[0]
+
+
+def _append(state: dict[str, torch.Tensor], key: str, value: torch.Tensor, dim: int) -> None:
+    state[key] = torch.cat([state[key], value], dim) if key in state else value.clone()
+
+
+def _by_index(
+    states: list[dict], index_key: str, value_key: str, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate the indexed values of several processes' states, sorted by training index."""
+    present = [s for s in states if index_key in s]
+    index = torch.cat([s[index_key] for s in present])
+    values = torch.cat([s[value_key] for s in present], dim)
+    order = index.argsort()
+    return index[order], values.index_select(dim, order)
+
+
+def self_influence(
+    run_dir: str | Path,
+    model: nn.Module,
+    task: Task,
+    train,
+    *,
+    strategy: str = "ekfac",
+    damping: float | None = None,
+    dtype: torch.dtype | None = None,
+    checkpoint_every: int = 8,
+    progress: bool = False,
+    name: str = "self",
+) -> dict[str, torch.Tensor]:
+    """Self-influence <G_z, (F + damping I)^-1 G_z> of every training example, streamed, resumable and
+    sharded like `score`. Returns {"index": [N], "values": [N]}, sorted by training index. High values
+    flag examples the model finds hard or atypical (mislabelled examples, memorised sequences)."""
+    run_dir = Path(run_dir)
+    fit_args = load_json(run_dir / "lambda" / "args.json") if strategy != "identity" else {}
+    args = {
+        "fit": fit_args,
+        "strategy": strategy,
+        "damping": damping,
+        "dtype": str(dtype),
+        "world_size": world_size(),
+        "train": _describe(train),
+    }
+    result_path = run_dir / name / "result.safetensors"
+    if check_stage(run_dir, name, args):
+        return load_tensors(result_path)[0]
+    factors = Factors.load(run_dir / "lambda" / "factors.safetensors") if strategy != "identity" else None
+    use_prefix = bool(fit_args.get("prefix_cache")) and fit_args.get("train") == _describe(train)
+    modules = task.modules(model)
+
+    def step(state: dict[str, torch.Tensor], i: int) -> None:
+        batch = with_prefix(run_dir, train[i], i) if use_prefix else train[i]
+        cap = run_batch(model, task, modules, batch, dtype=dtype)
+        _append(state, "index", train.indices(i), 0)
+        _append(state, "values", self_influence_of_batch(cap, factors, strategy, damping).cpu(), 0)
+
+    stream_stage(
+        checkpoint_path(run_dir, name, rank(), world_size()),
+        name,
+        shard(range(len(train))),
+        step,
+        checkpoint_every,
+        progress,
+    )
+    barrier()
+    if is_main():
+        states = [
+            load_tensors(checkpoint_path(run_dir, name, r, world_size()))[0] for r in range(world_size())
+        ]
+        index, values = _by_index(states, "index", "values", 0)
+        save_tensors(result_path, {"index": index, "values": values})
     barrier()
     return load_tensors(result_path)[0]
 

@@ -32,6 +32,7 @@ __all__ = [
     "precondition",
     "query_gradients",
     "score_captured",
+    "self_influence_of_batch",
     "self_scores",
 ]
 
@@ -264,6 +265,31 @@ def pairwise_scores(
     return result
 
 
+def self_influence_of_batch(
+    cap: Captured, factors: Factors | None, strategy: str = "ekfac", damping: float | None = None
+) -> torch.Tensor:
+    """<G_z, (F_approx + damping I)^-1 G_z> for every example of one captured batch, [B] (float64).
+    K-FAC/EK-FAC: sum R^2 / (Lambda + damping) with R = Q_S^T G Q_A = (ds Q_S)^T (a Q_A), so nothing is
+    rotated back."""
+    total = 0.0
+    for name, a in cap.inputs.items():
+        ds = cap.grads[name]
+        dt = _compute_dtype(a)
+        a, ds = a.to(dt), ds.to(dt)
+        if strategy in ("kfac", "ekfac"):
+            qa, qs = factors.get(name, "QA").to(dt), factors.get(name, "QS").to(dt)
+            rotated = per_example_gradients(a @ qa, ds @ qs)
+            lam = eigenvalues_for(factors, name, strategy).to(dt) + damping_for(
+                factors, name, strategy, damping
+            )
+            part = (rotated.square() / lam).sum((1, 2))
+        else:
+            g = per_example_gradients(a, ds)
+            part = (g * precondition(g, factors, name, strategy, damping)).sum((1, 2))
+        total = total + part.double()
+    return total
+
+
 def self_scores(
     model: nn.Module,
     task: Task,
@@ -275,15 +301,12 @@ def self_scores(
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Self-influence <G_z, (F_approx + damping I)^-1 G_z> of every training example, [N]."""
+    _check_strategy(strategy)
     modules = task.modules(model)
     out = []
     for batch in train:
         cap = run_batch(model, task, modules, batch, dtype=dtype)
-        total = 0.0
-        for name in modules:
-            g = per_example_gradients(cap.inputs[name], cap.grads[name]).double()
-            total = total + (g * precondition(g, factors, name, strategy, damping)).sum((1, 2))
-        out.append(total)
+        out.append(self_influence_of_batch(cap, factors, strategy, damping))
     return torch.cat(out)
 
 
