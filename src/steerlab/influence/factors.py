@@ -68,19 +68,19 @@ def run_batch(
     """One forward/backward of the training loss (or the query loss), capturing tracked modules.
     With a list `head_grads` (and a task that supports it), also append the data-label loss's gradient
     at the output head's input (see `prefix`; None when the task cannot record it)."""
-    release_free_memory()  # the previous batch's transient buffers (see steerlab.memory)
+    release_free_memory(every=4)  # earlier batches' transient buffers (see steerlab.memory)
     batch = to_device(batch, _device(model))
     generator = None
     if sample_seed is not None and not query:
         generator = torch.Generator(device=_device(model)).manual_seed(sample_seed)
-    record = head_grads is not None and hasattr(task, "train_loss_recording_head") and not query
+    record = head_grads is not None and hasattr(task, "train_loss_and_head_gradient") and not query
     if record and model.get_output_embeddings() in modules.values():
         record = False  # the head itself is tracked: it must run in every pass
     with no_param_grads(model), capture(modules, task.token_mask(batch), dtype) as captured:
         if query:
             loss = task.query_loss(model, batch)
         elif record:
-            loss, head_grad = task.train_loss_recording_head(model, batch, generator)
+            loss, head_grad = task.train_loss_and_head_gradient(model, batch, generator)
         else:
             loss = task.train_loss(model, batch, generator)
         loss.backward()
@@ -169,7 +169,7 @@ def lambda_update(
         qa = eigen.tensors[f"{name}/QA"].to(device=a.device, dtype=dt)
         qs = eigen.tensors[f"{name}/QS"].to(device=a.device, dtype=dt)
         rotated = per_example_gradients(a.to(dt) @ qa, ds.to(dt) @ qs)
-        acc.add(f"{name}/lambda", (rotated**2).sum(0))
+        acc.add(f"{name}/lambda", rotated.square_().sum(0))
         if diagonal:
             acc.add(f"{name}/diag", (per_example_gradients(a, ds) ** 2).sum(0))
     acc.add("n_lambda", torch.tensor([float(n_sequences)]))
@@ -201,17 +201,11 @@ def eigendecompose(acc: Accumulator, modules: list[str]) -> Factors:
     n_tokens = float(acc.sums["n_tokens"].item())
     n_seq = float(acc.sums["n_sequences"].item())
     tensors = {}
-    threads = torch.get_num_threads()
-    try:
-        # CPU LAPACK eigh in float64 is often *slower* multi-threaded (30x on a shared 2-core machine)
-        torch.set_num_threads(1)
-        for name in modules:
-            A = acc.sums[f"{name}/A"].double() / n_tokens
-            S = acc.sums[f"{name}/S"].double() / n_seq
-            tensors[f"{name}/lA"], tensors[f"{name}/QA"] = torch.linalg.eigh((A + A.T) / 2)
-            tensors[f"{name}/lS"], tensors[f"{name}/QS"] = torch.linalg.eigh((S + S.T) / 2)
-    finally:
-        torch.set_num_threads(threads)
+    for name in modules:
+        A = acc.sums[f"{name}/A"].double() / n_tokens
+        S = acc.sums[f"{name}/S"].double() / n_seq
+        tensors[f"{name}/lA"], tensors[f"{name}/QA"] = torch.linalg.eigh((A + A.T) / 2)
+        tensors[f"{name}/lS"], tensors[f"{name}/QS"] = torch.linalg.eigh((S + S.T) / 2)
     return Factors(tensors, list(modules), {"n_tokens": n_tokens, "n_sequences": n_seq})
 
 

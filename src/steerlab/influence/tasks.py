@@ -150,33 +150,42 @@ class LanguageModelTask:
             # below the head, so the head (vocabulary x hidden) is skipped (see prefix.py)
             hidden = self._forward(model, batch, head=False)
             return (hidden * batch["head_grad"].to(hidden.dtype)).sum()
-        logits, labels = self._logits_labels(model, batch)
-        if generator is not None:
-            sampled = _sample_categorical(logits, generator).to(labels.device)
-            labels = torch.where(labels != -100, sampled, labels)
-        return self._cross_entropy(logits, labels)
+        return self.train_loss_and_head_gradient(model, batch, generator)[0]
 
-    def train_loss_recording_head(
+    def train_loss_and_head_gradient(
         self, model: nn.Module, batch, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The training loss to backpropagate, and the gradient of the *data-label* loss with respect to
         the head's input (None when nothing below the head is tracked), recorded once so that later
-        passes with data labels skip the head. Data labels: no extra work (the loss returned is the
-        equivalent surrogate); sampled labels: one extra backward through the head."""
+        passes with data labels skip the head (see prefix.py). A plain head (see head.py) is computed
+        in chunks with its gradient, other heads (e.g. soft-capped logits) by autograd."""
+        from steerlab.influence.head import head_cross_entropy, loss_with_gradient, plain_head
+
+        labels = self._shifted_labels(batch)
+        head = plain_head(model)
+        if head is not None and head not in self.modules(model).values():
+            hidden = self._forward(model, batch, head=False)
+            out = head_cross_entropy(hidden, head, labels, generator)
+            if not hidden.requires_grad:  # nothing tracked below the head
+                return out.loss, None
+            return loss_with_gradient(hidden, out.grad, out.loss), out.data_grad
         from steerlab.influence.prefix import record_head_input
 
         with record_head_input(model) as seen:
             logits = self._forward(model, batch)
-        labels = self._shifted_labels(batch)
         data_loss = self._cross_entropy(logits, labels)
         hidden = seen[0]
+        if generator is not None:
+            sampled = _sample_categorical(logits, generator).to(labels.device)
+            loss = self._cross_entropy(logits, torch.where(labels != -100, sampled, labels))
+        else:
+            loss = data_loss
         if not hidden.requires_grad:
-            return self.train_loss(model, batch, generator), None
+            return loss, None
         (grad,) = torch.autograd.grad(data_loss, hidden, retain_graph=True)
         if generator is None:
-            return (hidden * grad).sum(), grad.detach()
-        sampled = _sample_categorical(logits, generator).to(labels.device)
-        return self._cross_entropy(logits, torch.where(labels != -100, sampled, labels)), grad.detach()
+            return loss_with_gradient(hidden, grad, loss), grad.detach()
+        return loss, grad.detach()
 
     def query_loss(self, model: nn.Module, batch) -> torch.Tensor:
         return self.train_loss(model, batch, None)
