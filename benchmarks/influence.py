@@ -70,7 +70,10 @@ def worker(args) -> None:
 
         t0 = time.perf_counter()
         cache: dict = {}  # hidden states entering layer 24, recorded by the covariance pass
-        cov = fit_covariance(model, task, train, seed=None, prefix_cache=cache if args.prefix_cache else None)
+        dt = {"float32": None, "bfloat16": torch.bfloat16}[args.capture_dtype]
+        cov = fit_covariance(
+            model, task, train, seed=None, dtype=dt, prefix_cache=cache if args.prefix_cache else None
+        )
         fast = [{**b, **cache.get(i, {})} for i, b in enumerate(train)]
         t1 = time.perf_counter()
         peaks = {"covariance": peak_rss_gb()}
@@ -78,13 +81,18 @@ def worker(args) -> None:
         del cov
         t2 = time.perf_counter()
         peaks["eigen"] = peak_rss_gb()
-        factors = finish_lambda(eigen, fit_lambda(model, task, fast, eigen, seed=None))
+        factors = finish_lambda(eigen, fit_lambda(model, task, fast, eigen, seed=None, dtype=dt))
         t3 = time.perf_counter()
         peaks["lambda"] = peak_rss_gb()
         pre = preconditioned_queries(
-            query_gradients(model, task, queries, factored=True), factors, "ekfac", args.damping, consume=True
+            query_gradients(model, task, queries, dtype=dt, factored=True),
+            factors,
+            "ekfac",
+            args.damping,
+            consume=True,
         )
-        scores = pairwise_scores(model, task, fast, pre)["scores"]
+        del factors, eigen  # scoring needs only the preconditioned queries (the pipeline frees them too)
+        scores = pairwise_scores(model, task, fast, pre, dtype=dt)["scores"]
         t4 = time.perf_counter()
         peaks["score"] = peak_rss_gb()
         print(f"steerlab peak RSS (GB) after each stage: {peaks}", file=sys.stderr)
@@ -121,9 +129,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--libs", default="steerlab,kronfluence")
     parser.add_argument(
+        "--capture-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="steerlab's stored activations/gradients (bfloat16: mixed precision, float32 sums)",
+    )
+    parser.add_argument(
         "--prefix-cache", type=int, default=1, help="start later passes at layer 24 (1) or not (0)"
     )
     parser.add_argument("--kronfluence-from", default=None, help="reuse a kronfluence worker's --out folder")
+    parser.add_argument("--keep", default=None, help="keep each worker's scores in KEEP/<library>-<repeat>/")
     parser.add_argument("--worker", choices=["steerlab", "kronfluence"], default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -149,6 +164,7 @@ def main() -> None:
             "damping",
             "threads",
             "prefix_cache",
+            "capture_dtype",
         )
     ]
     for rep in range(args.repeats):
@@ -158,11 +174,13 @@ def main() -> None:
                 runs[lib].append(json.loads((Path(out) / f"{lib}.json").read_text()))
                 scores[lib] = load_file(str(Path(out) / f"{lib}.safetensors"))["scores"]
                 continue
-            with tempfile.TemporaryDirectory() as out:
-                cmd = [sys.executable, __file__, "--worker", lib, "--out", out, *passthrough]
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(args.keep) / f"{lib}-{rep}" if args.keep else Path(tmp)
+                out.mkdir(parents=True, exist_ok=True)
+                cmd = [sys.executable, __file__, "--worker", lib, "--out", str(out), *passthrough]
                 subprocess.run(cmd, check=True)
-                runs[lib].append(json.loads((Path(out) / f"{lib}.json").read_text()))
-                scores[lib] = load_file(str(Path(out) / f"{lib}.safetensors"))["scores"]
+                runs[lib].append(json.loads((out / f"{lib}.json").read_text()))
+                scores[lib] = load_file(str(out / f"{lib}.safetensors"))["scores"]
             print(f"repeat {rep} {lib}: {runs[lib][-1]}", file=sys.stderr, flush=True)
 
     def med(lib, key):
@@ -187,6 +205,7 @@ def main() -> None:
             {
                 "spearman_vs_kronfluence_min": round(min(rhos), 5),
                 "spearman_vs_kronfluence": [round(r, 5) for r in rhos],
+                "relative_error_vs_kronfluence": float((ours - theirs).norm() / theirs.norm()),
                 "fit_speedup_vs_kronfluence": round(med("kronfluence", "fit") / med("steerlab", "fit"), 3),
                 "score_speedup_vs_kronfluence": round(
                     med("kronfluence", "score") / med("steerlab", "score"), 3
