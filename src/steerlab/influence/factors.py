@@ -74,7 +74,7 @@ def run_batch(
     if sample_seed is not None and not query:
         generator = torch.Generator(device=_device(model)).manual_seed(sample_seed)
     record = head_grads is not None and hasattr(task, "train_loss_and_head_gradient") and not query
-    if record and model.get_output_embeddings() in modules.values():
+    if record and getattr(model, "get_output_embeddings", lambda: None)() in modules.values():
         record = False  # the head itself is tracked: it must run in every pass
     with no_param_grads(model), capture(modules, task.token_mask(batch), dtype) as captured:
         if query:

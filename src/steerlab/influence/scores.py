@@ -87,10 +87,7 @@ def precondition(
         a, ds = a.to(dt), ds.to(dt)
         (t, n_in), n_out = a.shape[1:], ds.shape[-1]
         if strategy in ("kfac", "ekfac") and t * (n_out + n_in) < n_out * n_in:
-            qa, qs = factors.get(name, "QA").to(dt), factors.get(name, "QS").to(dt)
-            lam = eigenvalues_for(factors, name, strategy).to(dt) + damping_for(
-                factors, name, strategy, damping
-            )
+            qa, qs, lam = _eigenbasis(factors, name, strategy, damping, dt)
             rotated = torch.bmm((ds @ qs).transpose(1, 2), a @ qa)
             return qs @ (rotated / lam) @ qa.T
         grad = per_example_gradients(a, ds)
@@ -98,11 +95,20 @@ def precondition(
     grad = grad.to(dt)
     if strategy == "identity":
         return grad
-    lam = eigenvalues_for(factors, name, strategy).to(dt) + damping_for(factors, name, strategy, damping)
     if strategy == "diagonal":
-        return grad / lam
-    qa, qs = factors.get(name, "QA").to(dt), factors.get(name, "QS").to(dt)
+        return grad / (
+            eigenvalues_for(factors, name, strategy).to(dt) + damping_for(factors, name, strategy, damping)
+        )
+    qa, qs, lam = _eigenbasis(factors, name, strategy, damping, dt)
     return qs @ ((qs.T @ grad @ qa) / lam) @ qa.T
+
+
+def _eigenbasis(
+    factors: Factors, name: str, strategy: str, damping: float | None, dt: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q_A, Q_S and the damped eigenvalues Lambda + damping of a K-FAC/EK-FAC module, in dtype `dt`."""
+    lam = eigenvalues_for(factors, name, strategy).to(dt) + damping_for(factors, name, strategy, damping)
+    return factors.get(name, "QA").to(dt), factors.get(name, "QS").to(dt), lam
 
 
 @dataclass
@@ -277,11 +283,8 @@ def self_influence_of_batch(
         dt = _compute_dtype(a)
         a, ds = a.to(dt), ds.to(dt)
         if strategy in ("kfac", "ekfac"):
-            qa, qs = factors.get(name, "QA").to(dt), factors.get(name, "QS").to(dt)
+            qa, qs, lam = _eigenbasis(factors, name, strategy, damping, dt)
             rotated = per_example_gradients(a @ qa, ds @ qs)
-            lam = eigenvalues_for(factors, name, strategy).to(dt) + damping_for(
-                factors, name, strategy, damping
-            )
             part = (rotated.square() / lam).sum((1, 2))
         else:
             g = per_example_gradients(a, ds)
