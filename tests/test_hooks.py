@@ -178,3 +178,20 @@ def test_decode_steps_add_one_op_and_copy_nothing():
     short, long = steered_extra(4), steered_extra(14)
     per_ten_steps = {k: long[k] - short.get(k, 0) for k in long if long[k] - short.get(k, 0) != 0}
     assert per_ten_steps == {"aten::add": 20}, per_ten_steps
+
+
+def test_start_at_block_equals_full_forward_and_restores_blocks_on_error():
+    from steerlab.hooks import record_block_input, start_at_block
+    from steerlab.models import decoder_layers
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    blocks = list(decoder_layers(model))
+    with torch.no_grad(), record_block_input(model, 1) as seen:
+        full = model(input_ids=ids).logits
+    with torch.no_grad(), start_at_block(model, 1, seen[0]):
+        assert not any(a is b for a, b in zip(decoder_layers(model), blocks[:1]))  # block 0 skipped
+        assert torch.allclose(model(input_ids=ids).logits, full, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="do not fit"), start_at_block(model, 1, seen[0][:1]):
+        model(input_ids=ids)
+    assert list(decoder_layers(model)) == blocks

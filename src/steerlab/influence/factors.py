@@ -247,10 +247,10 @@ def run_batch_recording(model, task, modules, batch, layer, cache, index, sample
     data-label gradient at the head's input (the pass cache, see `prefix`)."""
     if layer is None or cache is None:
         return run_batch(model, task, modules, batch, sample_seed=sample, dtype=dtype)
-    from steerlab.influence.prefix import record_layer_input
+    from steerlab.hooks import record_block_input
 
     head_grads: list = []
-    with record_layer_input(model, layer) as seen:
+    with record_block_input(model, layer) as seen:
         cap = run_batch(model, task, modules, batch, sample_seed=sample, dtype=dtype, head_grads=head_grads)
     cache[index] = {"prefix_hidden": seen[0], "prefix_layer": torch.tensor(layer)}
     if head_grads[0] is not None:

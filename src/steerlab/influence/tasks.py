@@ -118,9 +118,9 @@ class LanguageModelTask:
         }
         net = model if head else model.base_model
         if "prefix_hidden" in batch:  # cached hidden states entering block `prefix_layer` (see prefix.py)
-            from steerlab.influence.prefix import start_at_layer
+            from steerlab.hooks import start_at_block
 
-            with start_at_layer(model, int(batch["prefix_layer"]), batch["prefix_hidden"]):
+            with start_at_block(model, int(batch["prefix_layer"]), batch["prefix_hidden"]):
                 out = net(**kwargs)
         else:
             out = net(**kwargs)
@@ -169,7 +169,7 @@ class LanguageModelTask:
             if not hidden.requires_grad:  # nothing tracked below the head
                 return out.loss, None
             return loss_with_gradient(hidden, out.grad, out.loss), out.data_grad
-        from steerlab.influence.prefix import record_head_input
+        from steerlab.hooks import record_head_input
 
         with record_head_input(model) as seen:
             logits = self._forward(model, batch)
