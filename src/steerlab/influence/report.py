@@ -81,6 +81,7 @@ def _figures(query: dict) -> str:
     ax.hist(query["sample_scores"], bins=40, color="#55a868")
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yscale("log")
+    ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
     ax.set_xlabel("influence score")
     ax.set_ylabel("training sequences")
     ax.set_title("score histogram", fontsize=9)
