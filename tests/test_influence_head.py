@@ -73,3 +73,15 @@ def test_task_loss_gradient_below_the_head_equals_plain_cross_entropy(family):
     loss = task.train_loss(model, batch)
     got = torch.autograd.grad(loss, weight)[0]
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-14)
+
+
+def test_sample_categorical_draws_from_the_distribution():
+    from steerlab.influence.head import sample_categorical
+
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2], [0.0, 0.0, 0.0, 1.0]], dtype=torch.float32)
+    draws = sample_categorical(probs.repeat(20000, 1), torch.Generator().manual_seed(0)).reshape(20000, 2)
+    freq = torch.stack([torch.bincount(draws[:, r], minlength=4).float() / 20000 for r in range(2)])
+    assert torch.allclose(freq, probs, atol=0.012)  # ~3.5 standard errors
+    assert freq[0, 1] == 0 and torch.equal(draws[:, 1], torch.full((20000,), 3))  # never a zero entry
+    unnormalised = sample_categorical(probs * 7.0, torch.Generator().manual_seed(0))
+    assert torch.equal(unnormalised, sample_categorical(probs, torch.Generator().manual_seed(0)))

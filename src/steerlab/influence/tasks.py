@@ -80,10 +80,9 @@ class Task(Protocol):
 
 
 def _sample_categorical(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    probs = torch.softmax(logits.detach().float(), dim=-1)
-    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).reshape(
-        probs.shape[:-1]
-    )
+    from steerlab.influence.head import sample_categorical
+
+    return sample_categorical(torch.softmax(logits.detach().float(), dim=-1), generator)
 
 
 @dataclass
