@@ -227,6 +227,17 @@ else:
         b = score(tmp_path / "fast", model, task, train, queries, top_k=5)
         assert torch.equal(a["top_index"], b["top_index"])
         assert torch.allclose(a["sample_values"], b["sample_values"], rtol=1e-9)
+        # candidates: subset batches gather their rows from the cached batches
+        cands = torch.tensor([[0, 5, 9, 17, 22], [3, 4, 11, 17, 20]])
+        a = score(tmp_path / "plain", model, task, train, queries, top_k=3, candidates=cands, name="c")
+        b = score(tmp_path / "fast", model, task, train, queries, top_k=3, candidates=cands, name="c")
+        assert torch.equal(a["top_index"], b["top_index"])
+        assert torch.allclose(a["top_values"], b["top_values"], rtol=1e-9)
+        from steerlab.influence.pipeline import with_prefix_rows
+
+        sub = train.with_subset([5, 9, 22])
+        gathered = with_prefix_rows(tmp_path / "fast", sub[0], sub.indices(0), train.batch_size)
+        assert gathered["prefix_hidden"].shape[0] == 3 and gathered["head_grad"].shape[0] == 3
 
     def test_bfloat16_capture_error_is_small(tmp_path):
         from scipy.stats import spearmanr

@@ -147,6 +147,33 @@ def with_prefix(run_dir: Path, batch, index: int):
     return {**batch, **load_tensors(path)[0]}
 
 
+def with_prefix_rows(run_dir: Path, batch, examples: torch.Tensor, batch_size: int):
+    """A batch of arbitrary training examples (e.g. TF-IDF candidates) with their cached states gathered
+    from the fitted batches (example j is row j % batch_size of batch j // batch_size). Batches are
+    right-padded, so each row is cut or zero-padded to this batch's length."""
+    if not isinstance(batch, dict):
+        return batch
+    length = batch["input_ids"].shape[1]
+    loaded: dict[int, dict[str, torch.Tensor]] = {}
+    rows: dict[str, list[torch.Tensor]] = {"prefix_hidden": [], "head_grad": []}
+    for j in examples.tolist():
+        b, r = divmod(int(j), batch_size)
+        if b not in loaded:
+            path = _prefix_path(run_dir, b)
+            if not path.exists():
+                return batch
+            loaded[b] = load_tensors(path)[0]
+        for key in rows:
+            if key in loaded[b]:
+                row = loaded[b][key][r, :length]
+                rows[key].append(torch.nn.functional.pad(row, (0, 0, 0, length - row.shape[0])))
+    out = {**batch, "prefix_layer": next(iter(loaded.values()))["prefix_layer"]}
+    for key, values in rows.items():
+        if len(values) == len(examples):
+            out[key] = torch.stack(values)
+    return out
+
+
 def _describe(train) -> dict:
     return train.describe() if hasattr(train, "describe") else {"n_batches": len(train)}
 
@@ -316,18 +343,18 @@ def score(
         source = train.with_subset(sorted(set(candidates.reshape(-1).tolist())))
         allowed = torch.zeros(n_queries, train.n_examples, dtype=torch.bool)
         allowed.scatter_(1, candidates.long(), True)
-    # cached hidden states belong to the fitted corpus and its batching: use them only for that corpus
-    use_prefix = (
-        candidates is None
-        and bool(fit_args.get("prefix_cache"))
-        and fit_args.get("train") == _describe(train)
-    )
+    # cached states belong to the fitted corpus and its batching: use them only for that corpus
+    use_prefix = bool(fit_args.get("prefix_cache")) and fit_args.get("train") == _describe(train)
     modules = {n: m for n, m in task.modules(model).items() if n in pre.modules}
     layers = sorted({layer_of(n) if layer_of(n) is not None else -1 for n in modules})
 
     def step(state: dict[str, torch.Tensor], i: int) -> None:
-        batch = with_prefix(run_dir, source[i], i) if use_prefix else source[i]
         idx = source.indices(i)
+        batch = source[i]
+        if use_prefix and candidates is None:
+            batch = with_prefix(run_dir, batch, i)
+        elif use_prefix:
+            batch = with_prefix_rows(run_dir, batch, idx, train.batch_size)
         cap = run_batch(model, task, modules, batch, dtype=dtype)
         per_module, _ = score_captured(cap, pre)
         total = sum(per_module.values()).double().cpu()
