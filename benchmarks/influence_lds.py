@@ -95,6 +95,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--weight-decay", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--samples", type=int, default=8, help="sampled labels per example for the true Fisher"
+    )
+    parser.add_argument(
         "--plot", default=None, help="write a PNG with LDS per strategy and the damping sweep"
     )
     args = parser.parse_args(argv)
@@ -104,7 +107,7 @@ def main(argv=None) -> dict:
     model = train(x, y, epochs=args.epochs, weight_decay=args.weight_decay)
     task = ClassificationTask()
     train_batches, query_batches = batches_of(x, y), batches_of(xq, yq)
-    factors = fit_factors(model, task, train_batches, seed=args.seed, diagonal=True)
+    factors = fit_factors(model, task, train_batches, seed=args.seed, diagonal=True, samples=args.samples)
     grads = query_gradients(model, task, query_batches)
 
     def scores_for(strategy: str, damping=None) -> torch.Tensor:
@@ -150,7 +153,7 @@ def main(argv=None) -> dict:
     y_noisy[flipped] = (y[flipped] + torch.randint(1, 10, (len(flipped),), generator=flip_gen)) % 10
     noisy_model = train(x, y_noisy, epochs=args.epochs, weight_decay=args.weight_decay)
     noisy_batches = batches_of(x, y_noisy)
-    noisy_factors = fit_factors(noisy_model, task, noisy_batches, seed=args.seed)
+    noisy_factors = fit_factors(noisy_model, task, noisy_batches, seed=args.seed, samples=args.samples)
     is_flipped = torch.zeros(args.n_train, dtype=torch.bool)
     is_flipped[flipped] = True
     for strategy in ("identity", "ekfac"):

@@ -372,3 +372,25 @@ def test_factored_query_gradients_precondition_like_dense(name, strategy):
     got = preconditioned_queries(factored, factors, strategy, dtype=torch.float64)
     for n in dense.full:
         assert rel_err(got.full[n], dense.full[n]) < 1e-10, n
+
+
+def test_several_label_draws_average_fisher_samples():
+    from steerlab.influence import fit_covariance
+    from steerlab.influence.factors import Accumulator, batch_seed, covariance_update, run_batch
+
+    model, task, train, *_ = PROBLEMS["llama"]
+    one = fit_covariance(model, task, train, seed=5)
+    two = fit_covariance(model, task, train, seed=5, samples=2)
+    manual = Accumulator()
+    modules = task.modules(model)
+    for i, batch in enumerate(train):
+        for stage in ("covariance", "covariance:1"):  # the first draw is the single-draw run's
+            cap = run_batch(model, task, modules, batch, sample_seed=batch_seed(5, i, stage))
+            covariance_update(manual, cap, task.batch_size(batch), task.token_mask(batch))
+    for key, value in manual.sums.items():
+        assert torch.allclose(two.sums[key], value, rtol=1e-12), key
+    name = next(iter(modules))
+    assert torch.allclose(two.sums[f"{name}/A"], 2 * one.sums[f"{name}/A"], rtol=1e-12)  # inputs repeat
+    assert not torch.allclose(two.sums[f"{name}/S"], 2 * one.sums[f"{name}/S"])  # gradients differ
+    factors = fit_factors(model, task, train, seed=5, samples=2)
+    assert factors.info["n_lambda"] == 2 * fit_factors(model, task, train, seed=5).info["n_lambda"]

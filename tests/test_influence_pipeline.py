@@ -239,6 +239,15 @@ else:
         gathered = with_prefix_rows(tmp_path / "fast", sub[0], sub.indices(0), train.batch_size)
         assert gathered["prefix_hidden"].shape[0] == 3 and gathered["head_grad"].shape[0] == 3
 
+    def test_pipeline_with_several_label_draws_equals_in_memory_fit(tmp_path):
+        from steerlab.influence.pipeline import fit
+
+        model, task, train, _, _ = lm_setup()
+        streamed = fit(tmp_path, model, task, train, seed=3, samples=3, prefix_cache=True)
+        in_memory = fit_factors(model, task, list(train), seed=3, samples=3)
+        for k, v in in_memory.tensors.items():
+            assert torch.allclose(streamed.tensors[k].abs(), v.abs(), rtol=1e-9, atol=1e-12), k
+
     def test_bfloat16_capture_error_is_small(tmp_path):
         from scipy.stats import spearmanr
 

@@ -56,6 +56,9 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
     fit.add_argument("--seed", type=int, default=0, help="seed of the sampled labels (true Fisher)")
     fit.add_argument("--empirical", action="store_true", help="empirical Fisher: use the data labels")
     fit.add_argument(
+        "--samples", type=int, default=1, help="sampled labels per token (true Fisher; more: less noise)"
+    )
+    fit.add_argument(
         "--capture-dtype", choices=sorted(DTYPES), default=None, help="e.g. bfloat16 activations"
     )
     fit.add_argument("--model-dtype", choices=sorted(DTYPES), default="float32")
@@ -248,6 +251,7 @@ def cmd_fit(args) -> None:
         dtype=DTYPES.get(args.capture_dtype),
         diagonal=args.diagonal,
         prefix_cache=not args.no_prefix_cache,
+        samples=args.samples,
         checkpoint_every=args.checkpoint_every,
         progress=distributed.is_main(),
     )

@@ -39,6 +39,7 @@ __all__ = [
     "fit_covariance",
     "fit_factors",
     "fit_lambda",
+    "label_draws",
     "lambda_update",
     "run_batch",
 ]
@@ -48,6 +49,14 @@ def batch_seed(seed: int, index: int, stage: str = "") -> int:
     """A 63-bit seed derived from the run seed, the stage and the batch index (order-independent)."""
     digest = hashlib.sha256(f"{seed}:{stage}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def label_draws(seed: int | None, index: int, stage: str, samples: int = 1) -> list[int | None]:
+    """Label-sampling seeds of batch `index` in `stage`, one per draw (`samples` draws per example
+    average that many Fisher samples); [None] for the data labels (empirical Fisher: one pass)."""
+    if seed is None:
+        return [None]
+    return [batch_seed(seed, index, stage if k == 0 else f"{stage}:{k}") for k in range(samples)]
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -222,10 +231,12 @@ def fit_covariance(
     dtype: torch.dtype | None = None,
     progress: bool = False,
     prefix_cache: dict | None = None,
+    samples: int = 1,
 ) -> Accumulator:
-    """Stream `data` (an iterable of batches) once, accumulating A and S. `seed=None`: empirical Fisher.
-    With a dict `prefix_cache`, also record {batch index: hidden states entering the first tracked layer};
-    merge them into the batches (`{**batch, **prefix_cache[i]}`) so that later passes start there."""
+    """Stream `data` (an iterable of batches) once, accumulating A and S. `seed=None`: empirical Fisher;
+    otherwise `samples` label draws per example. With a dict `prefix_cache`, also record {batch index:
+    hidden states entering the first tracked layer, head-input gradient}; merge them into the batches
+    (`{**batch, **prefix_cache[i]}`) so that later passes start there."""
     from tqdm.auto import tqdm
 
     modules = task.modules(model)
@@ -236,9 +247,15 @@ def fit_covariance(
 
         layer = first_tracked_layer(modules)
     for index, batch in tqdm(_batches(data), desc="covariance", disable=not progress):
-        sample = None if seed is None else batch_seed(seed, index, "covariance")
-        cap = run_batch_recording(model, task, modules, batch, layer, prefix_cache, index, sample, dtype)
-        covariance_update(acc, cap, task.batch_size(batch), task.token_mask(batch))
+        for k, sample in enumerate(label_draws(seed, index, "covariance", samples)):
+            if k == 0:
+                cap = run_batch_recording(
+                    model, task, modules, batch, layer, prefix_cache, index, sample, dtype
+                )
+            else:
+                cached = {**batch, **prefix_cache.get(index, {})} if prefix_cache is not None else batch
+                cap = run_batch(model, task, modules, cached, sample_seed=sample, dtype=dtype)
+            covariance_update(acc, cap, task.batch_size(batch), task.token_mask(batch))
     return acc
 
 
@@ -268,16 +285,18 @@ def fit_lambda(
     dtype: torch.dtype | None = None,
     diagonal: bool = False,
     progress: bool = False,
+    samples: int = 1,
 ) -> Accumulator:
-    """Stream `data` once more, accumulating the EK-FAC eigenvalue correction."""
+    """Stream `data` once more, accumulating the EK-FAC eigenvalue correction (`samples` label draws per
+    example unless `seed=None`)."""
     from tqdm.auto import tqdm
 
     modules = task.modules(model)
     acc = Accumulator()
     for index, batch in tqdm(_batches(data), desc="eigenvalues", disable=not progress):
-        sample = None if seed is None else batch_seed(seed, index, "lambda")
-        cap = run_batch(model, task, modules, batch, sample_seed=sample, dtype=dtype)
-        lambda_update(acc, cap, eigen, task.batch_size(batch), diagonal)
+        for sample in label_draws(seed, index, "lambda", samples):
+            cap = run_batch(model, task, modules, batch, sample_seed=sample, dtype=dtype)
+            lambda_update(acc, cap, eigen, task.batch_size(batch), diagonal)
     return acc
 
 
@@ -301,14 +320,15 @@ def fit_factors(
     dtype: torch.dtype | None = None,
     diagonal: bool = False,
     progress: bool = False,
+    samples: int = 1,
 ) -> Factors:
     """Covariances -> eigendecomposition -> EK-FAC eigenvalues, in memory (`data` is iterated twice).
-    `seed=None` uses the data labels (empirical Fisher); otherwise labels are sampled per batch."""
+    `seed=None` uses the data labels (empirical Fisher); otherwise labels are sampled from the model,
+    `samples` draws per example (more draws: a less noisy true Fisher, at that many passes)."""
     modules = list(task.modules(model))
-    eigen = eigendecompose(
-        fit_covariance(model, task, data, seed=seed, dtype=dtype, progress=progress), modules
-    )
-    lam = fit_lambda(model, task, data, eigen, seed=seed, dtype=dtype, diagonal=diagonal, progress=progress)
+    common = {"seed": seed, "dtype": dtype, "progress": progress, "samples": samples}
+    eigen = eigendecompose(fit_covariance(model, task, data, **common), modules)
+    lam = fit_lambda(model, task, data, eigen, diagonal=diagonal, **common)
     return finish_lambda(eigen, lam)
 
 

@@ -26,10 +26,10 @@ from steerlab.influence.data import lm_batch
 from steerlab.influence.factors import (
     Accumulator,
     Factors,
-    batch_seed,
     covariance_update,
     eigendecompose,
     finish_lambda,
+    label_draws,
     lambda_update,
     run_batch,
     run_batch_recording,
@@ -210,9 +210,11 @@ def fit(
     progress: bool = False,
     extra_args: dict | None = None,
     prefix_cache: bool = False,
+    samples: int = 1,
 ) -> Factors:
     """Fit EK-FAC factors over the indexable batch source `train`, stage by stage (see module docs).
-    `seed=None`: empirical Fisher (data labels); otherwise labels sampled per batch from the model.
+    `seed=None`: empirical Fisher (data labels); otherwise labels sampled per batch from the model,
+    `samples` draws per example (averaged: a less noisy true Fisher, at `samples` passes).
     `prefix_cache`: the covariance pass stores the hidden states entering the first tracked layer
     (`run/prefix/`), and later passes start there (see `prefix`)."""
     run_dir = Path(run_dir)
@@ -228,19 +230,25 @@ def fit(
 
     if prefix_cache:
         args["prefix_cache"] = True
+    if samples != 1 and seed is not None:
+        args["samples"] = samples
     layer = first_tracked_layer(modules) if prefix_cache else None
     if not check_stage(run_dir, "covariance", args):
 
         def cov_step(acc: Accumulator, i: int) -> None:
             batch = train[i]
-            sample = None if seed is None else batch_seed(seed, i, "covariance")
-            if layer is None:
-                cap = run_batch(model, task, modules, batch, sample_seed=sample, dtype=dtype)
-            else:
-                cache: dict = {}
-                cap = run_batch_recording(model, task, modules, batch, layer, cache, i, sample, dtype)
-                save_tensors(_prefix_path(run_dir, i), cache[i])
-            covariance_update(acc, cap, task.batch_size(batch), task.token_mask(batch))
+            for k, sample in enumerate(label_draws(seed, i, "covariance", samples)):
+                if k > 0:
+                    cap = run_batch(
+                        model, task, modules, with_prefix(run_dir, batch, i), sample_seed=sample, dtype=dtype
+                    )
+                elif layer is None:
+                    cap = run_batch(model, task, modules, batch, sample_seed=sample, dtype=dtype)
+                else:
+                    cache: dict = {}
+                    cap = run_batch_recording(model, task, modules, batch, layer, cache, i, sample, dtype)
+                    save_tensors(_prefix_path(run_dir, i), cache[i])
+                covariance_update(acc, cap, task.batch_size(batch), task.token_mask(batch))
 
         _accumulate(run_dir, "covariance", train, cov_step, checkpoint_every, progress)
     cov, _ = Accumulator.load(run_dir / "covariance" / "result.safetensors")
@@ -256,9 +264,9 @@ def fit(
 
         def lam_step(acc: Accumulator, i: int) -> None:
             batch = with_prefix(run_dir, train[i], i)
-            sample = None if seed is None else batch_seed(seed, i, "lambda")
-            cap = run_batch(model, task, modules, batch, sample_seed=sample, dtype=dtype)
-            lambda_update(acc, cap, eigen, task.batch_size(batch), diagonal)
+            for sample in label_draws(seed, i, "lambda", samples):
+                cap = run_batch(model, task, modules, batch, sample_seed=sample, dtype=dtype)
+                lambda_update(acc, cap, eigen, task.batch_size(batch), diagonal)
 
         _accumulate(run_dir, "lambda", train, lam_step, checkpoint_every, progress)
     factors_path = run_dir / "lambda" / "factors.safetensors"
