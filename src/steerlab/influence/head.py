@@ -14,34 +14,22 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["HeadLoss", "head_cross_entropy", "plain_head", "sample_categorical"]
+__all__ = ["HeadLoss", "head_cross_entropy", "loss_with_gradient", "plain_head", "sample_categorical"]
 
-# families whose logits are exactly lm_head(last hidden state): no soft-capping or scaling after it
-PLAIN_HEAD_FAMILIES = {
-    "llama",
-    "mistral",
-    "mixtral",
-    "qwen2",
-    "qwen3",
-    "gemma",
-    "gemma3_text",
-    "phi",
-    "phi3",
-    "gpt2",
-    "gpt_neox",
-    "olmo2",
-}
+# config settings some families apply to the logits after the head (scaling, soft-capping)
 POST_HEAD_SETTINGS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
 
 
 def plain_head(model: nn.Module) -> nn.Linear | None:
-    """The output head when the model's logits are exactly `head(last hidden state)`, else None (then
+    """The output head when the model's logits are exactly `head(last hidden state)` (the family is
+    registered with `plain_head=True` and its config scales nothing after the head), else None (then
     callers run the model's own head)."""
+    from steerlab.models.architectures import ARCHITECTURES
+
     config = getattr(model, "config", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if config is None or not isinstance(head, nn.Linear):
-        return None
-    if getattr(config, "model_type", None) not in PLAIN_HEAD_FAMILIES:
+    spec = ARCHITECTURES.get(getattr(config, "model_type", None))
+    if spec is None or not spec.plain_head or not isinstance(head, nn.Linear):
         return None
     if any(getattr(config, key, None) not in (None, 1, 1.0) for key in POST_HEAD_SETTINGS):
         return None

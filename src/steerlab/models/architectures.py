@@ -19,9 +19,11 @@ class ArchitectureSpec:
     attention: str  # attribute of one block
     mlp: str  # attribute of one block
     final_norm: str  # applied after the last block
+    plain_head: bool = True  # logits are exactly the output embedding of the last hidden state
 
 
 _LLAMA_LIKE = ArchitectureSpec("model.layers", "self_attn", "mlp", "model.norm")
+_SOFT_CAPPED = ArchitectureSpec("model.layers", "self_attn", "mlp", "model.norm", plain_head=False)
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     **{
@@ -33,14 +35,14 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
             "qwen2",
             "qwen3",
             "gemma",
-            "gemma2",
             "gemma3_text",
             "phi3",
             "olmo2",
         )
     },
-    "gemma3": ArchitectureSpec(
-        "model.language_model.layers", "self_attn", "mlp", "model.language_model.norm"
+    "gemma2": _SOFT_CAPPED,  # tanh soft-capping of the logits after the head
+    "gemma3": ArchitectureSpec(  # the multimodal wrapper: its text settings live in a sub-config
+        "model.language_model.layers", "self_attn", "mlp", "model.language_model.norm", plain_head=False
     ),
     "phi": ArchitectureSpec("model.layers", "self_attn", "mlp", "model.final_layernorm"),
     "gpt2": ArchitectureSpec("transformer.h", "attn", "mlp", "transformer.ln_f"),
