@@ -351,8 +351,7 @@ def score(
         source = train.with_subset(sorted(set(candidates.reshape(-1).tolist())))
         allowed = torch.zeros(n_queries, train.n_examples, dtype=torch.bool)
         allowed.scatter_(1, candidates.long(), True)
-    # cached states belong to the fitted corpus and its batching: use them only for that corpus
-    use_prefix = bool(fit_args.get("prefix_cache")) and fit_args.get("train") == _describe(train)
+    use_prefix = _cache_applies(fit_args, train)
     modules = {n: m for n, m in task.modules(model).items() if n in pre.modules}
     layers = sorted({layer_of(n) if layer_of(n) is not None else -1 for n in modules})
 
@@ -382,20 +381,8 @@ def score(
             _append(state, "sample_index", idx[keep], 0)
             _append(state, "sample_values", total[:, keep], 1)
 
-    stream_stage(
-        checkpoint_path(run_dir, name, rank(), world_size()),
-        name,
-        shard(range(len(source))),
-        step,
-        checkpoint_every,
-        progress,
-    )
-    barrier()
+    states = _stream_shards(run_dir, name, len(source), step, checkpoint_every, progress)
     if is_main():
-        states = [
-            load_tensors(checkpoint_path(run_dir, name, r, world_size()))[0] for r in range(world_size())
-        ]
-        states = [s for s in states if s]
         out = merge_topk(states, top_k)
         out["layer_abs"] = sum(s["layer_abs"] for s in states)
         out["layers"] = torch.tensor(layers)
@@ -404,6 +391,31 @@ def score(
         save_tensors(result_path, out)
     barrier()
     return load_tensors(result_path)[0]
+
+
+def _stream_shards(
+    run_dir: Path, name: str, n_batches: int, step, checkpoint_every: int, progress: bool
+) -> list[dict[str, torch.Tensor]]:
+    """Run `step` over this process's shard of batches (checkpointed, resumable); on the main process
+    return every process's final state (those that saw batches), elsewhere []."""
+    stream_stage(
+        checkpoint_path(run_dir, name, rank(), world_size()),
+        name,
+        shard(range(n_batches)),
+        step,
+        checkpoint_every,
+        progress,
+    )
+    barrier()
+    if not is_main():
+        return []
+    states = [load_tensors(checkpoint_path(run_dir, name, r, world_size()))[0] for r in range(world_size())]
+    return [state for state in states if state]
+
+
+def _cache_applies(fit_args: dict, train) -> bool:
+    """Cached pass states belong to the fitted corpus and its batching: usable only for that corpus."""
+    return bool(fit_args.get("prefix_cache")) and fit_args.get("train") == _describe(train)
 
 
 def _append(state: dict[str, torch.Tensor], key: str, value: torch.Tensor, dim: int) -> None:
@@ -451,7 +463,7 @@ def self_influence(
     if check_stage(run_dir, name, args):
         return load_tensors(result_path)[0]
     factors = Factors.load(run_dir / "lambda" / "factors.safetensors") if strategy != "identity" else None
-    use_prefix = bool(fit_args.get("prefix_cache")) and fit_args.get("train") == _describe(train)
+    use_prefix = _cache_applies(fit_args, train)
     modules = task.modules(model)
 
     def step(state: dict[str, torch.Tensor], i: int) -> None:
@@ -460,19 +472,8 @@ def self_influence(
         _append(state, "index", train.indices(i), 0)
         _append(state, "values", self_influence_of_batch(cap, factors, strategy, damping).cpu(), 0)
 
-    stream_stage(
-        checkpoint_path(run_dir, name, rank(), world_size()),
-        name,
-        shard(range(len(train))),
-        step,
-        checkpoint_every,
-        progress,
-    )
-    barrier()
+    states = _stream_shards(run_dir, name, len(train), step, checkpoint_every, progress)
     if is_main():
-        states = [
-            load_tensors(checkpoint_path(run_dir, name, r, world_size()))[0] for r in range(world_size())
-        ]
         index, values = _by_index(states, "index", "values", 0)
         save_tensors(result_path, {"index": index, "values": values})
     barrier()
