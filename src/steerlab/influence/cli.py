@@ -215,6 +215,18 @@ def _threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _open_run(args):
+    """Threads, torch.distributed (under torchrun), and the fitted run's config, model and corpus."""
+    from steerlab import distributed
+
+    _threads(args)
+    distributed.init()
+    run = Path(args.run)
+    cfg = _config(run)
+    model, tokenizer = _load(cfg)
+    return run, cfg, model, tokenizer, _blocks(run, cfg, tokenizer)
+
+
 # ------------------------------------------------------------------ commands
 
 
@@ -265,12 +277,7 @@ def cmd_score(args) -> None:
     from steerlab.influence.storage import save_json
     from steerlab.influence.topk import tfidf_candidates
 
-    _threads(args)
-    distributed.init()
-    run = Path(args.run)
-    cfg = _config(run)
-    model, tokenizer = _load(cfg)
-    train = _blocks(run, cfg, tokenizer)
+    run, cfg, model, tokenizer, train = _open_run(args)
     rows = read_queries(args.queries, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     candidates = None
@@ -326,12 +333,7 @@ def cmd_self(args) -> None:
     from steerlab.influence.pipeline import self_influence
     from steerlab.influence.storage import save_json
 
-    _threads(args)
-    distributed.init()
-    run = Path(args.run)
-    cfg = _config(run)
-    model, tokenizer = _load(cfg)
-    train = _blocks(run, cfg, tokenizer)
+    run, cfg, model, tokenizer, train = _open_run(args)
     result = self_influence(
         run,
         model,
