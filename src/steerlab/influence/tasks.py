@@ -131,9 +131,6 @@ class LanguageModelTask:
         labels = batch["labels"]
         return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
 
-    def _logits_labels(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._forward(model, batch), self._shifted_labels(batch)
-
     @staticmethod
     def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(
