@@ -72,16 +72,22 @@ def tiny_model(family: str = "llama", dtype: torch.dtype = torch.float64, seed: 
     return model.to(dtype).eval()
 
 
-def micro_llama(dtype: torch.dtype = torch.float64, seed: int = 0):
+def micro_llama(
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    hidden: int = 16,
+    intermediate: int = 32,
+    layers: int = 2,
+):
     """A 2-layer, 16-wide Llama with a 64-token vocabulary (pad id 0): small enough to materialise Fishers."""
     import transformers as tf
 
     torch.manual_seed(seed)
     config = tf.LlamaConfig(
         vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         num_key_value_heads=1,
         max_position_embeddings=64,

@@ -93,22 +93,9 @@ def tiny_mlp_problem(n=40, seed=0):
 
 
 def tiny_llama(seed=0, hidden=8, inter=16, layers=2):
-    import transformers as tf
+    from conftest import micro_llama
 
-    torch.manual_seed(seed)
-    cfg = tf.LlamaConfig(
-        vocab_size=64,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").double().eval()
+    return micro_llama(torch.float64, seed, hidden, inter, layers)
 
 
 def tiny_gpt2(seed=0):
