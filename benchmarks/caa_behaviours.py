@@ -25,7 +25,7 @@ from steerlab.data import CAA_BEHAVIOURS, fetch_caa, load_caa_json  # noqa: E402
 from steerlab.evaluate import ab_scores, bootstrap_ci, prepare_ab  # noqa: E402
 from steerlab.io import atomic_write_text  # noqa: E402
 from steerlab.steering import extract_caa  # noqa: E402
-from steerlab.sweep import Grid, choose_setting, sweep  # noqa: E402
+from steerlab.steering.sweep import Grid, choose_setting, sweep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "caa"

@@ -22,9 +22,10 @@ import torch
 
 import steerlab
 from steerlab.data import load_builtin, load_caa_json
+from steerlab.data.batching import batches_by_length, pad_batch
 from steerlab.hooks import Positions, run_to_layers
 from steerlab.steering import extract_caa
-from steerlab.steering.extract import ab_read_specs, batches_by_length, pad_batch
+from steerlab.steering.extract import ab_read_specs
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 LAYER = 13

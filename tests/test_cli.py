@@ -7,6 +7,7 @@ import torch
 
 from conftest import char_tokenizer, tiny_model
 from steerlab.cli import build_parser, main
+from steerlab.errors import UserError
 
 
 @pytest.fixture
@@ -111,39 +112,20 @@ def test_extract_evaluate_sweep_generate(tiny_folder, tmp_path, capsys):
     assert "steered (layer 1" in capsys.readouterr().out
 
 
-def test_bad_input_is_a_clear_error(tmp_path, tiny_folder):
+def test_bad_input_is_a_clear_error(tmp_path, tiny_folder, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(
         '[{"question": "Q", "answer_matching_behavior": "A)", "answer_not_matching_behavior": "(B)"}]'
     )
-    with pytest.raises(Exception, match=r"bad.json: record 0: field 'answer_matching_behavior'"):
-        main(
-            [
-                "extract",
-                "--model",
-                str(tiny_folder),
-                "--data",
-                str(bad),
-                "--layers",
-                "1",
-                "--out",
-                str(tmp_path / "v"),
-            ]
-        )
-    with pytest.raises(SystemExit, match="no such data file"):
-        main(
-            [
-                "extract",
-                "--model",
-                str(tiny_folder),
-                "--data",
-                str(tmp_path / "missing.json"),
-                "--layers",
-                "1",
-                "--out",
-                str(tmp_path / "v"),
-            ]
-        )
+    args = ["extract", "--model", str(tiny_folder), "--layers", "1", "--out", str(tmp_path / "v")]
+    assert main([*args, "--data", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.json: record 0: field 'answer_matching_behavior'" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(UserError, match=r"bad.json: record 0"):  # -v: the traceback is kept
+        main(["-v", *args, "--data", str(bad)])
+    assert main([*args, "--data", str(tmp_path / "missing.json")]) == 2
+    assert "no such data file" in capsys.readouterr().err
 
 
 def test_parser_requires_a_command():

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from steerlab.hooks.capture import module_shape, weight_gradient_matrix
 from steerlab.influence import (
     ClassificationTask,
     LanguageModelTask,
@@ -18,7 +19,6 @@ from steerlab.influence import (
     query_gradients,
     self_scores,
 )
-from steerlab.influence.capture import module_shape, weight_gradient_matrix
 from steerlab.influence.data import lm_batch, query_batch
 from steerlab.influence.factors import per_example_gradients
 from steerlab.influence.scores import STRATEGIES, damping_for, per_layer

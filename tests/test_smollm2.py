@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from steerlab.data import load_builtin
-from steerlab.demo import DemoConfig, run_demo
 from steerlab.evaluate import generate
 from steerlab.hooks import Positions
-from steerlab.report import summary_checks
 from steerlab.steering import extract_caa, extract_mean_difference
+from steerlab.steering.demo import DemoConfig, run_demo
+from steerlab.steering.report import summary_checks
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import torch
 
 from steerlab.evaluate import prepare_neutral
 from steerlab.steering import SteeringVector
-from steerlab.sweep import Grid, choose_setting, rows_to_csv, sweep
+from steerlab.steering.sweep import Grid, choose_setting, rows_to_csv, sweep
 
 
 def _vector():

@@ -1,14 +1,13 @@
-"""The `steerlab` command: extract, evaluate, sweep, generate, demo (and the other capabilities' groups)."""
+"""The `steerlab` command: dispatches to each capability's commands; bad input ends in one line, status 2."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
-import json
 import logging
 import sys
-from pathlib import Path
+
+from steerlab.errors import UserError
 
 EXAMPLES = """examples:
   steerlab demo --out results/demo
@@ -18,237 +17,6 @@ EXAMPLES = """examples:
   steerlab sweep --vector vectors/sentiment --data builtin:sentiment-prompts --layers 12,16 --fractions -0.1,0.1
   steerlab generate --vector vectors/sentiment --layer 16 --fraction 0.1 --prompt "My weekend was"
 """
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
-def load_data(spec: str):
-    """`builtin:NAME` or a file: A/B items (CAA .json / Anthropic .jsonl), paired texts, or prompts."""
-    from steerlab import data
-
-    if spec.startswith("builtin:"):
-        return data.load_builtin(spec.split(":", 1)[1])
-    path = Path(spec)
-    if not path.exists():
-        raise SystemExit(f"error: no such data file: {path}")
-    if path.suffix == ".jsonl":
-        first = next((line for line in path.read_text().splitlines() if line.strip()), "{}")
-        record = json.loads(first)
-        if "answer_matching_behavior" in record:
-            return data.load_anthropic_jsonl(path)
-        return data.load_paired_texts(path) if "positive" in record else data.load_prompts(path)
-    if path.suffix == ".json":
-        content = json.loads(path.read_text())
-        if isinstance(content, dict) and "positive" in content:
-            return data.load_paired_texts(path)
-        if (
-            isinstance(content, list)
-            and content
-            and isinstance(content[0], dict)
-            and "answer_matching_behavior" in content[0]
-        ):
-            return data.load_caa_json(path)
-    return data.load_prompts(path)
-
-
-def _model(args):
-    from steerlab.models import load_model
-
-    return load_model(args.model, device=args.device, dtype=args.dtype)
-
-
-def _multiplier(vector, layer: int, args) -> float:
-    if args.multiplier is not None:
-        return args.multiplier
-    return vector.multiplier_for_fraction(layer, args.fraction)
-
-
-def _metric(lm, dataset, words: str | None):
-    """The behaviour metric for a dataset: p(matching answer) for A/B items, word preference for prompts."""
-    from steerlab import data, evaluate
-
-    if isinstance(dataset, data.ABDataset):
-        prepared = evaluate.prepare_ab(lm, dataset)
-        return lambda model: {
-            "score": (s := evaluate.ab_scores(model, prepared)).p_matching,
-            "p_first": s.p_first,
-        }
-    if isinstance(dataset, data.PromptSet):
-        lists = json.loads(Path(words).read_text()) if words else data.load_builtin("sentiment-words")
-        prepared = evaluate.prepare_word_preference(lm, dataset.prompts, lists["positive"], lists["negative"])
-        return lambda model: {"score": evaluate.word_preference(model, prepared)}
-    raise SystemExit("error: evaluate needs A/B items or prompts (paired texts are for extraction)")
-
-
-def cmd_extract(args) -> None:
-    from steerlab import data
-    from steerlab.steering import extract_caa, extract_mean_difference
-
-    lm = _model(args)
-    dataset = load_data(args.data)
-    if isinstance(dataset, data.ABDataset):
-        vector = extract_caa(
-            lm,
-            dataset,
-            _ints(args.layers),
-            system_prompt=args.system_prompt,
-            balance=not args.no_balance,
-            batch_size=args.batch_size,
-        )
-    elif isinstance(dataset, data.PairedTexts):
-        vector = extract_mean_difference(
-            lm,
-            dataset,
-            _ints(args.layers),
-            read=args.read,
-            system_prompt=args.system_prompt,
-            chat=args.chat,
-            batch_size=args.batch_size,
-        )
-    else:
-        raise SystemExit("error: extraction needs A/B items or paired positive/negative texts")
-    path = vector.save(args.out)
-    for layer in vector.layers:
-        print(
-            f"layer {layer:3d}  |v| = {vector.norm(layer):9.3f}   residual norm {vector.residual_norm(layer):9.2f}"
-        )
-    print(f"saved {path} (+ .json metadata)")
-
-
-def cmd_evaluate(args) -> None:
-    from steerlab import evaluate
-    from steerlab.hooks import Positions
-    from steerlab.steering import SteeringVector
-
-    lm = _model(args)
-    vector = SteeringVector.load(args.vector)
-    metric = _metric(lm, load_data(args.data), args.words)
-    neutral = evaluate.prepare_neutral(lm, _neutral_texts(args))
-    m = _multiplier(vector, args.layer, args)
-    positions = Positions.parse(args.positions)
-    results = {}
-    for name, mult in (("unsteered", 0.0), ("-m", -m), ("+m", m)):
-        with vector.apply(lm, layer=args.layer, multiplier=mult, positions=positions):
-            scores = metric(lm)
-            effects = evaluate.side_effects(lm, neutral)
-        mean, low, high = evaluate.bootstrap_ci(scores["score"].numpy())
-        results[name] = {"score": mean, "ci": [low, high], "perplexity": effects.perplexity, "kl": effects.kl}
-        if "p_first" in scores:
-            results[name]["p_first"] = float(scores["p_first"].mean())
-    for name, r in results.items():
-        extra = f"  p(first option) {r['p_first']:.3f}" if "p_first" in r else ""
-        print(
-            f"{name:>10}: score {r['score']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]  ppl {r['perplexity']:.2f}  KL {r['kl']:.4f}{extra}"
-        )
-    if args.json:
-        Path(args.json).write_text(json.dumps({"layer": args.layer, "multiplier": m, **results}, indent=2))
-
-
-def _neutral_texts(args) -> list[str]:
-    from steerlab.data import load_builtin
-
-    if getattr(args, "neutral", None):
-        return [line for line in Path(args.neutral).read_text().splitlines() if line.strip()]
-    return load_builtin("neutral-text")
-
-
-def cmd_sweep(args) -> None:
-    from steerlab import evaluate
-    from steerlab.hooks import Positions
-    from steerlab.report import plots
-    from steerlab.steering import SteeringVector
-    from steerlab.sweep import Grid, sweep, write_csv
-
-    lm = _model(args)
-    vector = SteeringVector.load(args.vector)
-    metric = _metric(lm, load_data(args.data), args.words)
-    neutral = evaluate.prepare_neutral(lm, _neutral_texts(args))
-    layers = _ints(args.layers) if args.layers else vector.layers
-    rows = sweep(
-        lm,
-        vector,
-        metric,
-        Grid(layers, _floats(args.fractions)),
-        split=args.split,
-        positions=Positions.parse(args.positions),
-        neutral=neutral,
-    )
-    write_csv(rows, args.out)
-    png = Path(args.out).with_suffix(".png")
-    plots.score_vs_fraction(rows, args.split, "score").savefig(png, dpi=110, bbox_inches="tight")
-    print(f"wrote {args.out} ({len(rows)} rows) and {png}")
-
-
-def cmd_generate(args) -> None:
-    from steerlab.evaluate import generate
-    from steerlab.hooks import Positions
-    from steerlab.steering import SteeringVector
-
-    lm = _model(args)
-    prompts = list(args.prompt or [])
-    if args.prompts_file:
-        prompts += [line for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise SystemExit("error: give --prompt TEXT (repeatable) or --prompts-file FILE")
-    kwargs = dict(max_new_tokens=args.max_new_tokens, chat=not args.no_chat, system_prompt=args.system_prompt)
-    plain = generate(lm, prompts, **kwargs)
-    steered = plain
-    if args.vector:
-        vector = SteeringVector.load(args.vector)
-        m = _multiplier(vector, args.layer, args)
-        with vector.apply(lm, layer=args.layer, multiplier=m, positions=Positions.parse(args.positions)):
-            steered = generate(lm, prompts, **kwargs)
-    for prompt, a, b in zip(prompts, plain, steered):
-        print(f"### {prompt}\n--- unsteered:\n{a}")
-        if args.vector:
-            print(f"--- steered (layer {args.layer}, multiplier {m:.3f}):\n{b}")
-        print()
-
-
-def cmd_demo(args) -> None:
-    from steerlab.demo import DemoConfig, run_demo
-    from steerlab.report import terminal_summary
-
-    config = DemoConfig(model=args.model, progress=not args.quiet)
-    if args.layers:
-        config.layers = tuple(_ints(args.layers))
-    if args.fractions:
-        config.fractions = tuple(_floats(args.fractions))
-    summary = run_demo(args.out, config)
-    print(terminal_summary(summary, args.out))
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default="smollm2-135m",
-        help="embedded name (smollm2-135m, gemma3-270m), .gguf file, local folder or hub id",
-    )
-    parser.add_argument(
-        "--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: where the model loads)"
-    )
-    parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
-
-
-def _steer_args(parser: argparse.ArgumentParser, need_vector: bool = True) -> None:
-    parser.add_argument("--vector", required=need_vector, help="steering vector (.safetensors + .json)")
-    parser.add_argument(
-        "--layer", type=int, default=None, help="layer to steer (negative counts from the end)"
-    )
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--multiplier", type=float, default=None, help="raw multiplier m (adds m·v)")
-    group.add_argument(
-        "--fraction", type=float, default=0.1, help="‖m·v‖ as a fraction of the residual norm (default 0.1)"
-    )
-    parser.add_argument(
-        "--positions", default="all", help="all | decode | from:K | at:I,J (default all; position 0 excluded)"
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,98 +29,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("extract", help="extract a steering vector from contrast data")
-    _common(p)
-    p.add_argument(
-        "--data", required=True, help="builtin:NAME, CAA .json, Anthropic .jsonl or paired-text file"
-    )
-    p.add_argument("--layers", required=True, help="comma-separated layers, e.g. 10,12,-4")
-    p.add_argument("--out", required=True, help="output path (writes .safetensors and .json)")
-    p.add_argument(
-        "--read",
-        choices=["last", "mean"],
-        default="last",
-        help="paired texts: last token or mean over positions",
-    )
-    p.add_argument("--chat", action="store_true", help="paired texts: wrap each text in the chat template")
-    p.add_argument("--system-prompt", default=None)
-    p.add_argument(
-        "--no-balance", action="store_true", help="A/B: do not balance answer letters (not recommended)"
-    )
-    p.add_argument("--batch-size", type=int, default=8)
-    p.set_defaults(func=cmd_extract)
-
-    p = sub.add_parser("evaluate", help="behaviour metric at -m, 0, +m with side effects")
-    _common(p)
-    _steer_args(p)
-    p.add_argument(
-        "--data", required=True, help="A/B items (p of the matching answer) or prompts (word preference)"
-    )
-    p.add_argument(
-        "--words", default=None, help='JSON {"positive": [...], "negative": [...]} for prompt data'
-    )
-    p.add_argument(
-        "--neutral", default=None, help="text file, one neutral sentence per line (perplexity, KL)"
-    )
-    p.add_argument("--json", default=None, help="also write the results here")
-    p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser(
-        "sweep", help="layers x multipliers grid with random-vector controls -> tidy CSV + plot"
-    )
-    _common(p)
-    p.add_argument("--vector", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--layers", default=None, help="default: every layer stored in the vector")
-    p.add_argument(
-        "--fractions",
-        default="-0.1,-0.07,-0.04,0.04,0.07,0.1",
-        help="signed fractions of the residual norm",
-    )
-    p.add_argument("--positions", default="all")
-    p.add_argument("--words", default=None)
-    p.add_argument("--neutral", default=None)
-    p.add_argument("--split", default="validation", help="label written in the split column")
-    p.add_argument("--out", default="sweep.csv")
-    p.set_defaults(func=cmd_sweep)
-
-    p = sub.add_parser("generate", help="greedy generations, unsteered and steered")
-    _common(p)
-    _steer_args(p, need_vector=False)
-    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--prompts-file", default=None)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--no-chat", action="store_true", help="continue the raw text instead of a chat turn")
-    p.add_argument("--system-prompt", default=None)
-    p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser("demo", help="the end-to-end sentiment steering demo on the embedded model (offline)")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--out", default="results/demo")
-    p.add_argument("--layers", default=None)
-    p.add_argument("--fractions", default=None)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_demo)
-
+    importlib.import_module("steerlab.steering.cli").add_subcommands(sub)
     for package in ("steerlab.influence", "steerlab.hessian"):
-        if importlib.util.find_spec(package) is not None:
-            importlib.import_module(f"{package}.cli").add_subcommands(sub)
+        importlib.import_module(f"{package}.cli").add_subcommands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command. A `UserError` prints `steerlab: error: ...` and returns 2 (traceback with -v)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
-    if getattr(args, "layer", 0) is None and getattr(args, "vector", None):
-        from steerlab.steering import SteeringVector
-
-        stored = SteeringVector.load(args.vector).layers
-        if len(stored) != 1:
-            raise SystemExit(f"error: the vector has layers {stored}; choose one with --layer")
-        args.layer = stored[0]
-    args.func(args)
+    try:
+        args.func(args)
+    except UserError as error:
+        if args.verbose:
+            raise
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

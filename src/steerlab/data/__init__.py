@@ -1,5 +1,6 @@
 """Contrast datasets (A/B items, paired texts, prompts), chat templating and token positions, a pinned fetcher."""
 
+from steerlab.data.batching import ReadSpec, batches_by_length, pad_batch
 from steerlab.data.builtin import list_builtin, load_builtin
 from steerlab.data.contrast import (
     ABDataset,
@@ -24,6 +25,9 @@ from steerlab.data.templating import (
 from steerlab.data.texts import PairedTexts, PromptSet, load_paired_texts, load_prompts
 
 __all__ = [
+    "ReadSpec",
+    "batches_by_length",
+    "pad_batch",
     "CAA_BEHAVIOURS",
     "CAA_SPLITS",
     "ABDataset",

@@ -8,8 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from steerlab.errors import UserError
 
-class DataFormatError(ValueError):
+
+class DataFormatError(UserError):
     """A data file is malformed. The message names the file, the line or record, and the field.
 
     Lines (JSONL, text) count from 1 like an editor; records of a JSON list count from 0 like `data[i]`.

@@ -8,8 +8,8 @@ import torch
 from tqdm.auto import tqdm
 
 from steerlab.data import encode, format_prompt
+from steerlab.data.batching import pad_batch
 from steerlab.models import LoadedModel
-from steerlab.steering.extract import pad_batch
 
 
 @torch.no_grad()

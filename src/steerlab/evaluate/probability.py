@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from steerlab.data import ABDataset, encode, format_prompt, locate_answers
+from steerlab.data.batching import batches_by_length, pad_batch
 from steerlab.models import LoadedModel
-from steerlab.steering.extract import batches_by_length, pad_batch
 
 
 @torch.no_grad()

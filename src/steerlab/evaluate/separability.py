@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
+from steerlab.data.batching import ReadSpec, batches_by_length, pad_batch
 from steerlab.evaluate.stats import auroc
 from steerlab.hooks import run_to_layers
 from steerlab.models import LoadedModel, resolve_layer
-from steerlab.steering.extract import ReadSpec, batches_by_length, pad_batch
-from steerlab.steering.vector import SteeringVector
 
 
 @torch.no_grad()
 def projections(
-    lm: LoadedModel, examples: Sequence[ReadSpec], vector: SteeringVector, batch_size: int = 8
+    lm: LoadedModel,
+    examples: Sequence[ReadSpec],
+    directions: Mapping[int, torch.Tensor],
+    batch_size: int = 8,
 ) -> dict[int, list[float]]:
-    """Per example and layer: the read-position activation (averaged) projected on the unit vector."""
-    layers = vector.layers
+    """Per example and layer: the read-position activation (averaged) projected on the unit direction.
+
+    directions: one vector per layer (e.g. `SteeringVector.vectors`).
+    """
+    layers = sorted(directions)
     units = {
-        layer: (vector.vectors[layer] / vector.vectors[layer].norm()).to(lm.device, torch.float64)
-        for layer in layers
+        layer: (directions[layer] / directions[layer].norm()).to(lm.device, torch.float64) for layer in layers
     }
     out: dict[int, list[float | None]] = {
         resolve_layer(lm.model, layer): [None] * len(examples) for layer in layers
@@ -40,8 +44,11 @@ def projections(
 
 
 def separability(
-    lm: LoadedModel, positive: Sequence[ReadSpec], negative: Sequence[ReadSpec], vector: SteeringVector
+    lm: LoadedModel,
+    positive: Sequence[ReadSpec],
+    negative: Sequence[ReadSpec],
+    directions: Mapping[int, torch.Tensor],
 ) -> dict[int, float]:
-    """AUROC per layer of positive vs negative examples projected on the vector (0.5: no separation)."""
-    pos, neg = projections(lm, positive, vector), projections(lm, negative, vector)
+    """AUROC per layer of positive vs negative examples projected on the directions (0.5: no separation)."""
+    pos, neg = projections(lm, positive, directions), projections(lm, negative, directions)
     return {layer: auroc(pos[layer], neg[layer]) for layer in pos}

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from steerlab.data import encode
+from steerlab.data.batching import pad_batch
 from steerlab.models import LoadedModel
-from steerlab.steering.extract import pad_batch
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,9 @@ from steerlab.hessian.subspace import (
     specialisation,
     specialised_fraction,
 )
-from steerlab.hessian.tasks import LossTask, classification_task, curvature_mode, lm_batches, lm_task
+from steerlab.hessian.tasks import LossTask, classification_task, lm_batches, lm_task
 from steerlab.hessian.trace import TraceEstimate, hutchinson, hutchpp
+from steerlab.hooks.modes import curvature_mode
 
 __all__ = [
     "CurvatureOperator",

@@ -11,7 +11,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from steerlab.hessian.params import block_slices, flatten, select_params, unflatten
-from steerlab.hessian.tasks import LossTask, curvature_mode
+from steerlab.hessian.tasks import LossTask
+from steerlab.hooks.modes import curvature_mode
 
 Kind = Literal["hessian", "ggn"]
 

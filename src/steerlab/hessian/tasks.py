@@ -6,8 +6,7 @@ the same whichever way it is cut into batches.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,28 +82,3 @@ def lm_batches(tokenizer, texts: list[str], batch_size: int = 8, max_length: int
         )
         out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     return out
-
-
-@contextlib.contextmanager
-def curvature_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and eager attention for the duration (fused attention kernels have no double backward)."""
-    was_training = model.training
-    config = getattr(model, "config", None)
-    previous = getattr(config, "_attn_implementation", None) if config is not None else None
-    switched = False
-    if previous is not None and previous != "eager":
-        if hasattr(model, "set_attn_implementation"):
-            model.set_attn_implementation("eager")
-        else:
-            config._attn_implementation = "eager"
-        switched = True
-    model.eval()
-    try:
-        yield model
-    finally:
-        if switched:
-            if hasattr(model, "set_attn_implementation"):
-                model.set_attn_implementation(previous)
-            else:
-                config._attn_implementation = previous
-        model.train(was_training)

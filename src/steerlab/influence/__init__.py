@@ -11,7 +11,7 @@ Scores are positive when training on the example raises the query's measurement 
 For large corpora use `steerlab.influence.pipeline` (streaming, on-disk stages, resume, torchrun).
 """
 
-from steerlab.influence.capture import capture, module_shape
+from steerlab.hooks.capture import capture, module_shape
 from steerlab.influence.factors import (
     Accumulator,
     Factors,

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from steerlab.influence.capture import Captured, capture, module_shape, no_param_grads
+from steerlab.hooks.capture import Captured, capture, module_shape
+from steerlab.hooks.modes import no_param_grads
 from steerlab.influence.storage import load_tensors, save_tensors
 from steerlab.influence.tasks import Task
 from steerlab.memory import release_free_memory

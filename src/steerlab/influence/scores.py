@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from steerlab.influence.capture import Captured
+from steerlab.hooks.capture import Captured
 from steerlab.influence.factors import Factors, _compute_dtype, per_example_gradients, run_batch
 from steerlab.influence.tasks import Task
 

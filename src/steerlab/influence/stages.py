@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from steerlab.errors import UserError
 from steerlab.influence.storage import load_json, load_tensors, save_json, save_tensors
 
 __all__ = ["StageArgumentsError", "check_stage", "checkpoint_path", "stream_stage"]
@@ -25,7 +26,7 @@ __all__ = ["StageArgumentsError", "check_stage", "checkpoint_path", "stream_stag
 KILL_ENV = "STEERLAB_INFLUENCE_TEST_KILL"  # "stage:batches" -> SIGKILL self after that many batches (tests)
 
 
-class StageArgumentsError(ValueError):
+class StageArgumentsError(UserError):
     """A stage exists on disk with different arguments."""
 
 

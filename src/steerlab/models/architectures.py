@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from steerlab.errors import UserError
+
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
@@ -50,7 +52,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
 }
 
 
-class UnknownArchitectureError(ValueError):
+class UnknownArchitectureError(UserError):
     """The model's family is not in the registry."""
 
 

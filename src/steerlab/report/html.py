@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from collections.abc import Sequence
+
+from steerlab.report.figures import figure_png
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -16,16 +17,6 @@ th{background:#f3f3f3} td.num{text-align:right;font-variant-numeric:tabular-nums
 figure{margin:1em 0} figcaption{font-size:.85em;color:#555} img{max-width:100%}
 .gen td{max-width:330px} code{background:#f5f5f5;padding:0 .2em}
 """
-
-
-def figure_png(fig) -> bytes:
-    """A matplotlib figure as PNG bytes; the figure is closed."""
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
 
 
 def png_html(png: bytes, caption: str = "") -> str:

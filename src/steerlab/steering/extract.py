@@ -15,18 +15,19 @@ import transformers
 from tqdm.auto import tqdm
 
 import steerlab
-from steerlab.data import ABDataset, PairedTexts, encode, format_prompt, locate_answers
+from steerlab.data import (
+    ABDataset,
+    PairedTexts,
+    ReadSpec,
+    batches_by_length,
+    encode,
+    format_prompt,
+    locate_answers,
+    pad_batch,
+)
 from steerlab.hooks import run_to_layers
 from steerlab.models import LoadedModel, resolve_layer
 from steerlab.steering.vector import SteeringVector
-
-
-@dataclass(frozen=True)
-class ReadSpec:
-    """A token sequence and the positions whose activations it contributes (averaged, weight 1 in all)."""
-
-    ids: list[int]
-    positions: list[int]
 
 
 @dataclass
@@ -36,26 +37,6 @@ class LayerMeans:
     mean: dict[int, torch.Tensor]
     residual_norm: dict[int, float]
     count: int
-
-
-def pad_batch(
-    sequences: Sequence[list[int]], pad_id: int, device, left: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad token lists into (input_ids, attention_mask) tensors."""
-    width = max(len(seq) for seq in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        span = slice(width - len(seq), width) if left else slice(0, len(seq))
-        ids[row, span] = torch.tensor(seq, dtype=torch.long)
-        mask[row, span] = 1
-    return ids.to(device), mask.to(device)
-
-
-def batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (less padding), longest first."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 @torch.no_grad()

@@ -6,8 +6,7 @@ from collections.abc import Sequence
 
 import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from steerlab.report.figures import new_figure
 
 
 def _select(rows, **conditions):
@@ -21,9 +20,9 @@ def _baseline(rows, split):
 
 def score_vs_fraction(rows: Sequence[dict], split: str, metric_label: str):
     """One line per layer (steering) plus the random control, against the signed fraction of residual norm."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = new_figure(figsize=(7.5, 4.5))
     layers = sorted({r["layer"] for r in _select(rows, split=split)})
-    cmap = plt.get_cmap("viridis")
+    cmap = matplotlib.colormaps["viridis"]
     base = _baseline(rows, split)
     for i, layer in enumerate(layers):
         color = cmap(i / max(1, len(layers) - 1))
@@ -60,7 +59,7 @@ def score_vs_fraction(rows: Sequence[dict], split: str, metric_label: str):
 
 def score_vs_layer(rows: Sequence[dict], split: str, metric_label: str):
     """Effect score(+f) - score(-f) per layer for the largest fraction, steering vs random."""
-    fig, ax = plt.subplots(figsize=(7.5, 4))
+    fig, ax = new_figure(figsize=(7.5, 4))
     fmax = max(r["fraction"] for r in _select(rows, split=split, vector="steering"))
     for kind, style in (("steering", "-o"), ("random", ":x")):
         pts = []
@@ -88,7 +87,7 @@ def score_vs_layer(rows: Sequence[dict], split: str, metric_label: str):
 
 
 def side_effect_plot(rows: Sequence[dict], split: str):
-    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    fig, ax = new_figure(figsize=(7.5, 3.6))
     for layer in sorted({r["layer"] for r in _select(rows, split=split, vector="steering")}):
         pts = sorted(
             (r["fraction"], r["perplexity"])

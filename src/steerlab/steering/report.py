@@ -7,10 +7,10 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from steerlab.io import atomic_write_text
-from steerlab.report import plots
+from steerlab.io import atomic_write_text, atomic_writer
 from steerlab.report.html import check, figure_png, page, png_html, table_html
-from steerlab.sweep import COLUMNS
+from steerlab.steering import plots
+from steerlab.steering.sweep import COLUMNS
 
 METRIC = "p(positive)"
 TABLE_COLUMNS = [*COLUMNS, "auroc"]
@@ -92,7 +92,8 @@ def demo_report(
     images = {}
     for name, fig in figures.items():
         images[name] = figure_png(fig)
-        (out / f"plot_{name}.png").write_bytes(images[name])
+        with atomic_writer(out / f"plot_{name}.png") as tmp:
+            tmp.write_bytes(images[name])
     sections = [
         ("", overview),
         (

@@ -108,16 +108,3 @@ def capture(
             handle.remove()
         for param, flag in model_params:
             param.requires_grad_(flag)
-
-
-@contextmanager
-def no_param_grads(model: nn.Module) -> Iterator[None]:
-    """Switch off `requires_grad` for every parameter of `model` (restored on exit)."""
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in saved:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)

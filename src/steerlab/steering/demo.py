@@ -27,7 +27,7 @@ from steerlab.io import atomic_write_text
 from steerlab.models import LoadedModel, load_model
 from steerlab.steering import extract_mean_difference
 from steerlab.steering.extract import text_read_spec
-from steerlab.sweep import Grid, choose_setting, sweep, write_csv
+from steerlab.steering.sweep import Grid, choose_setting, sweep, write_csv
 
 DEFAULT_LAYERS = (6, 8, 10, 12, 14, 16, 18, 20)
 DEFAULT_FRACTIONS = (-0.1, -0.07, -0.04, 0.04, 0.07, 0.1)
@@ -69,7 +69,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, lm: LoadedMo
 
     heldout_pos = [text_read_spec(lm, t, "last", None, False) for t in pairs_heldout.positive]
     heldout_neg = [text_read_spec(lm, t, "last", None, False) for t in pairs_heldout.negative]
-    auroc = separability(lm, heldout_pos, heldout_neg, vector)
+    auroc = separability(lm, heldout_pos, heldout_neg, vector.vectors)
 
     neutral = prepare_neutral(lm, load_builtin("neutral-text"))
     val_metric = _word_metric(lm, prompts_val.prompts)
@@ -159,7 +159,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, lm: LoadedMo
         "seconds": time.perf_counter() - started,
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    from steerlab.report import demo_report
+    from steerlab.steering.report import demo_report
 
     demo_report(out, summary, rows, generation_rows, vector.metadata)
     return summary
