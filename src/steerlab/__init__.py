@@ -9,7 +9,6 @@ __all__ = ["LoadedModel", "__version__", "load_model"]
 
 _SUBPACKAGES = {
     "data",
-    "demo",
     "evaluate",
     "hessian",
     "hooks",
@@ -17,7 +16,6 @@ _SUBPACKAGES = {
     "models",
     "report",
     "steering",
-    "sweep",
 }
 
 
