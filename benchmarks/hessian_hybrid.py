@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from steerlab.hessian.hybrid import SUMMARY_KEYS, HybridConfig, run_experiment
-from steerlab.hessian.io import write_json
 from steerlab.hessian.report import hybrid_report
+from steerlab.io import write_json
 
 
 def main() -> None:

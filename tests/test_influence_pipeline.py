@@ -106,8 +106,8 @@ else:
         self_scores,
     )
     from steerlab.influence.stages import KILL_ENV, StageArgumentsError
-    from steerlab.influence.storage import load_tensors
     from steerlab.influence.topk import tfidf_candidates, topk_recall
+    from steerlab.io import load_tensors
 
     def test_pipeline_equals_in_memory_scores(tmp_path):
         model, task, train, queries = mlp_setup()

@@ -1,12 +1,48 @@
-"""Atomic file writes: results appear complete or not at all."""
+"""The one result-file convention, and atomic writes: results appear complete or not at all.
+
+A result is two files beside each other: `NAME.safetensors` (tensors, never pickle) and `NAME.json`
+(metadata). The JSON starts with a header: `format` (what kind of result), `format_version`,
+`steerlab_version` and, where a model made it, `model` (its identity: name, source, file hash). Vectors,
+influence results and Hessian eigenpairs are all saved with `save_result` and read with `load_result`,
+which names the file in every error. Internal stage files that travel as one file keep their metadata in
+the safetensors header (`save_tensors` / `load_tensors`).
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import torch
+
+from steerlab.errors import UserError
+
+FORMAT_VERSION = 1
+HEADER_KEYS = ("format", "format_version", "steerlab_version")
+
+__all__ = [
+    "FORMAT_VERSION",
+    "ResultFileError",
+    "atomic_write_text",
+    "atomic_writer",
+    "load_result",
+    "load_tensors",
+    "read_json",
+    "result_paths",
+    "save_result",
+    "save_tensors",
+    "write_json",
+]
+
+
+class ResultFileError(UserError):
+    """A result file is missing, truncated, not what was expected, or from a newer steerlab."""
 
 
 @contextmanager
@@ -28,3 +64,118 @@ def atomic_writer(path: str | Path) -> Iterator[Path]:
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_writer(path) as tmp:
         tmp.write_text(text)
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN or infinity: such floats are written as null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | Path, obj: Any, sort_keys: bool = False) -> None:
+    """Write `obj` as indented, valid JSON (non-finite floats become null), atomically."""
+    text = json.dumps(_finite(obj), indent=2, sort_keys=sort_keys, default=float, allow_nan=False)
+    atomic_write_text(path, text + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    """Parse a JSON file; a missing, unreadable or malformed file is a `ResultFileError` naming it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ResultFileError(f"{path}: no such file") from None
+    except (UnicodeDecodeError, OSError) as error:
+        raise ResultFileError(f"{path}: cannot be read as UTF-8 text ({error})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ResultFileError(f"{path}: line {error.lineno}: invalid JSON ({error.msg})") from None
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """One safetensors file with `metadata` (JSON) in its header, written atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {"json": json.dumps(_finite(metadata or {}), sort_keys=True)}
+    with atomic_writer(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and header metadata of a safetensors file; a bad file is a `ResultFileError`."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ResultFileError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+    except Exception as error:  # safetensors raises its own error types (and OSError) for bad files
+        raise ResultFileError(f"{path}: not a readable safetensors file ({error})") from None
+    return tensors, json.loads(header.get("json", "{}"))
+
+
+def result_paths(path: str | Path) -> tuple[Path, Path]:
+    """(`NAME.safetensors`, `NAME.json`) for `NAME`, `NAME.safetensors` or `NAME.json`."""
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
+
+def save_result(
+    path: str | Path,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict,
+    *,
+    kind: str,
+    model: dict | None = None,
+) -> Path:
+    """Write `NAME.safetensors` and `NAME.json` (header + `metadata`) atomically; return the first.
+
+    kind: what the result is, e.g. "SteeringVector" or "Eigenpairs" (checked by `load_result`).
+    model: the identity of the model that made it (`LoadedModel.info.to_dict()`), where one did.
+    """
+    from steerlab import __version__
+
+    tensor_path, meta_path = result_paths(path)
+    header = {"format": f"steerlab.{kind}", "format_version": FORMAT_VERSION, "steerlab_version": __version__}
+    body = dict(metadata)
+    if model is not None:
+        body["model"] = model
+    save_tensors(tensor_path, tensors, {"format": header["format"], "format_version": FORMAT_VERSION})
+    write_json(meta_path, {**header, **body})
+    return tensor_path
+
+
+def load_result(path: str | Path, kind: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata without the header) of a result written by `save_result`.
+
+    Errors name the file: missing, truncated or not safetensors, malformed JSON, another kind of result,
+    or a format version newer than this steerlab reads. Files from before the header existed load too.
+    """
+    tensor_path, meta_path = result_paths(path)
+    tensors, _ = load_tensors(tensor_path)
+    metadata = read_json(meta_path) if meta_path.exists() else {}
+    if not isinstance(metadata, dict):
+        raise ResultFileError(f"{meta_path}: expected a JSON object, got {type(metadata).__name__}")
+    found = metadata.get("format")
+    if kind is not None and found is not None and found != f"steerlab.{kind}":
+        raise ResultFileError(f"{meta_path}: holds a {found}, not a steerlab.{kind}")
+    version = metadata.get("format_version", metadata.get("version", FORMAT_VERSION))
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ResultFileError(
+            f"{meta_path}: format version {version!r} is newer than this steerlab reads ({FORMAT_VERSION}); "
+            "upgrade steerlab"
+        )
+    for key in (*HEADER_KEYS, "version"):
+        metadata.pop(key, None)
+    return tensors, metadata

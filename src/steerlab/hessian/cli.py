@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from steerlab.hessian.io import write_json
+from steerlab.io import write_json
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from steerlab.hessian.io import load_result, save_result
 from steerlab.hessian.lanczos import _tridiag_eig, lanczos_tridiagonal
+from steerlab.io import load_result, save_result
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 
@@ -50,13 +51,12 @@ class SpectralDensity:
         for i, (n, w) in enumerate(zip(self.nodes, self.weights)):
             tensors[f"nodes_{i}"] = torch.from_numpy(np.ascontiguousarray(n))
             tensors[f"weights_{i}"] = torch.from_numpy(np.ascontiguousarray(w))
-        save_result(
-            folder, name, tensors, {"n_products": self.n_products, "n_probes": len(self.nodes), **self.meta}
-        )
+        meta = {"n_products": self.n_products, "n_probes": len(self.nodes), **self.meta}
+        save_result(Path(folder) / name, tensors, meta, kind="SpectralDensity")
 
     @classmethod
     def load(cls, folder, name: str = "density") -> SpectralDensity:
-        t, meta = load_result(folder, name)
+        t, meta = load_result(Path(folder) / name, kind="SpectralDensity")
         k = meta.pop("n_probes")
         nodes = [t[f"nodes_{i}"].numpy() for i in range(k)]
         weights = [t[f"weights_{i}"].numpy() for i in range(k)]

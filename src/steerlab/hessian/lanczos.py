@@ -6,13 +6,14 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from steerlab.hessian.io import load_result, save_result
+from steerlab.io import load_result, save_result
 
 Which = Literal["LA", "SA", "LM", "BE"]
 MatVec = Callable[[torch.Tensor], torch.Tensor]
@@ -34,11 +35,11 @@ class Eigenpairs:
         meta = {"n_products": self.n_products, "which": self.which, **self.meta}
         meta["values"] = self.values.tolist()
         meta["residuals"] = self.residuals.tolist()
-        save_result(folder, name, tensors, meta)
+        save_result(Path(folder) / name, tensors, meta, kind="Eigenpairs")
 
     @classmethod
     def load(cls, folder, name: str = "eigenpairs") -> Eigenpairs:
-        t, meta = load_result(folder, name)
+        t, meta = load_result(Path(folder) / name, kind="Eigenpairs")
         n, which = meta.pop("n_products"), meta.pop("which")
         meta.pop("values", None), meta.pop("residuals", None)
         return cls(t["values"], t["vectors"], t["residuals"], n, which, meta)

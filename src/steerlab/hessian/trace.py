@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from steerlab.hessian.io import write_json
+from steerlab.io import write_json
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 

@@ -138,7 +138,7 @@ def _load(cfg: dict):
 def _blocks(run: Path, cfg: dict, tokenizer):
     from steerlab.influence.pipeline import BlockBatches
     from steerlab.influence.stages import check_stage
-    from steerlab.influence.storage import load_tensors, save_tensors
+    from steerlab.io import load_tensors, save_tensors
 
     text_path = Path(cfg["train"])
     digest = hashlib.sha256(text_path.read_bytes()).hexdigest()[:16]
@@ -233,7 +233,7 @@ def _open_run(args):
 def cmd_fit(args) -> None:
     from steerlab import distributed
     from steerlab.influence.pipeline import fit
-    from steerlab.influence.storage import save_json
+    from steerlab.io import write_json
 
     _threads(args)
     distributed.init()
@@ -251,7 +251,7 @@ def cmd_fit(args) -> None:
     if config_path.exists() and json.loads(config_path.read_text()) != json.loads(json.dumps(cfg)):
         raise SystemExit(f"{config_path} exists with other settings; use another --run directory")
     if distributed.is_main():
-        save_json(config_path, cfg)
+        write_json(config_path, cfg)
     model, tokenizer = _load(cfg)
     train = _blocks(run, cfg, tokenizer)
     factors = fit(
@@ -274,8 +274,8 @@ def cmd_fit(args) -> None:
 def cmd_score(args) -> None:
     from steerlab import distributed
     from steerlab.influence.pipeline import score
-    from steerlab.influence.storage import save_json
     from steerlab.influence.topk import tfidf_candidates
+    from steerlab.io import write_json
 
     run, cfg, model, tokenizer, train = _open_run(args)
     rows = read_queries(args.queries, tokenizer)
@@ -305,16 +305,16 @@ def cmd_score(args) -> None:
         progress=distributed.is_main(),
     )
     if distributed.is_main():
-        save_json(run / args.name / "queries.json", rows)
+        write_json(run / args.name / "queries.json", rows)
         unfiltered = run / "scores" / "result.safetensors"
         if candidates is not None and args.name != "scores" and unfiltered.exists():
-            from steerlab.influence.storage import load_tensors
             from steerlab.influence.topk import topk_recall
+            from steerlab.io import load_tensors
 
             reference = load_tensors(unfiltered)[0]["top_index"][:, :10]
             if reference.shape[0] == len(rows):
                 recall = topk_recall(candidates, reference)
-                save_json(
+                write_json(
                     run / args.name / "recall.json",
                     {"recall_of_unfiltered_top10": recall, "keep": args.prefilter},
                 )
@@ -331,7 +331,7 @@ def cmd_score(args) -> None:
 def cmd_self(args) -> None:
     from steerlab import distributed
     from steerlab.influence.pipeline import self_influence
-    from steerlab.influence.storage import save_json
+    from steerlab.io import write_json
 
     run, cfg, model, tokenizer, train = _open_run(args)
     result = self_influence(
@@ -354,7 +354,7 @@ def cmd_self(args) -> None:
             }
             for i in order
         ]
-        save_json(run / "self" / "top.json", top)
+        write_json(run / "self" / "top.json", top)
         for row in top:
             print(f"#{row['index']:<6} {row['self_influence']:.4g}  {row['text'][:80]!r}")
 
@@ -363,7 +363,7 @@ def cmd_report(args) -> None:
     from steerlab.influence.report import explain, layer_share, render_html
     from steerlab.influence.scores import Preconditioned
     from steerlab.influence.stages import check_stage
-    from steerlab.influence.storage import load_json, load_tensors, save_json
+    from steerlab.io import load_tensors, read_json, write_json
 
     run = Path(args.run)
     cfg = _config(run)
@@ -372,10 +372,10 @@ def cmd_report(args) -> None:
     model, tokenizer = _load(cfg)
     train = _blocks(run, cfg, tokenizer)
     task = _task(cfg)
-    rows = load_json(run / args.name / "queries.json")
+    rows = read_json(run / args.name / "queries.json")
     result = load_tensors(run / args.name / "result.safetensors")[0]
     pre = Preconditioned.from_tensors(load_tensors(run / f"{args.name}_queries" / "result.safetensors")[0])
-    sargs = load_json(run / args.name / "args.json")
+    sargs = read_json(run / args.name / "args.json")
     stage = "report" if args.name == "scores" else f"report_{args.name}"
     explained_path = run / stage / "explained.json"
     if not check_stage(run, stage, {"scores": sargs, "show": args.show}) or not explained_path.exists():
@@ -389,8 +389,8 @@ def cmd_report(args) -> None:
                     "negative": explain(model, task, train, pre, qi, neg),
                 }
             )
-        save_json(explained_path, explained)
-    explained = load_json(explained_path)
+        write_json(explained_path, explained)
+    explained = read_json(explained_path)
     shares = layer_share(result["layer_abs"], result["layers"].tolist())
     queries = []
     for qi, row in enumerate(rows):

@@ -27,8 +27,8 @@ from torch import nn
 
 from steerlab.hooks.capture import Captured, capture, module_shape
 from steerlab.hooks.modes import no_param_grads
-from steerlab.influence.storage import load_tensors, save_tensors
 from steerlab.influence.tasks import Task
+from steerlab.io import load_tensors, save_tensors
 from steerlab.memory import release_free_memory
 
 __all__ = [

@@ -44,9 +44,9 @@ from steerlab.influence.scores import (
     self_influence_of_batch,
 )
 from steerlab.influence.stages import check_stage, checkpoint_path, stream_stage
-from steerlab.influence.storage import load_json, load_tensors, save_tensors
 from steerlab.influence.tasks import Task
 from steerlab.influence.topk import merge_topk, update_topk
+from steerlab.io import load_tensors, read_json, save_tensors
 
 __all__ = ["BlockBatches", "TensorBatches", "fit", "load_scores", "score", "self_influence", "tensor_hash"]
 
@@ -304,7 +304,7 @@ def score(
     candidates only), keeping per query the top-k and bottom-k scores and indices, the summed |score| per
     layer, and the scores of every `sample_stride`-th training example (for histograms)."""
     run_dir = Path(run_dir)
-    fit_args = load_json(run_dir / "lambda" / "args.json") if strategy != "identity" else {}
+    fit_args = read_json(run_dir / "lambda" / "args.json") if strategy != "identity" else {}
     qids = [q["input_ids"] for q in queries] if isinstance(queries[0], dict) else [q[0] for q in queries]
     qargs = {
         "fit": fit_args,
@@ -450,7 +450,7 @@ def self_influence(
     sharded like `score`. Returns {"index": [N], "values": [N]}, sorted by training index. High values
     flag examples the model finds hard or atypical (mislabelled examples, memorised sequences)."""
     run_dir = Path(run_dir)
-    fit_args = load_json(run_dir / "lambda" / "args.json") if strategy != "identity" else {}
+    fit_args = read_json(run_dir / "lambda" / "args.json") if strategy != "identity" else {}
     args = {
         "fit": fit_args,
         "strategy": strategy,

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from steerlab.errors import UserError
-from steerlab.influence.storage import load_json, load_tensors, save_json, save_tensors
+from steerlab.io import load_tensors, read_json, save_tensors, write_json
 
 __all__ = ["StageArgumentsError", "check_stage", "checkpoint_path", "stream_stage"]
 
@@ -48,7 +48,7 @@ def check_stage(run_dir: str | Path, name: str, args: dict) -> bool:
 
     barrier()  # every process sees the same files
     if saved_path.exists():
-        saved = load_json(saved_path)
+        saved = read_json(saved_path)
         if saved != args:
             diffs = "; ".join(_diff(saved, args))
             raise StageArgumentsError(
@@ -56,7 +56,7 @@ def check_stage(run_dir: str | Path, name: str, args: dict) -> bool:
                 f"Use a new run directory, or delete {folder} to recompute it."
             )
     elif is_main():
-        save_json(saved_path, args)
+        write_json(saved_path, args)
     done = (folder / "result.safetensors").exists()
     barrier()
     return done

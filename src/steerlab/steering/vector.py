@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from steerlab.hooks import Positions, as_module, steer
-from steerlab.io import atomic_write_text, atomic_writer
+from steerlab.io import ResultFileError, load_result, result_paths, save_result
 from steerlab.models.architectures import hidden_size, resolve_layer
-
-FORMAT_VERSION = 1
-
-
-def _paths(path: str | Path) -> tuple[Path, Path]:
-    path = Path(path)
-    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
-    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
 @dataclass
@@ -93,35 +83,18 @@ class SteeringVector:
 
     def save(self, path: str | Path) -> Path:
         """Write `<path>.safetensors` (tensors) and `<path>.json` (metadata) atomically; return the first."""
-        tensor_path, meta_path = _paths(path)
-        tensor_path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {
-            f"layer.{layer}": vec.detach().float().cpu().contiguous() for layer, vec in self.vectors.items()
-        }
-        with atomic_writer(tensor_path) as tmp:
-            save_file(
-                tensors,
-                str(tmp),
-                metadata={"format": "steerlab.SteeringVector", "version": str(FORMAT_VERSION)},
-            )
-        meta = {"format": "steerlab.SteeringVector", "version": FORMAT_VERSION, **self.metadata}
-        atomic_write_text(meta_path, json.dumps(meta, indent=2, sort_keys=True))
-        return tensor_path
+        tensors = {f"layer.{layer}": vec.detach().float() for layer, vec in self.vectors.items()}
+        return save_result(path, tensors, self.metadata, kind="SteeringVector")
 
     @classmethod
     def load(cls, path: str | Path) -> SteeringVector:
-        tensor_path, meta_path = _paths(path)
-        if not tensor_path.exists():
-            raise FileNotFoundError(f"no steering vector at {tensor_path}")
-        tensors = load_file(str(tensor_path))
+        tensors, metadata = load_result(path, kind="SteeringVector")
+        tensor_path = result_paths(path)[0]
         vectors = {}
         for key, value in tensors.items():
             if not key.startswith("layer."):
-                raise ValueError(f"{tensor_path}: unexpected tensor {key!r} (expected 'layer.<index>')")
+                raise ResultFileError(f"{tensor_path}: unexpected tensor {key!r} (expected 'layer.<index>')")
             vectors[int(key.split(".", 1)[1])] = value
-        metadata = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-        metadata.pop("format", None)
-        metadata.pop("version", None)
         return cls(vectors, metadata)
 
     def random_like(self, seed: int = 0) -> SteeringVector:
