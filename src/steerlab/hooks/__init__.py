@@ -1,4 +1,6 @@
-"""The one place that registers hooks on a model: reading and adding at the residual stream, recording a
+"""The one place that registers hooks on a model: reading the residual stream and editing it (`add`:
+gradient-carrying deltas, one per layer or one per row; `steer`: a fixed vector times a multiplier, built on
+`add`; `ablate`: project out a direction), all at the positions a `Positions` spec selects; recording a
 block's or the head's input, starting a forward pass at a later block, capturing Linear inputs and output
 gradients for influence, and temporary modes (no parameter gradients, eager attention).
 
@@ -11,6 +13,8 @@ from steerlab.hooks.modes import curvature_mode, no_param_grads
 from steerlab.hooks.positions import Positions
 from steerlab.hooks.residual import (
     StopForward,
+    ablate,
+    add,
     as_module,
     capture_residual,
     read_residual,
@@ -22,6 +26,8 @@ __all__ = [
     "Captured",
     "Positions",
     "StopForward",
+    "ablate",
+    "add",
     "as_module",
     "capture",
     "capture_residual",

@@ -1,4 +1,5 @@
-"""Reading and adding at the residual stream.
+"""Reading and editing the residual stream: `add` (gradient-carrying deltas), `steer` (a fixed vector
+times a multiplier, built on `add`), `ablate` (project out a direction) and readers.
 
 The residual stream "at layer L" is the output of decoder block L (what `output_hidden_states[L + 1]`
 returns for every layer but the last, where Hugging Face applies the final norm first). Every hook is
@@ -8,13 +9,16 @@ removed when its context exits, also on exceptions.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 
 import torch
 from torch import nn
 
+from steerlab.errors import UserError
 from steerlab.hooks.positions import Positions, _StepState
-from steerlab.models.architectures import block, resolve_layer
+from steerlab.models.architectures import block, hidden_size, num_layers, resolve_layer
+
+Edit = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def as_module(model) -> nn.Module:
@@ -45,47 +49,143 @@ def _hidden_of(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output[0]
 
 
+def _by_layer(module: nn.Module, tensors: Mapping[int, torch.Tensor], what: str) -> dict[int, torch.Tensor]:
+    """Key `tensors` by resolved layer, checking each is (D,) or (B, D) and no layer is named twice."""
+    width = hidden_size(module)
+    chosen: dict[int, torch.Tensor] = {}
+    named: dict[int, int] = {}
+    for layer, tensor in tensors.items():
+        index = resolve_layer(module, layer)
+        if index in chosen:
+            raise UserError(f"layers {named[index]} and {layer} are the same layer {index}: give one {what}")
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() not in (1, 2) or tensor.shape[-1] != width:
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise UserError(
+                f"the {what} for layer {layer} has shape {shape}; expected ({width},) or (batch, {width})"
+            )
+        chosen[index], named[index] = tensor, layer
+    return chosen
+
+
 @contextmanager
-def steer(
-    model,
-    vectors: Mapping[int, torch.Tensor],
-    multiplier: float = 1.0,
-    positions: Positions | None = None,
+def _edit_residual(
+    module: nn.Module,
+    tensors: dict[int, torch.Tensor],
+    positions: Positions | None,
+    edit: Edit,
+    what: str,
 ) -> Iterator[None]:
-    """Add `multiplier * vectors[L]` to the residual stream after each block L at the chosen positions."""
-    module = as_module(model)
-    positions = positions or Positions.all()
-    state = _StepState(positions)
+    """Replace the output h of each block L by `edit(h, tensors[L])` at the selected positions."""
+    state = _StepState(positions or Positions.all())
+    rows = {layer: t.shape[0] for layer, t in tensors.items() if t.dim() == 2}
 
     def pre_hook(_module, args, kwargs):
         input_ids, attention_mask, past_len, reference = _forward_inputs(args, kwargs)
         batch, seq_len = reference.shape[0], reference.shape[1]
+        for layer, count in rows.items():
+            if count != batch:
+                raise UserError(f"the {what} for layer {layer} has {count} rows for a batch of {batch}")
         state.before_forward(input_ids, attention_mask, past_len, seq_len, batch, reference.device)
 
-    def make_block_hook(delta: torch.Tensor) -> Callable:
+    def make_block_hook(tensor: torch.Tensor) -> Callable:
         def hook(_module, _args, output):
             selection = state.selection
             if selection is None:
                 return None
             hidden = _hidden_of(output)
+            value = tensor
+            if value.dtype != hidden.dtype or value.device != hidden.device:
+                value = value.to(device=hidden.device, dtype=hidden.dtype)  # differentiable
+            if value.dim() == 2:
+                value = value[:, None]  # one per row: (B, 1, D)
+            edited = edit(hidden, value)
             if isinstance(selection, str):
-                return _replace_hidden(output, hidden + delta)
-            return _replace_hidden(
-                output, hidden + selection.to(device=hidden.device, dtype=hidden.dtype) * delta
-            )
+                return _replace_hidden(output, edited)
+            if selection.device != hidden.device:
+                selection = selection.to(hidden.device)
+            return _replace_hidden(output, torch.where(selection, edited, hidden))
 
         return hook
 
     with ExitStack() as stack:
         handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
         stack.callback(handle.remove)
-        for layer, vector in vectors.items():
-            target = block(module, layer)
-            param = next(target.parameters())
-            delta = (vector.detach().to(device=param.device, dtype=param.dtype) * multiplier).reshape(-1)
-            handle = target.register_forward_hook(make_block_hook(delta))
+        for layer, tensor in tensors.items():
+            handle = block(module, layer).register_forward_hook(make_block_hook(tensor))
             stack.callback(handle.remove)
         yield
+
+
+def _plus(hidden: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    return hidden + delta
+
+
+def add(
+    model, deltas: Mapping[int, torch.Tensor], positions: Positions | None = None
+) -> AbstractContextManager[None]:
+    """Add `deltas[L]` to the residual stream after each block L at the chosen positions (default: all but
+    the sink).
+
+    A delta is (D,) (the same for every row) or (B, D) (one per row of a batch of B); layers may be
+    negative. Nothing is detached: a delta with `requires_grad=True` receives gradients through the
+    forward pass, and it is cast to the residual's dtype and device at each call (so an optimiser's
+    in-place updates are seen). A delta that reaches no position in a pass gets no gradient from it.
+    """
+    module = as_module(model)
+    return _edit_residual(module, _by_layer(module, deltas, "delta"), positions, _plus, "delta")
+
+
+def _like_block(module: nn.Module, layer: int, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in the dtype and on the device of the first floating-point parameter of block `layer`."""
+    for param in block(module, layer).parameters():
+        if param.is_floating_point():
+            return tensor.to(device=param.device, dtype=param.dtype)
+    return tensor
+
+
+def steer(
+    model,
+    vectors: Mapping[int, torch.Tensor],
+    multiplier: float = 1.0,
+    positions: Positions | None = None,
+) -> AbstractContextManager[None]:
+    """Add `multiplier * vectors[L]` (detached) to the residual stream after each block L at the chosen
+    positions."""
+    module = as_module(model)
+    deltas = {
+        layer: (_like_block(module, layer, vector.detach()) * multiplier).reshape(-1)
+        for layer, vector in vectors.items()
+    }
+    return add(module, deltas, positions)
+
+
+def _project_out(hidden: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    unit = direction / direction.norm(dim=-1, keepdim=True)
+    return hidden - (hidden * unit).sum(-1, keepdim=True) * unit
+
+
+def ablate(
+    model,
+    directions: torch.Tensor | Mapping[int, torch.Tensor],
+    layers: Sequence[int] | None = None,
+    positions: Positions | None = None,
+) -> AbstractContextManager[None]:
+    """Remove the component along a direction from the residual stream: h - (h.u)u with u = d / |d|.
+
+    `directions` is one tensor used at `layers` (default: every layer) or a mapping layer -> tensor; each
+    is (D,) or (B, D) (one per row). Like `add`, nothing is detached: gradients reach the directions.
+    """
+    module = as_module(model)
+    if isinstance(directions, torch.Tensor):
+        chosen = range(num_layers(module)) if layers is None else layers
+        directions = dict.fromkeys(chosen, directions)
+    elif layers is not None:
+        raise UserError("ablate: pass `layers` only with a single direction; a mapping names its layers")
+    units = _by_layer(module, directions, "direction")
+    for layer, direction in units.items():
+        if not bool((direction.detach().norm(dim=-1) > 0).all()):
+            raise UserError(f"the direction for layer {layer} is zero; ablation needs a non-zero direction")
+    return _edit_residual(module, units, positions, _project_out, "direction")
 
 
 class StopForward(Exception):
