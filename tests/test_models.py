@@ -80,6 +80,73 @@ def test_wrap_records_model_info():
     json.dumps(lm.info.to_dict())
 
 
+def test_repair_drops_a_bos_added_while_add_bos_token_reads_false(tmp_path):
+    """Like SmolLM2's Hugging Face folder under transformers 5: the post-processor prepends BOS, the
+    attribute says it does not, and the chat template starts with BOS already."""
+    from tokenizers import processors
+
+    from steerlab.data.templating import adds_bos, encode
+
+    tokenizer = char_tokenizer()
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
+    )
+    plain = tokenizer("The weather", add_special_tokens=False)["input_ids"]
+    tiny_model("llama", dtype=torch.float32).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    lm = load_model(tmp_path)
+    assert lm.tokenizer.add_bos_token is False and lm.tokenizer.bos_token_id == 1
+    assert lm.tokenizer("The weather")["input_ids"] == plain  # was [1, *plain]
+    assert encode(lm.tokenizer, "The weather") == plain and not adds_bos(lm.tokenizer)
+    assert any("BOS" in repair for repair in lm.info.tokenizer_repairs)
+
+
+def _no_network(monkeypatch, error: Exception) -> None:
+    import transformers
+
+    def refuse(*_args, **_kwargs):
+        raise error
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+def test_model_name_typo_lists_embedded_names_before_any_network_access(tmp_path, monkeypatch):
+    from steerlab.errors import UserError
+    from steerlab.models import ModelNotFoundError
+
+    monkeypatch.chdir(tmp_path)
+    _no_network(monkeypatch, AssertionError("the hub was asked"))
+    with pytest.raises(ModelNotFoundError) as caught:
+        load_model("smollm2-135")
+    message = str(caught.value)
+    assert isinstance(caught.value, UserError) and "\n" not in message
+    assert message.startswith("model 'smollm2-135' is no embedded model, local folder or .gguf file;")
+    assert "did you mean 'smollm2-135m'?" in message
+    assert "embedded models: smollm2-135m, gemma3-270m" in message and "need the network" in message
+    with pytest.raises(ModelNotFoundError, match="is no such .gguf file"):
+        load_model(tmp_path / "missing.gguf")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ModelNotFoundError, match="is a file, not a model folder"):
+        load_model("notes.txt")
+
+
+def test_hub_id_that_cannot_be_fetched_says_so_in_one_line(tmp_path, monkeypatch):
+    from steerlab.models import ModelNotFoundError
+
+    monkeypatch.chdir(tmp_path)
+    _no_network(
+        monkeypatch, OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nmore")
+    )
+    with pytest.raises(ModelNotFoundError) as caught:
+        load_model("SomeOrg/no-such-model")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("model 'SomeOrg/no-such-model' was not found locally nor fetched from the hub")
+    assert "We couldn't connect to 'https://huggingface.co'" in message
+    assert "embedded models: smollm2-135m, gemma3-270m" in message and "need the network" in message
+
+
 @pytest.mark.slow
 def test_embedded_gguf_cache_reproduces_the_gguf_model(smollm2):
     """The cached safetensors checkpoint gives the GGUF model's logits; a second load is fast."""

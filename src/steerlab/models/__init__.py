@@ -15,7 +15,15 @@ from steerlab.models.architectures import (
     register_architecture,
     resolve_layer,
 )
-from steerlab.models.loading import DEFAULT_MODEL, EMBEDDED_MODELS, LoadedModel, ModelInfo, load_model, wrap
+from steerlab.models.loading import (
+    DEFAULT_MODEL,
+    EMBEDDED_MODELS,
+    LoadedModel,
+    ModelInfo,
+    ModelNotFoundError,
+    load_model,
+    wrap,
+)
 
 __all__ = [
     "ARCHITECTURES",
@@ -24,6 +32,7 @@ __all__ = [
     "ArchitectureSpec",
     "LoadedModel",
     "ModelInfo",
+    "ModelNotFoundError",
     "UnknownArchitectureError",
     "architecture_of",
     "attention",

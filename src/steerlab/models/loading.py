@@ -7,11 +7,13 @@ repairs are recorded in `ModelInfo.tokenizer_repairs`.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -21,11 +23,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from steerlab.errors import UserError
 from steerlab.models.architectures import architecture_of, hidden_size, num_layers
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+class ModelNotFoundError(UserError):
+    """`--model` names no embedded model, local folder or `.gguf` file, and no reachable hub id."""
 
 
 @dataclass
@@ -145,6 +153,8 @@ def convert_gguf(gguf_path: Path, digest: str) -> Path:
 
 def repair_tokenizer(tokenizer, model: nn.Module) -> list[str]:
     """Fix what GGUF-derived tokenizers commonly get wrong; return a description of each repair."""
+    from steerlab.data.templating import adds_bos
+
     repairs: list[str] = []
     gen_config = getattr(model, "generation_config", None)
     eos = getattr(gen_config, "eos_token_id", None) or getattr(model.config, "eos_token_id", None)
@@ -155,19 +165,32 @@ def repair_tokenizer(tokenizer, model: nn.Module) -> list[str]:
         repairs.append(f"eos_token_id {old} -> {eos} ({tokenizer.eos_token!r}, from the model config)")
     template = getattr(tokenizer, "chat_template", None)
     bos = tokenizer.bos_token
-    if template and bos and getattr(tokenizer, "add_bos_token", False):
+    if template and bos and adds_bos(tokenizer):  # probed: `add_bos_token` may read False and still add
         rendered = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
         if rendered.startswith(bos):
-            tokenizer.add_bos_token = False
-            repairs.append(f"add_bos_token True -> False (the chat template already starts with {bos!r})")
+            tokenizer.add_bos_token = False  # rebuilds the post-processor without BOS
+            repairs.append(f"no BOS added to plain text (the chat template already starts with {bos!r})")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
         repairs.append(f"pad_token None -> {tokenizer.eos_token!r}")
     return repairs
 
 
+def _not_found(text: str, reason: str) -> ModelNotFoundError:
+    names = ", ".join(EMBEDDED_MODELS)
+    close = difflib.get_close_matches(text.lower(), EMBEDDED_MODELS, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return ModelNotFoundError(
+        f"model {text!r} {reason}; {hint}embedded models: {names}; "
+        "Hugging Face hub ids (org/name) need the network"
+    )
+
+
 def _resolve_source(name_or_path: str | os.PathLike) -> tuple[str, Path | None]:
-    """Return (name, gguf_path or None); a name that is no embedded model and no file is a hub id/folder."""
+    """Return (name, gguf_path or None); None: a local folder or an `org/name` hub id.
+
+    A name that is neither (e.g. a typo of an embedded name) is refused before any network access.
+    """
     text = str(name_or_path)
     if text in ("default", ""):
         text = DEFAULT_MODEL
@@ -175,13 +198,18 @@ def _resolve_source(name_or_path: str | os.PathLike) -> tuple[str, Path | None]:
         return text, EMBEDDED_MODELS[text]()
     path = Path(text).expanduser()
     if path.suffix == ".gguf":
-        if not path.exists():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
+        if not path.is_file():
+            raise _not_found(text, "is no such .gguf file")
         return path.stem, path
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if ggufs and not (path / "config.json").exists():
             return path.name, ggufs[0]
+        return text, None
+    if path.exists():
+        raise _not_found(text, "is a file, not a model folder or a .gguf file")
+    if HUB_ID.fullmatch(text) is None:
+        raise _not_found(text, "is no embedded model, local folder or .gguf file")
     return text, None
 
 
@@ -197,8 +225,9 @@ def load_model(
     """Load a causal LM and its tokenizer.
 
     `name_or_path` is an embedded name (`smollm2-135m`, `gemma3-270m`), a `.gguf` file, a local folder or a
-    Hugging Face hub id. `dtype` defaults to float32 on CPU; `device_map="auto"` spreads a large model
-    over the visible GPUs (needs `accelerate`).
+    Hugging Face hub id (`org/name`; needs the network unless cached). `dtype` defaults to float32 on CPU;
+    `device_map="auto"` spreads a large model over the visible GPUs (needs `accelerate`). Raises
+    `ModelNotFoundError` for a name that is none of these, before any network access.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -220,8 +249,14 @@ def load_model(
         kwargs["device_map"] = device_map
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except OSError as error:
+        if gguf_path is not None or Path(folder).is_dir():
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise _not_found(source, f"was not found locally nor fetched from the hub ({first})") from error
     if device is not None and device_map is None:
         model.to(device)
     model.eval()
