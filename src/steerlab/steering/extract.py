@@ -9,9 +9,9 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib.metadata import version
 
 import torch
-import transformers
 from tqdm.auto import tqdm
 
 import steerlab
@@ -25,6 +25,8 @@ from steerlab.data import (
     locate_answers,
     pad_batch,
 )
+from steerlab.data.templating import prompt_metadata
+from steerlab.errors import UserError
 from steerlab.hooks import run_to_layers
 from steerlab.models import LoadedModel, resolve_layer
 from steerlab.steering.vector import SteeringVector
@@ -93,7 +95,7 @@ def _metadata(lm: LoadedModel, method: str, pos: LayerMeans, neg: LayerMeans, ve
         "versions": {
             "steerlab": steerlab.__version__,
             "torch": torch.__version__,
-            "transformers": transformers.__version__,
+            "transformers": version("transformers"),
         },
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **extra,
@@ -111,6 +113,10 @@ def difference_vector(
     **metadata,
 ) -> SteeringVector:
     """mean(positive activations) - mean(negative activations) at each layer."""
+    if not positive or not negative:
+        raise UserError(
+            f"{method}: no examples to extract from ({len(positive)} positive, {len(negative)} negative)"
+        )
     pos = mean_activations(lm, positive, layers, batch_size, progress, desc="positive")
     neg = mean_activations(lm, negative, layers, batch_size, progress, desc="negative")
     vectors = {layer: (pos.mean[layer] - neg.mean[layer]).float().cpu() for layer in pos.mean}
@@ -130,6 +136,27 @@ def ab_read_specs(
     return positive, negative
 
 
+def caa_items(dataset: ABDataset, *, balance: bool = True, seed: int = 0) -> ABDataset:
+    """The items CAA reads: `dataset` with balanced answer letters (unless `balance=False`).
+
+    Needs no model, so a command can call it to refuse unusable data before loading one; raises a
+    `DataFormatError` when no item is left.
+    """
+    if not len(dataset):
+        raise UserError(f"{dataset.source or dataset.name or 'A/B dataset'}: holds no items")
+    return dataset.balance_letters(seed=seed) if balance else dataset
+
+
+def _dataset_metadata(dataset, source: str | None, **extra) -> dict:
+    return {
+        "name": dataset.name,
+        "source": source if source is not None else (dataset.source or None),
+        "fingerprint": dataset.fingerprint,
+        "size": len(dataset),
+        **extra,
+    }
+
+
 def extract_caa(
     lm: LoadedModel,
     dataset: ABDataset,
@@ -140,16 +167,17 @@ def extract_caa(
     seed: int = 0,
     batch_size: int = 8,
     progress: bool = True,
+    source: str | None = None,
 ) -> SteeringVector:
     """Contrastive Activation Addition: mean difference at the answer letter of A/B pairs.
 
     With `balance=True` (default) the answer letters are balanced first, so the A-versus-B letter
-    direction cancels instead of leaking into the vector.
+    direction cancels instead of leaking into the vector. `source` (default: the file the dataset was
+    loaded from) is recorded in the metadata with the prompt format and the system prompt used.
     """
     counts_before = dataset.letter_counts()
-    if balance:
-        dataset = dataset.balance_letters(seed=seed)
-    positive, negative = ab_read_specs(lm, dataset, system_prompt)
+    used = caa_items(dataset, balance=balance, seed=seed)
+    positive, negative = ab_read_specs(lm, used, system_prompt)
     return difference_vector(
         lm,
         positive,
@@ -158,14 +186,14 @@ def extract_caa(
         method="caa",
         batch_size=batch_size,
         progress=progress,
-        dataset={
-            "name": dataset.name,
-            "fingerprint": dataset.fingerprint,
-            "size": len(dataset),
-            "letter_counts_before_balancing": counts_before,
-            "letter_counts": dataset.letter_counts(),
-        },
-        system_prompt=system_prompt,
+        dataset=_dataset_metadata(
+            used,
+            source,
+            size_before_balancing=len(dataset),
+            letter_counts_before_balancing=counts_before,
+            letter_counts=used.letter_counts(),
+        ),
+        **prompt_metadata(lm.tokenizer, system_prompt),
     )
 
 
@@ -179,7 +207,7 @@ def text_read_spec(lm: LoadedModel, text: str, read: str, system_prompt: str | N
     elif read == "mean":
         positions = list(range(1, len(ids))) or [0]
     else:
-        raise ValueError(f"read must be 'last' or 'mean', got {read!r}")
+        raise UserError(f"read must be 'last' or 'mean', got {read!r}")
     return ReadSpec(ids, positions)
 
 
@@ -193,8 +221,15 @@ def extract_mean_difference(
     chat: bool = False,
     batch_size: int = 8,
     progress: bool = True,
+    source: str | None = None,
 ) -> SteeringVector:
-    """Mean difference between paired positive and negative free texts (last token or all positions)."""
+    """Mean difference between paired positive and negative free texts (last token or all positions).
+
+    With `chat=True` each text is a user turn of the chat template (with `system_prompt`, which needs
+    it). `source` (default: the file the texts were loaded from) is recorded in the metadata.
+    """
+    if system_prompt is not None and not chat:
+        raise UserError("a system prompt applies only to chat-formatted texts (chat=True, --chat)")
     positive = [text_read_spec(lm, t, read, system_prompt, chat) for t in texts.positive]
     negative = [text_read_spec(lm, t, read, system_prompt, chat) for t in texts.negative]
     return difference_vector(
@@ -205,6 +240,6 @@ def extract_mean_difference(
         method=f"mean-difference-{read}",
         batch_size=batch_size,
         progress=progress,
-        dataset={"name": texts.name, "fingerprint": texts.fingerprint, "size": len(texts.positive)},
-        system_prompt=system_prompt if chat else None,
+        dataset=_dataset_metadata(texts, source),
+        **prompt_metadata(lm.tokenizer, system_prompt, chat=chat),
     )

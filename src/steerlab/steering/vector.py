@@ -2,24 +2,112 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+import warnings
+from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from steerlab.errors import UserError
 from steerlab.hooks import Positions, as_module, steer
 from steerlab.io import ResultFileError, load_result, result_paths, save_result
-from steerlab.models.architectures import hidden_size, resolve_layer
+from steerlab.models.architectures import hidden_size, num_layers
+
+STRONG_STEERING_RATIO = 10.0
+"""`apply` warns when the added norm |m| x |v| exceeds this many times the recorded residual norm."""
+
+
+class VectorError(UserError):
+    """A steering vector cannot be used as asked."""
+
+
+class InvalidVectorError(VectorError):
+    """A vector holds NaN, infinite or all-zero values, or its metadata disagrees with its tensors."""
+
+
+class LayerChoiceError(VectorError):
+    """A requested layer is outside the model or not stored in the vector."""
+
+
+class StrongSteeringWarning(UserWarning):
+    """The added vector is far larger than the residual stream it is added to."""
+
+
+def tensor_problem(vectors: Mapping[int, torch.Tensor]) -> str | None:
+    """What is wrong with per-layer directions (none stored, widths differ, NaN/inf, all zeros), or None."""
+    if not vectors:
+        return "it stores no layer"
+    widths = {layer: int(vec.numel()) for layer, vec in vectors.items()}
+    if len(set(widths.values())) > 1:
+        return f"its layers have different widths {dict(sorted(widths.items()))}"
+    for layer in sorted(vectors):
+        vec = vectors[layer].detach()
+        bad = int((~torch.isfinite(vec)).sum())
+        if bad:
+            return f"layer {layer}: {bad} of {vec.numel()} values are NaN or infinite"
+        if not bool(vec.any()):
+            return f"layer {layer}: the vector is all zeros"
+    return None
+
+
+def metadata_problem(vectors: Mapping[int, torch.Tensor], metadata: Mapping) -> str | None:
+    """What in `metadata` disagrees with the tensors (layers, norms, residual norms, model width), or None."""
+    stored = {str(layer) for layer in vectors}
+    listed = sorted(vectors)
+    width = int(next(iter(vectors.values())).numel())
+    model = metadata.get("model")
+    if isinstance(model, dict):
+        name = model.get("name", "the model")
+        recorded = model.get("hidden_size")
+        if isinstance(recorded, int) and recorded != width:
+            return f"records hidden size {recorded} for {name} but the tensors have width {width}"
+        n = model.get("num_layers")
+        if isinstance(n, int) and any(not -n <= layer < n for layer in vectors):
+            return f"records {n} layers for {name} but the tensors hold layers {listed}"
+    for key, kind in (("layers", list), ("norms", dict), ("residual_norms", dict)):
+        if key not in metadata:
+            continue
+        value = metadata[key]
+        if not isinstance(value, kind):
+            return f"field {key!r} should be a JSON {'list' if kind is list else 'object'}, got {value!r}"
+        keys = {str(k) for k in value}
+        if keys != stored:
+            named = sorted(keys, key=lambda k: (len(k), k))
+            return f"field {key!r} names layers {named} but the tensors hold layers {listed}"
+    for layer, value in metadata.get("residual_norms", {}).items():
+        if not _positive(value):
+            return f"field 'residual_norms': layer {layer} has {value!r}, expected a positive number"
+    for layer, value in metadata.get("norms", {}).items():
+        actual = float(vectors[int(layer)].double().norm())
+        if not _positive(value) or not math.isclose(value, actual, rel_tol=1e-3):
+            return f"field 'norms': layer {layer} has {value!r} but the tensor's norm is {actual:.6g}"
+    return None
+
+
+def _positive(value) -> bool:
+    return (
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    )
 
 
 @dataclass
 class SteeringVector:
-    """One direction per layer (float32, shape (d_model,)) and a metadata dict (JSON-serialisable)."""
+    """One direction per layer (float32, shape (d_model,)) and a metadata dict (JSON-serialisable).
+
+    The constructor checks the vector (finite, not all zeros, one width) and that the metadata agrees
+    with it, raising `InvalidVectorError`.
+    """
 
     vectors: dict[int, torch.Tensor]
     metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problem = tensor_problem(self.vectors) or metadata_problem(self.vectors, self.metadata)
+        if problem:
+            raise InvalidVectorError(f"steering vector: {problem}")
 
     @property
     def layers(self) -> list[int]:
@@ -29,32 +117,83 @@ class SteeringVector:
     def hidden_size(self) -> int:
         return int(next(iter(self.vectors.values())).numel())
 
+    def _model_layers(self) -> int | None:
+        n = (self.metadata.get("model") or {}).get("num_layers")
+        return n if isinstance(n, int) else None
+
+    def stored_layer(self, layer: int, model_layers: int | None = None) -> int:
+        """The key under which `layer` is stored; negative layers count from the end of the model.
+
+        model_layers: the model's layer count (default: the one recorded at extraction). Raises
+        `LayerChoiceError` naming the model's layers and the stored ones.
+        """
+        n = self._model_layers() if model_layers is None else model_layers
+        if n is None:
+            if layer in self.vectors:
+                return layer
+            hint = "; a negative layer counts from the end of a model whose size this vector does not record"
+            raise LayerChoiceError(
+                f"layer {layer}: this vector stores layers {self.layers}{hint if layer < 0 else ''}"
+            )
+        if not -n <= layer < n:
+            raise LayerChoiceError(
+                f"layer {layer} is out of range: the model has {n} layers (0..{n - 1}, or -{n}..-1 counting "
+                f"from the end); this vector stores layers {self.layers}"
+            )
+        for key in self.vectors:
+            if -n <= key < n and key % n == layer % n:
+                return key
+        alias = f" (= layer {layer % n})" if layer < 0 else ""
+        raise LayerChoiceError(
+            f"layer {layer}{alias} is not stored in this vector: it stores layers {self.layers} "
+            f"of the model's {n} (0..{n - 1})"
+        )
+
     def norm(self, layer: int) -> float:
-        return float(self.vectors[layer].norm())
+        return float(self.vectors[self.stored_layer(layer)].double().norm())
 
     def residual_norm(self, layer: int) -> float | None:
         """Mean norm of the residual stream where the vector was read (from extraction), if known."""
-        value = self.metadata.get("residual_norms", {}).get(str(layer))
+        value = (self.metadata.get("residual_norms") or {}).get(str(self.stored_layer(layer)))
         return None if value is None else float(value)
 
     def multiplier_for_fraction(self, layer: int, fraction: float) -> float:
         """The multiplier m with ||m v|| = fraction x the residual norm at `layer`."""
-        residual = self.residual_norm(layer)
+        if not math.isfinite(fraction):
+            raise VectorError(f"fraction {fraction} is not a finite number")
+        key = self.stored_layer(layer)
+        residual = self.residual_norm(key)
         if residual is None:
-            raise ValueError("this vector has no recorded residual norm; pass an explicit multiplier")
-        return fraction * residual / max(self.norm(layer), 1e-12)
+            raise VectorError(
+                f"this vector records no residual norm at layer {key} (only extraction records one), "
+                "so a fraction of it has no meaning; pass an explicit multiplier"
+            )
+        norm = self.norm(key)
+        if not norm > 0:
+            raise InvalidVectorError(f"steering vector: layer {key}: the vector is all zeros")
+        return fraction * residual / norm
+
+    def fraction_of_residual(self, layer: int, multiplier: float) -> float | None:
+        """|multiplier| x |v| over the recorded residual norm at `layer` (None when none is recorded)."""
+        residual = self.residual_norm(layer)
+        return None if residual is None else abs(multiplier) * self.norm(layer) / residual
 
     def check_compatible(self, model) -> None:
+        """Raise a `VectorError` unless the vector's width and stored layers fit `model`."""
         module = as_module(model)
         width = hidden_size(module)
         if width != self.hidden_size:
-            source = self.metadata.get("model", {}).get("name", "another model")
-            raise ValueError(
+            source = (self.metadata.get("model") or {}).get("name", "another model")
+            raise InvalidVectorError(
                 f"steering vector has width {self.hidden_size} (extracted from {source}) but this model's "
                 f"residual stream has width {width}"
             )
-        for layer in self.layers:
-            resolve_layer(module, layer)
+        n = num_layers(module)
+        outside = [layer for layer in self.layers if not -n <= layer < n]
+        if outside:
+            raise LayerChoiceError(
+                f"this vector stores layers {self.layers} but the model has {n} layers (0..{n - 1})"
+            )
 
     def apply(
         self,
@@ -63,23 +202,43 @@ class SteeringVector:
         multiplier: float = 1.0,
         positions: Positions | None = None,
     ) -> AbstractContextManager[None]:
-        """Context manager adding `multiplier x` the vector at `layer` (default: every stored layer)."""
+        """Context manager adding `multiplier x` the vector at `layer` (default: every stored layer).
+
+        Warns (`StrongSteeringWarning`) when the added norm is over `STRONG_STEERING_RATIO` times the
+        residual norm recorded at extraction.
+        """
+        if not math.isfinite(multiplier):
+            raise VectorError(f"multiplier {multiplier} is not a finite number")
+        problem = tensor_problem(self.vectors)
+        if problem:
+            raise InvalidVectorError(f"steering vector: {problem}")
         self.check_compatible(model)
         module = as_module(model)
+        n = num_layers(module)
         if layer is None:
             chosen = self.layers
         elif isinstance(layer, int):
             chosen = [layer]
         else:
             chosen = list(layer)
-        stored = {resolve_layer(module, key): key for key in self.layers}
         vectors = {}
         for requested in chosen:
-            resolved = resolve_layer(module, requested)
-            if resolved not in stored:
-                raise KeyError(f"no vector for layer {requested}; this vector has layers {self.layers}")
-            vectors[resolved] = self.vectors[stored[resolved]]
+            key = self.stored_layer(requested, n)
+            vectors[key % n] = self.vectors[key]
+            self._warn_if_strong(key, multiplier)
         return steer(module, vectors, multiplier=multiplier, positions=positions)
+
+    def _warn_if_strong(self, layer: int, multiplier: float) -> None:
+        ratio = self.fraction_of_residual(layer, multiplier)
+        if ratio is not None and ratio > STRONG_STEERING_RATIO:
+            warnings.warn(
+                f"layer {layer}: multiplier {multiplier:.4g} adds a vector of norm "
+                f"{abs(multiplier) * self.norm(layer):.4g}, {ratio:.3g}x the residual norm "
+                f"{self.residual_norm(layer):.4g} recorded at extraction; expect degenerate outputs "
+                "(fractions of 0.05-1 of the residual norm are typical)",
+                StrongSteeringWarning,
+                stacklevel=3,
+            )
 
     def save(self, path: str | Path) -> Path:
         """Write `<path>.safetensors` (tensors) and `<path>.json` (metadata) atomically; return the first."""
@@ -88,13 +247,26 @@ class SteeringVector:
 
     @classmethod
     def load(cls, path: str | Path) -> SteeringVector:
+        """Read a saved vector; errors name the file and what is wrong (`ResultFileError`, `InvalidVectorError`)."""
+        tensor_path, meta_path = result_paths(path)
+        if tensor_path.is_file() and not meta_path.is_file():
+            raise ResultFileError(
+                f"{meta_path}: no such file; a steering vector is saved as {tensor_path.name} plus this "
+                "metadata file (its model, layers and residual norms)"
+            )
         tensors, metadata = load_result(path, kind="SteeringVector")
-        tensor_path = result_paths(path)[0]
         vectors = {}
         for key, value in tensors.items():
-            if not key.startswith("layer."):
+            prefix, _, index = key.partition(".")
+            if prefix != "layer" or not index.lstrip("-").isdigit():
                 raise ResultFileError(f"{tensor_path}: unexpected tensor {key!r} (expected 'layer.<index>')")
-            vectors[int(key.split(".", 1)[1])] = value
+            vectors[int(index)] = value
+        problem = tensor_problem(vectors)
+        if problem:
+            raise InvalidVectorError(f"{tensor_path}: {problem}")
+        problem = metadata_problem(vectors, metadata)
+        if problem:
+            raise InvalidVectorError(f"{meta_path}: {problem}")
         return cls(vectors, metadata)
 
     def random_like(self, seed: int = 0) -> SteeringVector:
