@@ -13,6 +13,7 @@ from typing import Any, overload
 
 from steerlab.data.errors import DataFormatError, get_str, read_json, read_jsonl
 from steerlab.data.splitting import fingerprint, split_indices
+from steerlab.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,9 @@ class ABItem:
     def __post_init__(self) -> None:
         for name in ("matching", "not_matching"):
             if normalise_label(getattr(self, name)) != getattr(self, name):
-                raise ValueError(f"ABItem.{name} must be a label like '(A)', got {getattr(self, name)!r}")
+                raise UserError(f"ABItem.{name} must be a label like '(A)', got {getattr(self, name)!r}")
         if self.matching == self.not_matching:
-            raise ValueError(f"ABItem: matching and not_matching are both {self.matching!r}")
+            raise UserError(f"ABItem: matching and not_matching are both {self.matching!r}")
         if not self.options:
             parsed = parse_options(self.question)
             options = parsed or tuple(sorted({self.matching, self.not_matching}))
@@ -98,7 +99,7 @@ class ABItem:
         """
         spans = option_spans(self.question)
         if self.matching not in spans or self.not_matching not in spans:
-            raise ValueError(
+            raise UserError(
                 f"cannot find the texts of {self.matching} and {self.not_matching} in {self.source}"
             )
         (a0, a1), (b0, b1) = sorted([spans[self.matching], spans[self.not_matching]])
@@ -118,10 +119,11 @@ class ABItem:
 
 @dataclass
 class ABDataset:
-    """A list of A/B items with a name."""
+    """A list of A/B items with a name and the file they came from ("" when built in Python)."""
 
     items: list[ABItem]
     name: str = ""
+    source: str = ""
 
     def __len__(self) -> int:
         return len(self.items)
@@ -135,7 +137,7 @@ class ABDataset:
     def __getitem__(self, index: slice) -> ABDataset: ...
     def __getitem__(self, index: int | slice) -> ABItem | ABDataset:
         if isinstance(index, slice):
-            return ABDataset(self.items[index], self.name)
+            return replace(self, items=self.items[index])
         return self.items[index]
 
     @property
@@ -146,7 +148,7 @@ class ABDataset:
     def split(self, fractions: Sequence[float], seed: int = 0) -> tuple[ABDataset, ...]:
         """Shuffled (seeded), disjoint parts with sizes round(n * fraction) that sum to len(self)."""
         parts = split_indices(len(self.items), fractions, seed)
-        return tuple(ABDataset([self.items[i] for i in part], self.name) for part in parts)
+        return tuple(replace(self, items=[self.items[i] for i in part]) for part in parts)
 
     def letter_counts(self) -> dict[str, int]:
         """How often each label is the matching one (labels that only ever fail to match count 0)."""
@@ -174,7 +176,8 @@ class ABDataset:
         matching one. So two-option items end with "(A)" matching in exactly half of them, and the letter
         identity cancels out of any matching-minus-not-matching mean. Items with more options stay in the
         data (only their two answers trade places). Items whose answer texts cannot be found in the
-        question are dropped. The item order is kept.
+        question are dropped (with a warning). The item order is kept. Raises a `DataFormatError` when
+        no item is left.
         """
         rng = random.Random(seed)
         groups: dict[tuple[str, str], list[int]] = {}
@@ -197,10 +200,34 @@ class ABDataset:
             swap.update(rng.sample(majority, (len(majority) - len(members) // 2)))
             keep.update(members)
         dropped = len(self.items) - len(keep)
+        where = self.source or self.name or "A/B items"
+        reasons = []
+        if unswappable:
+            reasons.append(
+                f"{unswappable} without both answers among their option lines (like ' (A) text' after "
+                "'Choices:'), so their letters cannot be swapped"
+            )
+        if dropped > unswappable:
+            reasons.append(f"{dropped - unswappable} to make each group of label pairs even")
+        why = "; ".join(reasons)
+        if not keep:
+            raise DataFormatError(
+                where,
+                f"balancing the answer letters keeps none of the {len(self)} item(s)"
+                + (f" ({why})" if why else "")
+                + "; it needs two or more items with the same pair of answer labels and their option lines "
+                "(or extract without balancing: balance=False, --no-balance)",
+            )
         if dropped:
-            log.info("balance_letters dropped %d item(s) (%d unswappable)", dropped, unswappable)
+            log.warning(
+                "%s: balancing the answer letters dropped %d of %d item(s): %s",
+                where,
+                dropped,
+                len(self),
+                why,
+            )
         items = [self.items[i].swapped() if i in swap else self.items[i] for i in sorted(keep)]
-        return ABDataset(items, self.name)
+        return replace(self, items=items)
 
 
 def _item(path: Path, obj: Any, loc: dict[str, int], source: str, keys: tuple[str, str, str]) -> ABItem:
@@ -254,7 +281,7 @@ def load_caa_json(
         raise DataFormatError(path, "the list holds no records")
     keys = (question, matching, not_matching)
     items = [_item(path, obj, {"record": i}, f"{path.name}#record {i}", keys) for i, obj in enumerate(data)]
-    return ABDataset(items, name if name is not None else _default_name(path))
+    return ABDataset(items, name if name is not None else _default_name(path), str(path))
 
 
 def load_anthropic_jsonl(
@@ -272,7 +299,7 @@ def load_anthropic_jsonl(
     path = Path(path)
     keys = (question, matching, not_matching)
     items = [_item(path, obj, {"line": n}, f"{path.name}:{n}", keys) for n, obj in read_jsonl(path)]
-    return ABDataset(items, name if name is not None else _default_name(path))
+    return ABDataset(items, name if name is not None else _default_name(path), str(path))
 
 
 def load_ab(path: str | os.PathLike, **fields: str) -> ABDataset:

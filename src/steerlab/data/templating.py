@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from steerlab.errors import UserError
+
 
 def format_prompt(
     tokenizer: Any, user: str, system_prompt: str | None = None, assistant_prefix: str = ""
@@ -25,6 +27,55 @@ def format_prompt(
         system = f"System: {system_prompt}\n\n" if system_prompt is not None else ""
         text = f"{system}User: {user}\n\nAssistant:"
     return text + assistant_prefix
+
+
+_SYSTEM_MARK = "SteerlabSystemMark"
+_USER_MARK = "SteerlabUserMark"
+
+
+def template_system_prompt(tokenizer: Any) -> str | None:
+    """The system prompt the chat template inserts when none is given (None if it inserts none).
+
+    Found by rendering one user turn with and without a marker system turn: the template's default is
+    what stands where the marker stood.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    user = {"role": "user", "content": _USER_MARK}
+    system = {"role": "system", "content": _SYSTEM_MARK}
+    render = tokenizer.apply_chat_template
+    try:
+        plain = render([user], tokenize=False, add_generation_prompt=True)
+        marked = render([system, user], tokenize=False, add_generation_prompt=True)
+    except Exception:  # a template that refuses system turns (jinja raises) inserts no default one
+        return None
+    if _SYSTEM_MARK not in marked:
+        return None
+    before, after = marked.split(_SYSTEM_MARK, 1)
+    if len(plain) > len(before) + len(after) and plain.startswith(before) and plain.endswith(after):
+        return plain[len(before) : len(plain) - len(after)]
+    return None
+
+
+def prompt_metadata(tokenizer: Any, system_prompt: str | None, chat: bool = True) -> dict[str, Any]:
+    """How prompts were formatted, for a result's metadata.
+
+    chat: whether texts were wrapped as a user turn (`format_prompt`); chat_template: whether the
+    tokenizer's template rendered it (else the plain "User:/Assistant:" format); system_prompt: the
+    text that ended up in the prompt; system_prompt_source: "given", "template default" (the template
+    inserted its own) or None (no system prompt).
+    """
+    templated = chat and bool(getattr(tokenizer, "chat_template", None))
+    text, origin = (system_prompt, "given") if system_prompt is not None else (None, None)
+    if chat and system_prompt is None and templated:
+        text = template_system_prompt(tokenizer)
+        origin = "template default" if text is not None else None
+    return {
+        "chat": chat,
+        "chat_template": templated,
+        "system_prompt": text if chat else None,
+        "system_prompt_source": origin if chat else None,
+    }
 
 
 def adds_bos(tokenizer: Any) -> bool:
@@ -84,27 +135,27 @@ def locate_answers(tokenizer: Any, prompt: str, answers: Sequence[str]) -> Answe
     """Encode prompt + each answer in full and find the first token at which the answers differ.
 
     Encoding each text whole respects BPE merges across the prompt/answer boundary, so the "letter token"
-    is whatever the tokenizer really produces ("A", "(A", " (A)", ...). Raises ValueError (naming the prompt
+    is whatever the tokenizer really produces ("A", "(A", " (A)", ...). Raises a `UserError` (naming the prompt
     end and the answers) when fewer than two answers are given, when the first differing tokens are not
     pairwise distinct, or when the prompt's own tokens (all but its last, which may merge with the answer)
     are not a prefix of every encoding.
     """
     where = f"prompt ending {prompt[-60:]!r} with answers {list(answers)!r}"
     if len(answers) < 2:
-        raise ValueError(f"locate_answers needs at least two answers: {where}")
+        raise UserError(f"locate_answers needs at least two answers: {where}")
     option_ids = [encode(tokenizer, join_answer(prompt, answer)) for answer in answers]
     prompt_ids = encode(tokenizer, prompt)
     stable = prompt_ids[: max(len(prompt_ids) - 1, 0)]
     for ids in option_ids:
         if ids[: len(stable)] != stable:
-            raise ValueError(
+            raise UserError(
                 f"the prompt's tokens are not a shared prefix of the prompt+answer encodings: {where}"
             )
     position = _common_prefix_length(option_ids)
     if any(len(ids) <= position for ids in option_ids):
-        raise ValueError(f"an answer adds no token after the shared prefix: {where}")
+        raise UserError(f"an answer adds no token after the shared prefix: {where}")
     answer_token_ids = [ids[position] for ids in option_ids]
     if len(set(answer_token_ids)) != len(answer_token_ids):
         tokens = tokenizer.convert_ids_to_tokens(answer_token_ids)
-        raise ValueError(f"the answers' first differing tokens {tokens} are not pairwise distinct: {where}")
+        raise UserError(f"the answers' first differing tokens {tokens} are not pairwise distinct: {where}")
     return AnswerLocation(option_ids[0][:position], option_ids, answer_token_ids, position)

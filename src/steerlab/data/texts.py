@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ class PairedTexts:
     positive: list[str]
     negative: list[str]
     name: str = ""
+    source: str = ""
 
     def __post_init__(self) -> None:
         if len(self.positive) != len(self.negative):
@@ -35,7 +36,7 @@ class PairedTexts:
     def __getitem__(self, index: int | slice) -> tuple[str, str] | PairedTexts:
         if not isinstance(index, slice):
             return self.positive[index], self.negative[index]
-        return PairedTexts(self.positive[index], self.negative[index], self.name)
+        return replace(self, positive=self.positive[index], negative=self.negative[index])
 
     @property
     def fingerprint(self) -> str:
@@ -46,7 +47,7 @@ class PairedTexts:
         """Shuffled (seeded), disjoint parts that keep the pairs together; sizes sum to len(self)."""
         parts = split_indices(len(self), fractions, seed)
         return tuple(
-            PairedTexts([self.positive[i] for i in p], [self.negative[i] for i in p], self.name)
+            replace(self, positive=[self.positive[i] for i in p], negative=[self.negative[i] for i in p])
             for p in parts
         )
 
@@ -58,6 +59,7 @@ class PromptSet:
     prompts: list[str]
     references: list[str] | None = None
     name: str = ""
+    source: str = ""
 
     def __post_init__(self) -> None:
         if self.references is not None and len(self.references) != len(self.prompts):
@@ -73,7 +75,7 @@ class PromptSet:
         if not isinstance(index, slice):
             return self.prompts[index]
         refs = None if self.references is None else self.references[index]
-        return PromptSet(self.prompts[index], refs, self.name)
+        return replace(self, prompts=self.prompts[index], references=refs)
 
     @property
     def fingerprint(self) -> str:
@@ -85,7 +87,11 @@ class PromptSet:
         parts = split_indices(len(self), fractions, seed)
         refs = self.references
         return tuple(
-            PromptSet([self.prompts[i] for i in p], None if refs is None else [refs[i] for i in p], self.name)
+            replace(
+                self,
+                prompts=[self.prompts[i] for i in p],
+                references=None if refs is None else [refs[i] for i in p],
+            )
             for p in parts
         )
 
@@ -120,7 +126,7 @@ def load_paired_texts(path: str | os.PathLike, name: str | None = None) -> Paire
                 raise DataFormatError(path, msg, field="negative")
             if not positive:
                 raise DataFormatError(path, "the lists hold no texts")
-            return PairedTexts(list(positive), list(negative), name)
+            return PairedTexts(list(positive), list(negative), name, str(path))
         if not isinstance(data, list):
             raise DataFormatError(
                 path, f"expected a JSON object or list at the top level, got {type(data).__name__}"
@@ -130,7 +136,7 @@ def load_paired_texts(path: str | os.PathLike, name: str | None = None) -> Paire
         raise DataFormatError(path, "the file holds no pairs")
     positive = [get_str(path, obj, "positive", loc) for _, obj, loc in records]
     negative = [get_str(path, obj, "negative", loc) for _, obj, loc in records]
-    return PairedTexts(positive, negative, name)  # type: ignore[arg-type]
+    return PairedTexts(positive, negative, name, str(path))  # type: ignore[arg-type]
 
 
 def _prompt_records(path: Path, records: list[tuple[Any, dict[str, int]]]) -> PromptSet:
@@ -177,6 +183,32 @@ def load_prompts(path: str | os.PathLike, name: str | None = None) -> PromptSet:
     else:
         lines = [line.rstrip("\r") for line in read_text(path).split("\n")]
         prompts = PromptSet([line for line in lines if line.strip()], None, path.stem)
-    if name is not None:
-        prompts.name = name
-    return prompts
+    return replace(prompts, name=prompts.name if name is None else name, source=str(path))
+
+
+def load_word_lists(path: str | os.PathLike) -> dict[str, list[str]]:
+    """Load {"positive": [words], "negative": [words]} for word preference; each entry one word."""
+    path = Path(path)
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise DataFormatError(
+            path,
+            f'expected a JSON object {{"positive": [...], "negative": [...]}}, got {type(data).__name__}',
+        )
+    lists = {}
+    for key in ("positive", "negative"):
+        if key not in data:
+            raise DataFormatError(path, f"missing (the object has {sorted(data)})", field=key)
+        words = _string_list(path, data[key], key)
+        if not words:
+            raise DataFormatError(path, "the list is empty", field=key)
+        for i, word in enumerate(words):
+            if len(word.split()) > 1:
+                raise DataFormatError(
+                    path,
+                    f"expected one word, got {word!r}; word preference compares the first tokens of single "
+                    "words (a file of paired sentences is for extraction)",
+                    field=f"{key}[{i}]",
+                )
+        lists[key] = [word.strip() for word in words]
+    return lists
