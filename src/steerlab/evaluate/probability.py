@@ -6,20 +6,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from steerlab.data import ABDataset, encode, format_prompt, locate_answers
 from steerlab.data.batching import batches_by_length, pad_batch
+from steerlab.errors import UserError
 from steerlab.models import LoadedModel
 
 
 @torch.no_grad()
 def last_token_logprobs(
-    lm: LoadedModel, sequences: Sequence[list[int]], batch_size: int = 16
+    lm: LoadedModel,
+    sequences: Sequence[list[int]],
+    batch_size: int = 16,
+    progress: bool = False,
+    desc: str = "scoring",
 ) -> torch.Tensor:
     """Log-probabilities (N, vocab) of the token following each sequence (right-padded batches)."""
     out: list[torch.Tensor | None] = [None] * len(sequences)
     pad_id = lm.tokenizer.pad_token_id or 0
-    for group in batches_by_length([len(s) for s in sequences], batch_size):
+    groups = batches_by_length([len(s) for s in sequences], batch_size)
+    for group in tqdm(groups, desc=desc, disable=not progress, unit="batch"):
         ids, mask = pad_batch([sequences[i] for i in group], pad_id, lm.device)
         last = (mask.sum(-1) - 1)[:, None]
         logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=last).logits
@@ -44,7 +51,10 @@ def prepare_ab(lm: LoadedModel, dataset: ABDataset, system_prompt: str | None = 
     prefixes, option_tokens, matching = [], [], []
     for item in dataset:
         prompt = format_prompt(lm.tokenizer, item.question, system_prompt=system_prompt)
-        where = locate_answers(lm.tokenizer, prompt, list(item.options))
+        try:
+            where = locate_answers(lm.tokenizer, prompt, list(item.options))
+        except UserError as error:
+            raise UserError(f"{item.source or dataset.source or dataset.name}: {error}") from None
         prefixes.append(where.prefix_ids)
         option_tokens.append(where.answer_token_ids)
         matching.append(list(item.options).index(item.matching))
@@ -53,20 +63,29 @@ def prepare_ab(lm: LoadedModel, dataset: ABDataset, system_prompt: str | None = 
 
 @dataclass(frozen=True)
 class ABScores:
-    """Per item: p(matching answer) and p(first option, "A"), normalised over the offered letters."""
+    """Per item: p(matching answer) and p(first option, "A"), normalised over the offered letters, and
+    the chance level 1 / (number of offered options) that p_matching is compared with."""
 
     p_matching: torch.Tensor
     p_first: torch.Tensor
+    chance: torch.Tensor
+
+    @property
+    def mean_chance(self) -> float:
+        """The chance level of the mean p_matching (0.5 when every item offers two options)."""
+        return float(self.chance.mean())
 
 
-def ab_scores(lm: LoadedModel, prompts: ABPrompts, batch_size: int = 16) -> ABScores:
-    logprobs = last_token_logprobs(lm, prompts.prefixes, batch_size)
+def ab_scores(lm: LoadedModel, prompts: ABPrompts, batch_size: int = 16, progress: bool = False) -> ABScores:
+    """Score every prepared A/B prompt under the hooks currently in place."""
+    logprobs = last_token_logprobs(lm, prompts.prefixes, batch_size, progress, desc="A/B items")
     p_matching, p_first = [], []
     for row, tokens in enumerate(prompts.option_tokens):
         probs = logprobs[row, tokens].double().softmax(-1)
         p_matching.append(probs[prompts.matching_index[row]])
         p_first.append(probs[0])
-    return ABScores(torch.stack(p_matching), torch.stack(p_first))
+    chance = torch.tensor([1.0 / len(tokens) for tokens in prompts.option_tokens], dtype=torch.float64)
+    return ABScores(torch.stack(p_matching), torch.stack(p_first), chance)
 
 
 def first_tokens(tokenizer, words: Sequence[str]) -> list[int]:
@@ -90,13 +109,15 @@ def prepare_word_preference(
     shared = set(pos) & set(neg)
     pos, neg = [t for t in pos if t not in shared], [t for t in neg if t not in shared]
     if not pos or not neg:
-        raise ValueError("the positive and negative word lists share every first token")
+        raise UserError("the positive and negative word lists share every first token")
     return WordPreference([encode(lm.tokenizer, p) for p in prompts], pos, neg)
 
 
-def word_preference(lm: LoadedModel, prepared: WordPreference, batch_size: int = 16) -> torch.Tensor:
+def word_preference(
+    lm: LoadedModel, prepared: WordPreference, batch_size: int = 16, progress: bool = False
+) -> torch.Tensor:
     """p(positive) = P(positive words) / (P(positive words) + P(negative words)) for each prompt."""
-    logprobs = last_token_logprobs(lm, prepared.prompts, batch_size).double()
+    logprobs = last_token_logprobs(lm, prepared.prompts, batch_size, progress, desc="prompts").double()
     pos = logprobs[:, prepared.positive_tokens].logsumexp(-1)
     neg = logprobs[:, prepared.negative_tokens].logsumexp(-1)
     return torch.sigmoid(pos - neg)
