@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 
 from steerlab.errors import UserError
@@ -12,11 +13,17 @@ from steerlab.errors import UserError
 EXAMPLES = """examples:
   steerlab demo --out results/demo
   steerlab extract --data builtin:sentiment --layers 12,16 --out vectors/sentiment
-  steerlab extract --data ../shared/data/caa/sycophancy/generate.json --layers 13 --out vectors/syco
-  steerlab evaluate --vector vectors/syco --data ../shared/data/caa/sycophancy/test_ab.json --layer 13 --fraction 0.1
+  steerlab evaluate --vector vectors/sentiment --data builtin:sentiment-prompts --layer 16 --fraction 0.1
   steerlab sweep --vector vectors/sentiment --data builtin:sentiment-prompts --layers 12,16 --fractions -0.1,0.1
-  steerlab generate --vector vectors/sentiment --layer 16 --fraction 0.1 --prompt "My weekend was"
+  steerlab generate --vector vectors/sentiment --layer 16 --fraction 0.1 --no-chat --prompt "My weekend was"
+  steerlab extract --experiment builtin:sentiment --out vectors/sentiment
+  steerlab extract --data caa:sycophancy --split train --limit 200 --layers 13 --out vectors/syco
+  steerlab evaluate --vector vectors/syco --data caa:sycophancy/test_ab --limit 50 --layer 13
+(caa:BEHAVIOUR downloads the pinned CAA file once; everything else runs offline)
 """
+
+# A value such as -0.1,0.1 or -1e9 that argparse would take for an option.
+NEGATIVE_VALUE = re.compile(r"-\.?\d")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each step (INFO)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     importlib.import_module("steerlab.steering.cli").add_subcommands(sub)
@@ -35,10 +43,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def join_negative_values(argv: list[str]) -> list[str]:
+    """`--fractions -0.1,0.1` -> `--fractions=-0.1,0.1`: a long option followed by a negative number (list)."""
+    out: list[str] = []
+    for token in argv:
+        previous = out[-1] if out else ""
+        if (
+            NEGATIVE_VALUE.match(token)
+            and previous.startswith("--")
+            and "=" not in previous
+            and previous != "--"
+        ):
+            out[-1] = f"{previous}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A `UserError` prints `steerlab: error: ...` and returns 2 (traceback with -v)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_negative_values(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )

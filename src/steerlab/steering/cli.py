@@ -1,305 +1,305 @@
-"""`steerlab extract|evaluate|sweep|generate|demo`: the steering commands."""
+"""`steerlab extract|evaluate|sweep|generate|demo`: argparse over `steering.commands`.
+
+An option given on the command line wins over the `--experiment` file, which wins over the defaults of
+the command's argument dataclass.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 from steerlab.errors import UserError
 from steerlab.options import add_model_arguments, parse_floats, parse_layers
+from steerlab.steering.commands import (
+    DEFAULT_FRACTION,
+    EvaluateArgs,
+    ExtractArgs,
+    GenerateArgs,
+    SweepArgs,
+)
 
-__all__ = ["add_subcommands", "load_data"]
+__all__ = ["add_subcommands"]
 
-
-def load_data(spec: str):
-    """`builtin:NAME` or a file: A/B items (CAA .json / Anthropic .jsonl), paired texts, or prompts."""
-    from steerlab import data
-
-    if spec.startswith("builtin:"):
-        return data.load_builtin(spec.split(":", 1)[1])
-    path = Path(spec)
-    if not path.exists():
-        raise UserError(f"--data: no such data file: {path}")
-    if path.suffix == ".jsonl":
-        first = next((line for line in path.read_text().splitlines() if line.strip()), "{}")
-        record = json.loads(first)
-        if "answer_matching_behavior" in record:
-            return data.load_anthropic_jsonl(path)
-        return data.load_paired_texts(path) if "positive" in record else data.load_prompts(path)
-    if path.suffix == ".json":
-        content = json.loads(path.read_text())
-        if isinstance(content, dict) and "positive" in content:
-            return data.load_paired_texts(path)
-        if (
-            isinstance(content, list)
-            and content
-            and isinstance(content[0], dict)
-            and "answer_matching_behavior" in content[0]
-        ):
-            return data.load_caa_json(path)
-    return data.load_prompts(path)
-
-
-def _model(args):
-    from steerlab.models import load_model
-
-    return load_model(args.model, device=args.device, dtype=args.dtype)
-
-
-def _default_layer(args) -> None:
-    """Without --layer, a vector that stores one layer is applied there."""
-    if args.layer is None and args.vector:
-        from steerlab.steering import SteeringVector
-
-        stored = SteeringVector.load(args.vector).layers
-        if len(stored) != 1:
-            raise UserError(f"--layer: the vector has layers {stored}; choose one with --layer")
-        args.layer = stored[0]
+# Argument field -> experiment-file key, per command (fields not listed come from the command line only).
+COMMON_KEYS = {"model": "model", "device": "device", "dtype": "dtype"}
+STEER_KEYS = {
+    **COMMON_KEYS,
+    "vector": "vector",
+    "layer": "layer",
+    "multiplier": "multiplier",
+    "fraction": "fraction",
+    "positions": "positions",
+}
+EXPERIMENT_KEYS = {
+    ExtractArgs: {
+        **COMMON_KEYS,
+        "data": "contrast",
+        "layers": "layers",
+        "out": "vector",
+        "read": "read",
+        "chat": "chat",
+        "system_prompt": "system_prompt",
+    },
+    EvaluateArgs: {**STEER_KEYS, "data": "evaluation", "words": "words", "neutral": "neutral"},
+    SweepArgs: {
+        **COMMON_KEYS,
+        "vector": "vector",
+        "data": "evaluation",
+        "layers": "layers",
+        "fractions": "fractions",
+        "multipliers": "multipliers",
+        "positions": "positions",
+        "words": "words",
+        "neutral": "neutral",
+    },
+    GenerateArgs: {**STEER_KEYS, "prompts": "prompts", "chat": "chat", "system_prompt": "system_prompt"},
+}
+# Options that replace each other: one given on the command line hides the experiment's others.
+ALTERNATIVES = (("multiplier", "fraction"), ("multipliers", "fractions"))
 
 
-def _multiplier(vector, layer: int, args) -> float:
-    if args.multiplier is not None:
-        return args.multiplier
-    return vector.multiplier_for_fraction(layer, args.fraction)
+def _default(cls, name: str):
+    spec = next(f for f in fields(cls) if f.name == name)
+    return spec.default_factory() if spec.default_factory is not MISSING else spec.default
 
 
-def _metric(lm, dataset, words: str | None):
-    """The behaviour metric for a dataset: p(matching answer) for A/B items, word preference for prompts."""
-    from steerlab import data, evaluate
+def _options(cls, ns: argparse.Namespace):
+    """The command's argument dataclass from the parsed options, the experiment file and the defaults."""
+    from steerlab.data.experiment import load_experiment
 
-    if isinstance(dataset, data.ABDataset):
-        prepared = evaluate.prepare_ab(lm, dataset)
-        return lambda model: {
-            "score": (s := evaluate.ab_scores(model, prepared)).p_matching,
-            "p_first": s.p_first,
-        }
-    if isinstance(dataset, data.PromptSet):
-        lists = json.loads(Path(words).read_text()) if words else data.load_builtin("sentiment-words")
-        prepared = evaluate.prepare_word_preference(lm, dataset.prompts, lists["positive"], lists["negative"])
-        return lambda model: {"score": evaluate.word_preference(model, prepared)}
-    raise SystemExit("error: evaluate needs A/B items or prompts (paired texts are for extraction)")
+    experiment = load_experiment(ns.experiment) if ns.experiment else None
+    keys = EXPERIMENT_KEYS[cls]
+    given = {f.name for f in fields(cls) if getattr(ns, f.name, None) is not None}
+    hidden = {name for group in ALTERNATIVES if given & set(group) for name in group}
+    values = {name: getattr(ns, name) for name in given}
+    for name, key in keys.items():
+        if name not in given and name not in hidden and experiment is not None:
+            value = getattr(experiment, key)
+            if value is not None:
+                values[name] = value
+    values["progress"] = not ns.quiet
+    for spec in fields(cls):
+        if spec.name not in values and spec.default is MISSING and spec.default_factory is MISSING:
+            where = f" (or {keys[spec.name]!r} in the --experiment file)" if spec.name in keys else ""
+            raise UserError(f"--{spec.name.replace('_', '-')}: required{where}")
+    return cls(**values)
 
 
-def cmd_extract(args) -> None:
-    from steerlab import data
-    from steerlab.steering import extract_caa, extract_mean_difference
+def _parse_lists(ns: argparse.Namespace) -> None:
+    """Command-line strings to lists: --layers 12,16 / 24-29, --fractions / --multipliers -0.1,0.1."""
+    if getattr(ns, "layers", None) is not None:
+        ns.layers = parse_layers(ns.layers)
+    for name in ("fractions", "multipliers"):
+        if getattr(ns, name, None) is not None:
+            setattr(ns, name, parse_floats(getattr(ns, name), f"--{name}"))
 
-    dataset = load_data(args.data)
-    lm = _model(args)
-    if isinstance(dataset, data.ABDataset):
-        vector = extract_caa(
-            lm,
-            dataset,
-            parse_layers(args.layers),
-            system_prompt=args.system_prompt,
-            balance=not args.no_balance,
-            batch_size=args.batch_size,
-        )
-    elif isinstance(dataset, data.PairedTexts):
-        vector = extract_mean_difference(
-            lm,
-            dataset,
-            parse_layers(args.layers),
-            read=args.read,
-            system_prompt=args.system_prompt,
-            chat=args.chat,
-            batch_size=args.batch_size,
-        )
-    else:
-        raise SystemExit("error: extraction needs A/B items or paired positive/negative texts")
-    path = vector.save(args.out)
+
+def cmd_extract(ns: argparse.Namespace) -> None:
+    from steerlab.steering.commands import extract
+
+    _parse_lists(ns)
+    args = _options(ExtractArgs, ns)
+    vector = extract(args)
     for layer in vector.layers:
-        print(
-            f"layer {layer:3d}  |v| = {vector.norm(layer):9.3f}   residual norm {vector.residual_norm(layer):9.2f}"
-        )
-    print(f"saved {path} (+ .json metadata)")
+        residual = vector.residual_norm(layer)
+        print(f"layer {layer:3d}  |v| = {vector.norm(layer):9.3f}   residual norm {residual:9.2f}")
+    print(f"saved {args.out}.safetensors (+ .json metadata)")
 
 
-def cmd_evaluate(args) -> None:
-    from steerlab import evaluate
-    from steerlab.hooks import Positions
-    from steerlab.steering import SteeringVector
+def cmd_evaluate(ns: argparse.Namespace) -> None:
+    from steerlab.steering.commands import evaluate
 
-    _default_layer(args)
-    lm = _model(args)
-    vector = SteeringVector.load(args.vector)
-    metric = _metric(lm, load_data(args.data), args.words)
-    neutral = evaluate.prepare_neutral(lm, _neutral_texts(args))
-    m = _multiplier(vector, args.layer, args)
-    positions = Positions.parse(args.positions)
-    results = {}
-    for name, mult in (("unsteered", 0.0), ("-m", -m), ("+m", m)):
-        with vector.apply(lm, layer=args.layer, multiplier=mult, positions=positions):
-            scores = metric(lm)
-            effects = evaluate.side_effects(lm, neutral)
-        mean, low, high = evaluate.bootstrap_ci(scores["score"].numpy())
-        results[name] = {"score": mean, "ci": [low, high], "perplexity": effects.perplexity, "kl": effects.kl}
-        if "p_first" in scores:
-            results[name]["p_first"] = float(scores["p_first"].mean())
-    for name, r in results.items():
+    results = evaluate(_options(EvaluateArgs, ns))
+    for name in ("unsteered", "-m", "+m"):
+        r = results[name]
         extra = f"  p(first option) {r['p_first']:.3f}" if "p_first" in r else ""
         print(
-            f"{name:>10}: score {r['score']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]  ppl {r['perplexity']:.2f}  KL {r['kl']:.4f}{extra}"
+            f"{name:>10}: score {r['score']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]  "
+            f"ppl {r['perplexity']:.2f}  KL {r['kl']:.4f}{extra}"
         )
-    if args.json:
-        Path(args.json).write_text(json.dumps({"layer": args.layer, "multiplier": m, **results}, indent=2))
+    print(f"layer {results['layer']}, multiplier ±{results['multiplier']:.4g}")
 
 
-def _neutral_texts(args) -> list[str]:
-    from steerlab.data import load_builtin
+def cmd_sweep(ns: argparse.Namespace) -> None:
+    from steerlab.steering.commands import sweep
 
-    if getattr(args, "neutral", None):
-        return [line for line in Path(args.neutral).read_text().splitlines() if line.strip()]
-    return load_builtin("neutral-text")
-
-
-def cmd_sweep(args) -> None:
-    from steerlab import evaluate
-    from steerlab.hooks import Positions
-    from steerlab.report.figures import save_png
-    from steerlab.steering import SteeringVector, plots
-    from steerlab.steering.sweep import Grid, sweep, write_csv
-
-    lm = _model(args)
-    vector = SteeringVector.load(args.vector)
-    metric = _metric(lm, load_data(args.data), args.words)
-    neutral = evaluate.prepare_neutral(lm, _neutral_texts(args))
-    layers = parse_layers(args.layers) if args.layers else vector.layers
-    rows = sweep(
-        lm,
-        vector,
-        metric,
-        Grid(layers, parse_floats(args.fractions, "--fractions")),
-        split=args.split,
-        positions=Positions.parse(args.positions),
-        neutral=neutral,
-    )
-    write_csv(rows, args.out)
-    png = Path(args.out).with_suffix(".png")
-    save_png(plots.score_vs_fraction(rows, args.split, "score"), png)
-    print(f"wrote {args.out} ({len(rows)} rows) and {png}")
+    _parse_lists(ns)
+    args = _options(SweepArgs, ns)
+    rows = sweep(args)
+    print(f"wrote {args.out} ({len(rows)} rows) and {Path(args.out).with_suffix('.png')}")
 
 
-def cmd_generate(args) -> None:
-    from steerlab.evaluate import generate
-    from steerlab.hooks import Positions
-    from steerlab.steering import SteeringVector
+def cmd_generate(ns: argparse.Namespace) -> None:
+    from steerlab.steering.commands import generate
 
-    _default_layer(args)
-    lm = _model(args)
-    prompts = list(args.prompt or [])
-    if args.prompts_file:
-        prompts += [line for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise SystemExit("error: give --prompt TEXT (repeatable) or --prompts-file FILE")
-    kwargs = dict(max_new_tokens=args.max_new_tokens, chat=not args.no_chat, system_prompt=args.system_prompt)
-    plain = generate(lm, prompts, **kwargs)
-    steered = plain
-    if args.vector:
-        vector = SteeringVector.load(args.vector)
-        m = _multiplier(vector, args.layer, args)
-        with vector.apply(lm, layer=args.layer, multiplier=m, positions=Positions.parse(args.positions)):
-            steered = generate(lm, prompts, **kwargs)
-    for prompt, a, b in zip(prompts, plain, steered):
-        print(f"### {prompt}\n--- unsteered:\n{a}")
-        if args.vector:
-            print(f"--- steered (layer {args.layer}, multiplier {m:.3f}):\n{b}")
+    ns.prompts = ns.prompt
+    out = generate(_options(GenerateArgs, ns))
+    steered = out.get("steered", out["unsteered"])
+    for prompt, plain, changed in zip(out["prompts"], out["unsteered"], steered):
+        print(f"### {prompt}\n--- unsteered:\n{plain}")
+        if "steered" in out:
+            print(f"--- steered (layer {out['layer']}, multiplier {out['multiplier']:.3f}):\n{changed}")
         print()
 
 
-def cmd_demo(args) -> None:
+def cmd_demo(ns: argparse.Namespace) -> None:
     from steerlab.steering.demo import DemoConfig, run_demo
     from steerlab.steering.report import terminal_summary
 
-    config = DemoConfig(model=args.model, progress=not args.quiet)
-    if args.layers:
-        config.layers = tuple(parse_layers(args.layers))
-    if args.fractions:
-        config.fractions = tuple(parse_floats(args.fractions, "--fractions"))
-    summary = run_demo(args.out, config)
-    print(terminal_summary(summary, args.out))
+    config = DemoConfig(model=ns.model, progress=not ns.quiet)
+    if ns.layers:
+        config.layers = tuple(parse_layers(ns.layers))
+    if ns.fractions:
+        config.fractions = tuple(parse_floats(ns.fractions, "--fractions"))
+    summary = run_demo(ns.out, config)
+    print(terminal_summary(summary, ns.out))
 
 
-def _steer_args(parser: argparse.ArgumentParser, need_vector: bool = True) -> None:
-    parser.add_argument("--vector", required=need_vector, help="steering vector (.safetensors + .json)")
+def _common(parser: argparse.ArgumentParser) -> None:
+    """--experiment, the model options and --quiet (also accepted before the command)."""
     parser.add_argument(
-        "--layer", type=int, default=None, help="layer to steer (negative counts from the end)"
+        "--experiment",
+        default=None,
+        metavar="FILE",
+        help="JSON/YAML experiment file (or builtin:sentiment); options given here override it",
+    )
+    add_model_arguments(parser)
+    parser.set_defaults(model=None)
+    parser.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+
+
+def _steer_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vector", default=None, help="steering vector (.safetensors + .json)")
+    parser.add_argument(
+        "--layer",
+        type=int,
+        default=None,
+        help="layer to steer (negative counts from the end; default: the vector's only layer)",
     )
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--multiplier", type=float, default=None, help="raw multiplier m (adds m·v)")
     group.add_argument(
-        "--fraction", type=float, default=0.1, help="‖m·v‖ as a fraction of the residual norm (default 0.1)"
+        "--fraction",
+        type=float,
+        default=None,
+        help=f"‖m·v‖ as a fraction of the residual norm (default {DEFAULT_FRACTION})",
     )
     parser.add_argument(
-        "--positions", default="all", help="all | decode | from:K | at:I,J (default all; position 0 excluded)"
+        "--positions",
+        default=None,
+        help="all | decode | from:K | at:I,J (default all; position 0 excluded)",
     )
+
+
+def _metric_args(parser: argparse.ArgumentParser, cls) -> None:
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="A/B items (p of the matching answer) or prompts (word preference): builtin:NAME, caa:BEHAVIOUR/test_ab or a file",
+    )
+    parser.add_argument(
+        "--words",
+        default=None,
+        help='JSON {"positive": [...], "negative": [...]} of single words; required for prompts '
+        "other than builtin:sentiment-prompts",
+    )
+    parser.add_argument(
+        "--neutral",
+        default=None,
+        help=f"neutral texts for perplexity and KL: a file, one per line (default {_default(cls, 'neutral')})",
+    )
+    parser.add_argument("--system-prompt", default=None, help="A/B items: system prompt of the chat template")
+    parser.add_argument("--limit", type=int, default=None, help="score at most this many items")
 
 
 def add_subcommands(sub) -> None:
     """Add the steering commands to the `steerlab` parser's subparsers."""
     p = sub.add_parser("extract", help="extract a steering vector from contrast data")
-    add_model_arguments(p)
+    _common(p)
     p.add_argument(
-        "--data", required=True, help="builtin:NAME, CAA .json, Anthropic .jsonl or paired-text file"
+        "--data",
+        default=None,
+        help="builtin:NAME, caa:BEHAVIOUR, CAA .json, Anthropic .jsonl or paired texts",
     )
-    p.add_argument("--layers", required=True, help="comma-separated layers, e.g. 10,12,-4")
-    p.add_argument("--out", required=True, help="output path (writes .safetensors and .json)")
+    p.add_argument(
+        "--split",
+        default=None,
+        choices=["train", "validation", "test"],
+        help="use this seeded part of the data (60/20/20)",
+    )
+    p.add_argument("--limit", type=int, default=None, help="use at most this many items (after --split)")
+    p.add_argument("--layers", default=None, help="comma-separated layers or ranges, e.g. 10,12,-4 or 10-14")
+    p.add_argument("--out", default=None, help="output path (writes .safetensors and .json)")
     p.add_argument(
         "--read",
         choices=["last", "mean"],
-        default="last",
-        help="paired texts: last token or mean over positions",
+        default=None,
+        help=f"paired texts: last token or mean over positions (default {_default(ExtractArgs, 'read')})",
     )
-    p.add_argument("--chat", action="store_true", help="paired texts: wrap each text in the chat template")
+    p.add_argument(
+        "--chat", action="store_true", default=None, help="paired texts: wrap each text in the chat template"
+    )
     p.add_argument("--system-prompt", default=None)
     p.add_argument(
-        "--no-balance", action="store_true", help="A/B: do not balance answer letters (not recommended)"
+        "--no-balance",
+        dest="balance",
+        action="store_false",
+        default=None,
+        help="A/B: do not balance answer letters (not recommended)",
     )
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--batch-size", type=int, default=None, help=f"default {_default(ExtractArgs, 'batch_size')}"
+    )
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("evaluate", help="behaviour metric at -m, 0, +m with side effects")
-    add_model_arguments(p)
+    _common(p)
     _steer_args(p)
-    p.add_argument(
-        "--data", required=True, help="A/B items (p of the matching answer) or prompts (word preference)"
-    )
-    p.add_argument(
-        "--words", default=None, help='JSON {"positive": [...], "negative": [...]} for prompt data'
-    )
-    p.add_argument(
-        "--neutral", default=None, help="text file, one neutral sentence per line (perplexity, KL)"
-    )
-    p.add_argument("--json", default=None, help="also write the results here")
+    _metric_args(p, EvaluateArgs)
+    p.add_argument("--json", default=None, help="also write the results here (JSON)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser(
-        "sweep", help="layers x multipliers grid with random-vector controls -> tidy CSV + plot"
-    )
-    add_model_arguments(p)
-    p.add_argument("--vector", required=True)
-    p.add_argument("--data", required=True)
+    p = sub.add_parser("sweep", help="layers x strengths grid with random-vector controls -> tidy CSV + plot")
+    _common(p)
+    p.add_argument("--vector", default=None)
+    _metric_args(p, SweepArgs)
     p.add_argument("--layers", default=None, help="default: every layer stored in the vector")
-    p.add_argument(
-        "--fractions",
-        default="-0.1,-0.07,-0.04,0.04,0.07,0.1",
-        help="signed fractions of the residual norm",
+    group = p.add_mutually_exclusive_group()
+    fractions = ",".join(f"{f:g}" for f in _default(SweepArgs, "fractions"))
+    group.add_argument(
+        "--fractions", default=None, help=f"signed fractions of the residual norm (default {fractions})"
     )
-    p.add_argument("--positions", default="all")
-    p.add_argument("--words", default=None)
-    p.add_argument("--neutral", default=None)
-    p.add_argument("--split", default="validation", help="label written in the split column")
-    p.add_argument("--out", default="sweep.csv")
+    group.add_argument("--multipliers", default=None, help="raw signed multipliers m (adds m·v), e.g. -4,4")
+    p.add_argument("--positions", default=None, help="all | decode | from:K | at:I,J (default all)")
+    p.add_argument(
+        "--split",
+        default=None,
+        help=f"label written in the split column (default {_default(SweepArgs, 'split')})",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help=f"CSV path; the plot goes beside it (default {_default(SweepArgs, 'out')})",
+    )
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("generate", help="greedy generations, unsteered and steered")
-    add_model_arguments(p)
-    _steer_args(p, need_vector=False)
-    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--prompts-file", default=None)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--no-chat", action="store_true", help="continue the raw text instead of a chat turn")
+    _common(p)
+    _steer_args(p)
+    p.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", default=None, help="a file of prompts, one per line")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None, help=f"default {_default(GenerateArgs, 'max_new_tokens')}"
+    )
+    p.add_argument(
+        "--no-chat",
+        dest="chat",
+        action="store_false",
+        default=None,
+        help="continue the raw text instead of a chat turn",
+    )
     p.add_argument("--system-prompt", default=None)
     p.set_defaults(func=cmd_generate)
 
@@ -308,5 +308,5 @@ def add_subcommands(sub) -> None:
     p.add_argument("--out", default="results/demo")
     p.add_argument("--layers", default=None)
     p.add_argument("--fractions", default=None)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     p.set_defaults(func=cmd_demo)

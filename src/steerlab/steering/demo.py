@@ -6,7 +6,6 @@ Everything it needs ships with steerlab (built-in datasets written for the proje
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,19 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from steerlab.data import load_builtin
-from steerlab.evaluate import (
-    bootstrap_ci,
-    generate,
-    prepare_neutral,
-    prepare_word_preference,
-    separability,
-    word_preference,
-)
+from steerlab.evaluate import bootstrap_ci, generate, prepare_neutral, separability
 from steerlab.hooks import Positions
-from steerlab.io import atomic_write_text
+from steerlab.io import write_json
 from steerlab.models import LoadedModel, load_model
 from steerlab.steering import extract_mean_difference
 from steerlab.steering.extract import text_read_spec
+from steerlab.steering.metrics import behaviour_metric
 from steerlab.steering.sweep import Grid, choose_setting, sweep, write_csv
 
 DEFAULT_LAYERS = (6, 8, 10, 12, 14, 16, 18, 20)
@@ -45,12 +38,6 @@ class DemoConfig:
     seed: int = 0
     progress: bool = True
     extra: dict = field(default_factory=dict)
-
-
-def _word_metric(lm: LoadedModel, prompts: list[str]):
-    words = load_builtin("sentiment-words")
-    prepared = prepare_word_preference(lm, prompts, words["positive"], words["negative"])
-    return lambda model: {"score": word_preference(model, prepared)}
 
 
 def run_demo(out_dir: str | Path, config: DemoConfig | None = None, lm: LoadedModel | None = None) -> dict:
@@ -72,8 +59,9 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, lm: LoadedMo
     auroc = separability(lm, heldout_pos, heldout_neg, vector.vectors)
 
     neutral = prepare_neutral(lm, load_builtin("neutral-text"))
-    val_metric = _word_metric(lm, prompts_val.prompts)
-    test_metric = _word_metric(lm, prompts_test.prompts)
+    words = load_builtin("sentiment-words")
+    val_metric = behaviour_metric(lm, prompts_val, words)
+    test_metric = behaviour_metric(lm, prompts_test, words)
     grid = Grid(config.layers, config.fractions)
     rows = sweep(
         lm,
@@ -128,7 +116,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, lm: LoadedMo
             gen_prompts, generations["minus"], generations["unsteered"], generations["plus"]
         )
     ]
-    atomic_write_text(out / "generations.json", json.dumps(generation_rows, indent=2))
+    write_json(out / "generations.json", generation_rows)
 
     residual = vector.residual_norm(layer)
     summary = {
@@ -158,7 +146,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, lm: LoadedMo
         "n_prompts_test": len(prompts_test.prompts),
         "seconds": time.perf_counter() - started,
     }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     from steerlab.steering.report import demo_report
 
     demo_report(out, summary, rows, generation_rows, vector.metadata)

@@ -18,8 +18,15 @@ def _baseline(rows, split):
     return base[0]["score"] if base else None
 
 
-def score_vs_fraction(rows: Sequence[dict], split: str, metric_label: str):
-    """One line per layer (steering) plus the random control, against the signed fraction of residual norm."""
+X_LABELS = {
+    "fraction": "multiplier as signed fraction of the residual norm (||m·v|| / ||h||)",
+    "multiplier": "multiplier m (adds m·v)",
+}
+
+
+def score_vs_fraction(rows: Sequence[dict], split: str, metric_label: str, x: str = "fraction"):
+    """One line per layer (steering) plus the random control, against the signed fraction of residual norm
+    (`x="fraction"`) or the raw multiplier (`x="multiplier"`)."""
     fig, ax = new_figure(figsize=(7.5, 4.5))
     layers = sorted({r["layer"] for r in _select(rows, split=split)})
     cmap = matplotlib.colormaps["viridis"]
@@ -27,9 +34,7 @@ def score_vs_fraction(rows: Sequence[dict], split: str, metric_label: str):
     for i, layer in enumerate(layers):
         color = cmap(i / max(1, len(layers) - 1))
         for kind, style in (("steering", "-o"), ("random", ":x")):
-            pts = sorted(
-                (r["fraction"], r["score"]) for r in _select(rows, split=split, layer=layer, vector=kind)
-            )
+            pts = sorted((r[x], r["score"]) for r in _select(rows, split=split, layer=layer, vector=kind))
             if base is not None:
                 pts = sorted([*pts, (0.0, base)])
             if pts:
@@ -49,7 +54,7 @@ def score_vs_fraction(rows: Sequence[dict], split: str, metric_label: str):
                 )
     if base is not None:
         ax.axhline(base, color="grey", lw=1, ls="--", label="unsteered")
-    ax.set_xlabel("multiplier as signed fraction of the residual norm (||m·v|| / ||h||)")
+    ax.set_xlabel(X_LABELS[x])
     ax.set_ylabel(metric_label)
     ax.set_title(f"{metric_label} against multiplier ({split}); dotted: random vector of the same norm")
     ax.legend(fontsize=7, ncol=2)

@@ -1,28 +1,28 @@
 """Grids over layers x multipliers with controls and side effects, as tidy rows (one CSV line each).
 
-Multipliers are given as signed *fractions of the residual norm*: fraction f at layer L adds a vector of
-norm |f| x (mean residual norm at L), so grids mean the same thing at every layer and on every model.
+Strengths are given as signed *fractions of the residual norm* (fraction f at layer L adds a vector of
+norm |f| x the mean residual norm at L, so grids mean the same thing at every layer and on every model)
+or as raw multipliers m (adds m x v).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from steerlab.evaluate import NeutralText, bootstrap_ci, side_effects
+from steerlab.errors import UserError
+from steerlab.evaluate import NeutralText, side_effects
 from steerlab.hooks import Positions
 from steerlab.io import atomic_write_text
 from steerlab.models import LoadedModel
+from steerlab.steering.metrics import Metric, summarise
 from steerlab.steering.vector import SteeringVector
-
-Metric = Callable[[LoadedModel], dict[str, torch.Tensor]]
-"""Per-item scores under the hooks currently in place; key "score" is the behaviour metric."""
 
 COLUMNS = [
     "split",
@@ -43,15 +43,46 @@ COLUMNS = [
 
 @dataclass(frozen=True)
 class Grid:
+    """Layers x strengths: signed fractions of the residual norm, or (instead) raw multipliers."""
+
     layers: Sequence[int]
-    fractions: Sequence[float]
+    fractions: Sequence[float] = ()
+    multipliers: Sequence[float] = ()
+
+    def __post_init__(self) -> None:
+        if bool(self.fractions) == bool(self.multipliers):
+            raise UserError("a sweep grid takes either fractions or multipliers (exactly one of them)")
+        if not self.layers:
+            raise UserError("a sweep grid needs at least one layer")
+
+    def settings(self, vector: SteeringVector) -> list[tuple[int, float | None, float]]:
+        """(layer, fraction, multiplier) for every non-zero strength; the fraction is None where the vector
+        has no residual norm to relate a raw multiplier to."""
+        out = []
+        for layer in self.layers:
+            if self.fractions:
+                out += [
+                    (layer, f, vector.multiplier_for_fraction(layer, f)) for f in self.fractions if f != 0
+                ]
+                continue
+            residual = vector.residual_norm(layer)
+            for m in (m for m in self.multipliers if m != 0):
+                fraction = None if residual is None else m * vector.norm(layer) / residual
+                out.append((layer, fraction, m))
+        return out
 
 
 def _row(
-    split: str, kind: str, layer: int, fraction: float, multiplier: float, added: float, scores, effects
+    split: str,
+    kind: str,
+    layer: int,
+    fraction: float | None,
+    multiplier: float,
+    added: float,
+    scores,
+    effects,
 ) -> dict:
-    mean, low, high = bootstrap_ci(scores["score"].double().cpu().numpy())
-    p_first = scores.get("p_first")
+    summary = summarise(scores)
     return {
         "split": split,
         "vector": kind,
@@ -59,13 +90,13 @@ def _row(
         "fraction": fraction,
         "multiplier": multiplier,
         "added_norm": added,
-        "score": mean,
-        "score_ci_low": low,
-        "score_ci_high": high,
-        "p_first": float(p_first.double().mean()) if p_first is not None else None,
+        "score": summary["score"],
+        "score_ci_low": summary["ci"][0],
+        "score_ci_high": summary["ci"][1],
+        "p_first": summary.get("p_first"),
         "perplexity": effects.perplexity if effects else None,
         "kl": effects.kl if effects else None,
-        "n_items": int(scores["score"].numel()),
+        "n_items": summary["n_items"],
         "item_scores": scores["score"].double().cpu(),  # per item, for paired statistics; not in the CSV
     }
 
@@ -83,21 +114,23 @@ def sweep(
     seed: int = 0,
     progress: bool = True,
 ) -> list[dict]:
-    """Score every (layer, fraction) with the steering vector and, if `controls`, a same-norm random one.
+    """Score every (layer, strength) with the steering vector and, if `controls`, a same-norm random one.
 
     The unsteered baseline appears once, as rows with vector="none" and fraction 0 at every layer.
     """
+    settings = grid.settings(vector)
     with torch.no_grad():
         base_scores = metric(lm)
         base_effects = side_effects(lm, neutral) if neutral is not None else None
     kinds = {"steering": vector}
     if controls:
         kinds["random"] = vector.random_like(seed=seed)
-    jobs = [(kind, layer, f) for layer in grid.layers for f in grid.fractions if f != 0 for kind in kinds]
+    jobs = [(kind, *setting) for setting in settings for kind in kinds]
     rows = [_row(split, "none", layer, 0.0, 0.0, 0.0, base_scores, base_effects) for layer in grid.layers]
-    for kind, layer, fraction in tqdm(jobs, desc=f"sweep ({split})", disable=not progress, unit="setting"):
+    for kind, layer, fraction, multiplier in tqdm(
+        jobs, desc=f"sweep ({split})", disable=not progress, unit="setting"
+    ):
         chosen = kinds[kind]
-        multiplier = vector.multiplier_for_fraction(layer, fraction)
         with torch.no_grad(), chosen.apply(lm, layer=layer, multiplier=multiplier, positions=positions):
             scores = metric(lm)
             effects = side_effects(lm, neutral) if neutral is not None else None

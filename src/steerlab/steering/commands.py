@@ -1,0 +1,311 @@
+"""The steering commands as library functions. One dataclass of arguments per command, shared by the
+Python API, `--experiment` files and argparse (whose defaults come from these dataclasses).
+
+Every function validates all its inputs (data, word lists, vector, output folder) before it loads the
+model, so a wrong path costs nothing; errors are `UserError`s naming the option and the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from steerlab.data import ABDataset, PairedTexts, PromptSet
+from steerlab.data.sources import DataRef, Dataset, load_dataset, load_texts, load_word_lists
+from steerlab.errors import UserError
+from steerlab.models import DEFAULT_MODEL, LoadedModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FRACTION = 0.1
+SENTIMENT_PROMPTS = "builtin:sentiment-prompts"
+SENTIMENT_WORDS = "builtin:sentiment-words"
+NEUTRAL_TEXT = "builtin:neutral-text"
+
+DataSpec = DataRef | str | os.PathLike | Dataset
+Words = dict[str, list[str]] | str | os.PathLike
+
+
+@dataclass(kw_only=True)
+class ModelArgs:
+    """Which model to load, and whether to show progress bars."""
+
+    model: str = DEFAULT_MODEL
+    device: str | None = None
+    dtype: str | None = None
+    progress: bool = True
+
+
+@dataclass(kw_only=True)
+class ExtractArgs(ModelArgs):
+    data: DataSpec
+    layers: list[int]
+    out: str | os.PathLike
+    read: str = "last"
+    chat: bool = False
+    system_prompt: str | None = None
+    balance: bool = True
+    batch_size: int = 8
+    split: str | None = None
+    limit: int | None = None
+
+
+@dataclass(kw_only=True)
+class SteerArgs(ModelArgs):
+    """Where and how strongly a stored vector is applied (one layer, one strength)."""
+
+    vector: str | os.PathLike | None = None
+    layer: int | None = None
+    multiplier: float | None = None
+    fraction: float | None = None
+    positions: str = "all"
+
+
+@dataclass(kw_only=True)
+class EvaluateArgs(SteerArgs):
+    data: DataSpec
+    words: Words | None = None
+    neutral: str | os.PathLike | list[str] = NEUTRAL_TEXT
+    system_prompt: str | None = None
+    limit: int | None = None
+    json: str | os.PathLike | None = None
+
+
+@dataclass(kw_only=True)
+class SweepArgs(ModelArgs):
+    vector: str | os.PathLike
+    data: DataSpec
+    layers: list[int] | None = None
+    fractions: list[float] = field(default_factory=lambda: [-0.1, -0.07, -0.04, 0.04, 0.07, 0.1])
+    multipliers: list[float] | None = None
+    positions: str = "all"
+    words: Words | None = None
+    neutral: str | os.PathLike | list[str] = NEUTRAL_TEXT
+    system_prompt: str | None = None
+    limit: int | None = None
+    split: str = "validation"
+    out: str | os.PathLike = "sweep.csv"
+
+
+@dataclass(kw_only=True)
+class GenerateArgs(SteerArgs):
+    prompts: list[str] = field(default_factory=list)
+    prompts_file: str | os.PathLike | None = None
+    max_new_tokens: int = 48
+    chat: bool = True
+    system_prompt: str | None = None
+
+
+def writable(path: str | os.PathLike, option: str) -> Path:
+    """`path`, once its folder exists and takes a file; else a `UserError` naming `option` and the folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option}: {path} is a folder; give a file name")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".steerlab-write-check.", dir=folder)
+    except OSError as error:
+        raise UserError(f"{option}: cannot write to {folder} ({error.strerror or error})") from None
+    os.close(fd)
+    os.remove(probe)
+    return path
+
+
+def load(args: ModelArgs) -> LoadedModel:
+    from steerlab.models import load_model
+
+    log.info("loading model %s", args.model)
+    return load_model(args.model, device=args.device, dtype=args.dtype)
+
+
+def _data_ref(data: DataSpec, split: str | None = None, limit: int | None = None) -> DataRef:
+    ref = data if isinstance(data, DataRef) else DataRef(data)
+    return DataRef(
+        ref.source, split if split is not None else ref.split, limit if limit is not None else ref.limit
+    )
+
+
+def _word_lists(data: DataSpec, dataset: Dataset, words: Words | None) -> dict[str, list[str]] | None:
+    """Word lists for prompt data: given, or the sentiment words for the built-in sentiment prompts only."""
+    if not isinstance(dataset, PromptSet):
+        if words is not None:
+            log.warning("--words is ignored: the data holds A/B items, scored by p(matching answer)")
+        return None
+    if words is None:
+        source = data.source if isinstance(data, DataRef) else data
+        if source != SENTIMENT_PROMPTS:
+            raise UserError(
+                '--words: prompt data is scored by word preference; give a JSON file {"positive": [...], '
+                f'"negative": [...]}} (only {SENTIMENT_PROMPTS} defaults to {SENTIMENT_WORDS})'
+            )
+        words = SENTIMENT_WORDS
+    return words if isinstance(words, dict) else load_word_lists(words)
+
+
+def _texts(value: str | os.PathLike | list[str], option: str) -> list[str]:
+    return list(value) if isinstance(value, list) else load_texts(value, option)
+
+
+def extract(args: ExtractArgs, lm: LoadedModel | None = None):
+    """Extract a steering vector (CAA on A/B items, mean difference on paired texts) and save it."""
+    from steerlab.steering import extract_caa, extract_mean_difference
+
+    ref = _data_ref(args.data, args.split, args.limit)
+    dataset = load_dataset(ref, (ABDataset, PairedTexts), "--data", "extraction")
+    out = writable(Path(f"{args.out}.safetensors"), "--out").with_suffix("")
+    log.info("extracting from %d items of %s at layers %s", len(dataset), ref.describe(), args.layers)
+    lm = lm or load(args)
+    common = dict(system_prompt=args.system_prompt, batch_size=args.batch_size, progress=args.progress)
+    if isinstance(dataset, ABDataset):
+        vector = extract_caa(lm, dataset, args.layers, balance=args.balance, **common)
+    else:
+        vector = extract_mean_difference(lm, dataset, args.layers, read=args.read, chat=args.chat, **common)
+    vector.save(out)
+    return vector
+
+
+def _vector_and_layer(args: SteerArgs):
+    """The stored vector and the layer to steer (default: the vector's only layer), checked before loading."""
+    from steerlab.steering import SteeringVector
+
+    vector = SteeringVector.load(args.vector)
+    layer = args.layer
+    if layer is None:
+        if len(vector.layers) != 1:
+            raise UserError(f"--layer: the vector has layers {vector.layers}; choose one with --layer")
+        layer = vector.layers[0]
+    elif layer >= 0 and layer not in vector.layers:
+        raise UserError(f"--layer: the vector has no layer {layer}; it has layers {vector.layers}")
+    return vector, layer
+
+
+def _multiplier(vector, layer: int, args: SteerArgs) -> float:
+    if args.multiplier is not None:
+        return args.multiplier
+    fraction = DEFAULT_FRACTION if args.fraction is None else args.fraction
+    return vector.multiplier_for_fraction(layer, fraction)
+
+
+def _resolved(lm: LoadedModel, vector, layer: int) -> int:
+    from steerlab.models import resolve_layer
+
+    vector.check_compatible(lm.model)
+    return resolve_layer(lm.model, layer)
+
+
+def evaluate(args: EvaluateArgs, lm: LoadedModel | None = None) -> dict:
+    """The behaviour metric unsteered, at -m and at +m, with perplexity / KL on neutral text.
+
+    Returns {"layer", "multiplier", "unsteered", "-m", "+m"} and writes it to `args.json` if given.
+    """
+    from steerlab.evaluate import prepare_neutral
+    from steerlab.hooks import Positions
+    from steerlab.io import write_json
+    from steerlab.steering.metrics import behaviour_metric, compare
+
+    vector, layer = _vector_and_layer(args)
+    positions = Positions.parse(args.positions)
+    multiplier = _multiplier(vector, layer, args) if layer >= 0 else None
+    ref = _data_ref(args.data, limit=args.limit)
+    dataset = load_dataset(ref, (ABDataset, PromptSet), "--data", "evaluate")
+    words = _word_lists(args.data, dataset, args.words)
+    neutral_texts = _texts(args.neutral, "--neutral")
+    json_path = writable(args.json, "--json") if args.json else None
+    lm = lm or load(args)
+    layer = _resolved(lm, vector, layer)
+    if multiplier is None:
+        multiplier = _multiplier(vector, layer, args)
+    log.info("preparing %d items of %s", len(dataset), ref.describe())
+    metric = behaviour_metric(lm, dataset, words, system_prompt=args.system_prompt)
+    neutral = prepare_neutral(lm, neutral_texts)
+    results = compare(
+        lm, vector, metric, layer, multiplier, neutral=neutral, positions=positions, progress=args.progress
+    )
+    out = {"layer": layer, "multiplier": multiplier, **results}
+    if json_path is not None:
+        write_json(json_path, out)
+    return out
+
+
+def sweep(args: SweepArgs, lm: LoadedModel | None = None) -> list[dict]:
+    """Layers x strengths with a random-vector control; writes the tidy CSV and its plot (`out`, `.png`)."""
+    from steerlab.evaluate import prepare_neutral
+    from steerlab.hooks import Positions
+    from steerlab.report.figures import save_png
+    from steerlab.steering import SteeringVector, plots
+    from steerlab.steering.metrics import behaviour_metric
+    from steerlab.steering.sweep import Grid, write_csv
+    from steerlab.steering.sweep import sweep as run_grid
+
+    vector = SteeringVector.load(args.vector)
+    layers = args.layers if args.layers is not None else vector.layers
+    missing = [layer for layer in layers if layer >= 0 and layer not in vector.layers]
+    if missing:
+        raise UserError(f"--layers: the vector has no layer {missing[0]}; it has layers {vector.layers}")
+    if args.multipliers is not None:
+        grid = Grid(layers, multipliers=args.multipliers)
+    else:
+        grid = Grid(layers, fractions=args.fractions)
+    positions = Positions.parse(args.positions)
+    ref = _data_ref(args.data, limit=args.limit)
+    dataset = load_dataset(ref, (ABDataset, PromptSet), "--data", "sweep")
+    words = _word_lists(args.data, dataset, args.words)
+    neutral_texts = _texts(args.neutral, "--neutral")
+    csv_path = writable(args.out, "--out")
+    lm = lm or load(args)
+    grid = Grid([_resolved(lm, vector, layer) for layer in layers], grid.fractions, grid.multipliers)
+    log.info("preparing %d items of %s", len(dataset), ref.describe())
+    metric = behaviour_metric(lm, dataset, words, system_prompt=args.system_prompt)
+    rows = run_grid(
+        lm,
+        vector,
+        metric,
+        grid,
+        split=args.split,
+        positions=positions,
+        neutral=prepare_neutral(lm, neutral_texts),
+        progress=args.progress,
+    )
+    write_csv(rows, csv_path)
+    x = "multiplier" if args.multipliers is not None else "fraction"
+    save_png(plots.score_vs_fraction(rows, args.split, "score", x=x), csv_path.with_suffix(".png"))
+    return rows
+
+
+def generate(args: GenerateArgs, lm: LoadedModel | None = None) -> dict:
+    """Greedy generations unsteered and (with a vector) steered: {"prompts", "unsteered", "steered", ...}."""
+    from steerlab.evaluate import generate as run_generation
+    from steerlab.hooks import Positions
+
+    prompts = list(args.prompts)
+    if args.prompts_file:
+        prompts += load_texts(args.prompts_file, "--prompts-file")
+    if not prompts:
+        raise UserError("--prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    positions = Positions.parse(args.positions)
+    vector = layer = multiplier = None
+    if args.vector:
+        vector, layer = _vector_and_layer(args)
+        multiplier = _multiplier(vector, layer, args) if layer >= 0 else None
+    lm = lm or load(args)
+    kwargs = dict(
+        max_new_tokens=args.max_new_tokens,
+        chat=args.chat,
+        system_prompt=args.system_prompt,
+        progress=args.progress,
+    )
+    log.info("generating for %d prompt(s), unsteered", len(prompts))
+    out: dict = {"prompts": prompts, "unsteered": run_generation(lm, prompts, **kwargs)}
+    if vector is not None:
+        layer = _resolved(lm, vector, layer)
+        if multiplier is None:
+            multiplier = _multiplier(vector, layer, args)
+        log.info("generating steered at layer %d, multiplier %.4g", layer, multiplier)
+        with vector.apply(lm, layer=layer, multiplier=multiplier, positions=positions):
+            out["steered"] = run_generation(lm, prompts, **kwargs)
+        out.update(layer=layer, multiplier=multiplier)
+    return out
