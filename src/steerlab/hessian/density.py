@@ -70,20 +70,12 @@ def slq_density(
     weights the squared first components of T's eigenvectors. For probe q, sum_i w_i theta_i^p equals
     q^T A^p q / |q|^2 exactly for p <= 2*steps - 1."""
     gen = torch.Generator().manual_seed(seed)
-    nodes, weights, total = [], [], 0
-    counted = [0]
-
-    def counting(v: torch.Tensor) -> torch.Tensor:
-        counted[0] += 1
-        return matvec(v)
-
-    probes = []
+    nodes, weights, products = [], [], 0
     for _ in tqdm(range(n_probes), disable=not progress, desc="slq probes"):
         q = torch.randn(dim, generator=gen, dtype=torch.float64)
-        probes.append(q)
-        alphas, betas = lanczos_tridiagonal(counting, q, steps)
+        alphas, betas = lanczos_tridiagonal(matvec, q, steps)
+        products += len(alphas)
         theta, s = _tridiag_eig(list(alphas), list(betas))
         nodes.append(theta)
         weights.append(s[0] ** 2)
-    total = counted[0]
-    return SpectralDensity(nodes, weights, total, {"steps": steps, "seed": seed, "dim": dim})
+    return SpectralDensity(nodes, weights, products, {"steps": steps, "seed": seed, "dim": dim})

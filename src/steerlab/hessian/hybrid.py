@@ -125,10 +125,6 @@ def accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float
         return float((model(data[0]).argmax(-1) == data[1]).double().mean())
 
 
-def _curvatures(op: CurvatureOperator, vectors: torch.Tensor) -> np.ndarray:
-    return np.array([op.quadratic(v) for v in vectors])
-
-
 def run_seed(cfg: HybridConfig, progress: bool = True) -> dict:
     """Train, compute the spectra, run the targeted and random perturbations and the specialisation scores."""
     t0 = time.perf_counter()
@@ -178,13 +174,11 @@ def run_seed(cfg: HybridConfig, progress: bool = True) -> dict:
     # specialisation r = v^T G_D v / (v^T G_D v + v^T G_P v) with Gauss-Newton curvatures
     g_d, g_p = op("train_digit", "ggn"), op("train_pattern", "ggn")
     top_mix = eig["mix"].vectors[: cfg.n_top]
-    r_mix = specialisation(_curvatures(g_d, top_mix), _curvatures(g_p, top_mix))
     x_mix = data["train_mix"][0]  # inputs only: no labels, no subset membership
     basis = eig["mix"].vectors[: cfg.ica_basis]
     ica_dirs, ica_info = separable_directions(
         model, params, x_mix, basis, n_components=cfg.n_top, seed=cfg.seed
     )
-    r_ica = specialisation(_curvatures(g_d, ica_dirs), _curvatures(g_p, ica_dirs))
     cl_dirs, cl_info = cluster_directions(
         model,
         params,
@@ -194,9 +188,7 @@ def run_seed(cfg: HybridConfig, progress: bool = True) -> dict:
         cfg.n_clusters,
         seed=cfg.seed,
     )
-    r_cl = specialisation(_curvatures(g_d, cl_dirs), _curvatures(g_p, cl_dirs))
     eq_dirs, eq_info = equalised_directions(model, params, x_mix, cfg.n_top, seed=cfg.seed)
-    r_eq = specialisation(_curvatures(g_d, eq_dirs), _curvatures(g_p, eq_dirs))
     # how well the discovered clusters match the hidden subsets (reported, never used)
     subset = torch.tensor(
         [0] * (len(x_mix) // 3) + [1] * (len(x_mix) // 3) + [2] * (len(x_mix) - 2 * (len(x_mix) // 3))
@@ -208,10 +200,10 @@ def run_seed(cfg: HybridConfig, progress: bool = True) -> dict:
     # balanced variant: each GGN scaled by its own top eigenvalue, so the weaker skill is not drowned out
     top_d = lanczos(g_d.matvec, g_d.dim, k=1, tol=1e-6, seed=cfg.seed, progress=False).values[0].item()
     top_p = lanczos(g_p.matvec, g_p.dim, k=1, tol=1e-6, seed=cfg.seed, progress=False).values[0].item()
-    rb_mix = specialisation(_curvatures(g_d, top_mix) / top_d, _curvatures(g_p, top_mix) / top_p)
-    rb_ica = specialisation(_curvatures(g_d, ica_dirs) / top_d, _curvatures(g_p, ica_dirs) / top_p)
-    rb_cl = specialisation(_curvatures(g_d, cl_dirs) / top_d, _curvatures(g_p, cl_dirs) / top_p)
-    rb_eq = specialisation(_curvatures(g_d, eq_dirs) / top_d, _curvatures(g_p, eq_dirs) / top_p)
+    directions = {"mixed": top_mix, "ica": ica_dirs, "cluster": cl_dirs, "equalised": eq_dirs}
+    curvatures = {name: (g_d.quadratics(v), g_p.quadratics(v)) for name, v in directions.items()}
+    ratio = {name: specialisation(qd, qp) for name, (qd, qp) in curvatures.items()}
+    balanced = {name: specialisation(qd / top_d, qp / top_p) for name, (qd, qp) in curvatures.items()}
     angles = np.degrees(
         principal_angles(eig["digit"].vectors[: cfg.k_project], eig["pattern"].vectors[: cfg.k_project])
     )
@@ -229,31 +221,21 @@ def run_seed(cfg: HybridConfig, progress: bool = True) -> dict:
         "max_rel_residual": {
             name: float((e.residuals / e.values.abs().max()).max()) for name, e in eig.items()
         },
-        "r_mix_top": r_mix.tolist(),
-        "r_ica": r_ica.tolist(),
-        "specialised_fraction_mixed": specialised_fraction(r_mix),
-        "specialised_fraction_unsupervised_method": specialised_fraction(r_ica),
-        "r_cluster": r_cl.tolist(),
-        "specialised_fraction_cluster_method": specialised_fraction(r_cl),
+        "r_mix_top": ratio["mixed"].tolist(),
+        "r_ica": ratio["ica"].tolist(),
+        "specialised_fraction_mixed": specialised_fraction(ratio["mixed"]),
+        "specialised_fraction_unsupervised_method": specialised_fraction(ratio["ica"]),
+        "r_cluster": ratio["cluster"].tolist(),
+        "specialised_fraction_cluster_method": specialised_fraction(ratio["cluster"]),
         "cluster_info": {**cl_info, "clusters_x_hidden_subsets(blend,digit,pattern)": contingency},
-        "n_pattern_specialised": {
-            "mixed": int((r_mix < 0.1).sum()),
-            "ica": int((r_ica < 0.1).sum()),
-            "cluster": int((r_cl < 0.1).sum()),
-            "equalised": int((r_eq < 0.1).sum()),
-        },
-        "n_digit_specialised": {
-            "mixed": int((r_mix > 0.9).sum()),
-            "ica": int((r_ica > 0.9).sum()),
-            "cluster": int((r_cl > 0.9).sum()),
-            "equalised": int((r_eq > 0.9).sum()),
-        },
-        "specialised_fraction_mixed_balanced": specialised_fraction(rb_mix),
-        "specialised_fraction_unsupervised_method_balanced": specialised_fraction(rb_ica),
-        "specialised_fraction_cluster_method_balanced": specialised_fraction(rb_cl),
-        "r_equalised": r_eq.tolist(),
-        "specialised_fraction_equalised_method": specialised_fraction(r_eq),
-        "specialised_fraction_equalised_method_balanced": specialised_fraction(rb_eq),
+        "n_pattern_specialised": {name: int((v < 0.1).sum()) for name, v in ratio.items()},
+        "n_digit_specialised": {name: int((v > 0.9).sum()) for name, v in ratio.items()},
+        "specialised_fraction_mixed_balanced": specialised_fraction(balanced["mixed"]),
+        "specialised_fraction_unsupervised_method_balanced": specialised_fraction(balanced["ica"]),
+        "specialised_fraction_cluster_method_balanced": specialised_fraction(balanced["cluster"]),
+        "r_equalised": ratio["equalised"].tolist(),
+        "specialised_fraction_equalised_method": specialised_fraction(ratio["equalised"]),
+        "specialised_fraction_equalised_method_balanced": specialised_fraction(balanced["equalised"]),
         "equalised_info": {k: v for k, v in eq_info.items() if k != "concentration"},
         "ica_info": {k: v for k, v in ica_info.items() if k != "concentration"},
         "principal_angles_digit_vs_pattern_deg": angles.tolist(),

@@ -126,6 +126,10 @@ class CurvatureOperator:
         v = torch.as_tensor(v, dtype=torch.float64, device=self.device)
         return float(v @ self.matvec(v))
 
+    def quadratics(self, vectors: torch.Tensor) -> np.ndarray:
+        """v^T (H or G) v for every row v of `vectors` (k x dim)."""
+        return np.array([self.quadratic(v) for v in vectors])
+
     def gradient(self) -> torch.Tensor:
         """Flat float64 gradient of the dataset loss."""
         total = torch.zeros(self.dim, dtype=torch.float64, device=self.device)

@@ -35,15 +35,14 @@ def _rademacher(dim: int, m: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randint(0, 2, (dim, m), generator=gen).double() * 2 - 1
 
 
-def _interval(
-    base: float, samples: np.ndarray, scale: float, confidence: float
-) -> tuple[float, float, float, float]:
+def _interval(base: float, samples: np.ndarray, confidence: float) -> tuple[float, float, float, float]:
+    """(base + mean, low, high, stderr) with a two-sided Student-t interval from the samples."""
     from scipy.stats import t as student_t
 
-    mean = base + scale * samples.mean()
+    mean = base + samples.mean()
     if len(samples) < 2:
         return mean, -np.inf, np.inf, np.inf
-    stderr = scale * samples.std(ddof=1) / np.sqrt(len(samples))
+    stderr = samples.std(ddof=1) / np.sqrt(len(samples))
     half = student_t.ppf(0.5 + confidence / 2, df=len(samples) - 1) * stderr
     return mean, mean - half, mean + half, stderr
 
@@ -65,7 +64,7 @@ def hutchinson(
             for i in tqdm(range(n_probes), disable=not progress, desc="hutchinson")
         ]
     )
-    mean, low, high, se = _interval(0.0, samples, 1.0, confidence)
+    mean, low, high, se = _interval(0.0, samples, confidence)
     return TraceEstimate(mean, low, high, se, confidence, n_probes, "hutchinson", samples.tolist())
 
 
@@ -103,5 +102,9 @@ def hutchpp(
     ag = ag - q @ (q.T @ ag)
     bar.close()
     samples = (g * ag).sum(0).numpy()
-    mean, low, high, se = _interval(top, samples, 1.0, confidence)
+    mean, low, high, se = _interval(top, samples, confidence)
     return TraceEstimate(mean, low, high, se, confidence, 3 * m, "hutch++", samples.tolist())
+
+
+METHODS = {"hutchpp": hutchpp, "hutchinson": hutchinson}
+"""Trace estimators by name; each takes (matvec, dim, number of products, confidence=, seed=, progress=)."""
