@@ -29,6 +29,7 @@ from steerlab.hessian import (
     slq_density,
 )
 from steerlab.hessian.report import density_figure
+from steerlab.report.figures import save_png
 
 
 def main() -> None:
@@ -75,9 +76,7 @@ def main() -> None:
     grid, d = dens.smooth()
     integral = float(np.trapezoid(d, grid))
     lo, hi = dens.support
-    img = Path(args.img)
-    img.mkdir(parents=True, exist_ok=True)
-    (img / "hessian_density.png").write_bytes(density_figure(grid, d, exact=evals))
+    save_png(density_figure(grid, d, exact=evals), Path(args.img) / "hessian_density.png")
     result = {
         "dim": op.dim,
         "top10_both_ends_max_rel_err": float(rel.max()),

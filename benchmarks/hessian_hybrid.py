@@ -17,7 +17,6 @@ import torch
 
 from steerlab.hessian.hybrid import SUMMARY_KEYS, HybridConfig, run_experiment
 from steerlab.hessian.report import hybrid_report
-from steerlab.io import write_json
 
 
 def main() -> None:
@@ -28,9 +27,7 @@ def main() -> None:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     result = run_experiment(args.seeds, HybridConfig())
-    out = Path(args.out)
-    write_json(out / "hybrid_digits.json", result)
-    hybrid_report(result, out)
+    hybrid_report(result, Path(args.out))
     for run in result["runs"]:
         print(
             run["seed"],

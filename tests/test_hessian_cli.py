@@ -1,14 +1,19 @@
-"""`steerlab hessian ...` command line on tiny inputs."""
+"""`steerlab hessian ...` command line on tiny inputs: results, one-line errors before any model loads,
+atomic outputs."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
 from conftest import char_tokenizer, tiny_model
-from steerlab.hessian.cli import add_subcommands, main
+from steerlab.cli import main
+from steerlab.hessian.cli import add_subcommands
+
+PARAGRAPH = "the quick brown fox jumps over the lazy dog."
 
 
 def test_parser_wiring():
@@ -18,7 +23,7 @@ def test_parser_wiring():
         args = parser.parse_args(["hessian", cmd, "--text", "x.txt", "--out", "o"])
         assert callable(args.func) and args.model == "smollm2-135m"
     args = parser.parse_args(["hessian", "separate", "--out", "o"])
-    assert args.task == "hybrid-digits" and args.t == 4.0
+    assert args.task == "hybrid-digits" and args.t == 4.0 and args.layers == "-2,-1"
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +32,12 @@ def tiny_folder(tmp_path_factory):
     tiny_model("llama").save_pretrained(folder)
     char_tokenizer().save_pretrained(folder)
     text = folder / "text.txt"
-    text.write_text(
-        "\n\n".join(f"paragraph {i}: the quick brown fox jumps over the lazy dog." for i in range(6))
-    )
+    text.write_text("\n\n".join(f"paragraph {i}: {PARAGRAPH}" for i in range(6)))
     return folder, text
 
 
-def test_spectrum_density_trace_commands(tiny_folder, tmp_path, capsys):
-    from steerlab.hessian import Eigenpairs
-
-    folder, text = tiny_folder
-    common = [
+def common_args(folder: Path, text: Path) -> list[str]:
+    return [
         "--model",
         str(folder),
         "--dtype",
@@ -53,17 +53,195 @@ def test_spectrum_density_trace_commands(tiny_folder, tmp_path, capsys):
         "--threads",
         "1",
     ]
-    main(["spectrum", *common, "--k", "3", "--which", "BE", "--out", str(tmp_path / "s")])
+
+
+def test_spectrum_density_trace_commands(tiny_folder, tmp_path, capsys):
+    from steerlab.hessian import Eigenpairs, SpectralDensity
+
+    common = common_args(*tiny_folder)
+    assert (
+        main(["hessian", "spectrum", *common, "--k", "3", "--which", "BE", "--out", str(tmp_path / "s")]) == 0
+    )
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     eig = Eigenpairs.load(tmp_path / "s", "spectrum")
     assert eig.values.tolist() == out["values"] and eig.vectors.shape == (6, 64 * 32)
     assert max(out["residuals"]) < 1e-6 * max(abs(v) for v in out["values"])
     assert eig.meta["operator"]["params"] == {"model.layers.0.mlp.down_proj.weight": [32, 64]}
-    assert (tmp_path / "s" / "spectrum.png").stat().st_size > 0
-    main(["density", *common, "--probes", "2", "--steps", "10", "--out", str(tmp_path / "d")])
+    assert eig.meta["n_texts"] == 3 and eig.meta["text"] == str(tiny_folder[1])
+    assert (tmp_path / "s" / "spectrum.png").read_bytes().startswith(b"\x89PNG")
+    assert (
+        main(["hessian", "density", *common, "--probes", "2", "--steps", "10", "--out", str(tmp_path / "d")])
+        == 0
+    )
     dens = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert abs(dens["integral"] - 1) < 1e-2
     assert dens["support"][1] == pytest.approx(max(out["values"]), rel=1e-3)
-    main(["trace", *common, "--products", "12", "--out", str(tmp_path / "t")])
+    saved = SpectralDensity.load(tmp_path / "d", "density")
+    assert saved.n_products == dens["n_products"] == 2 * 10
+    assert (tmp_path / "d" / "density.png").read_bytes().startswith(b"\x89PNG")
+    assert main(["hessian", "trace", *common, "--products", "12", "--out", str(tmp_path / "t")]) == 0
     tr = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert tr["low"] <= tr["trace"] <= tr["high"]
+    assert json.loads((tmp_path / "t" / "trace.json").read_text())["estimate"] == tr["trace"]
+    assert json.loads((tmp_path / "t" / "trace_meta.json").read_text())["operator"]["dim"] == 64 * 32
+
+
+# ------------------------------------------------------------------ errors: one line, status 2
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Any attempt to load a model fails the test: these inputs must be refused before that."""
+    import steerlab.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(steerlab.models, "load_model", refuse)
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    """Run the command; it must return 2 and print exactly one `steerlab: error:` line."""
+    assert main(["hessian", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("steerlab: error: "), err
+    return err[0]
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    path = tmp_path / "text.txt"
+    path.write_text(f"one: {PARAGRAPH}\n\ntwo: {PARAGRAPH}\n")
+    return path
+
+
+def test_missing_text_file_is_refused_before_the_model_loads(no_model, tmp_path, capsys):
+    missing = tmp_path / "nowhere.txt"
+    for cmd in ("spectrum", "density", "trace"):
+        line = one_line_error(capsys, [cmd, "--text", str(missing), "--out", str(tmp_path / "o")])
+        assert str(missing) in line and "no such file" in line
+    line = one_line_error(capsys, ["spectrum", "--text", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert f"{tmp_path}: not a file" in line
+
+
+def test_undecodable_text_is_an_error_naming_file_and_byte(no_model, tmp_path, capsys):
+    """Bytes that are not UTF-8 used to be replaced silently."""
+    from steerlab.data.errors import DataFormatError
+    from steerlab.hessian.lm import read_texts
+
+    head = f"one: {PARAGRAPH}\n\ntwo: ".encode()
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(head + "caf\xe9 ".encode("latin-1") + PARAGRAPH.encode())
+    offset = len(head) + 3
+    with pytest.raises(DataFormatError, match=f"byte {offset}"):
+        read_texts(path)
+    line = one_line_error(capsys, ["spectrum", "--text", str(path), "--out", str(tmp_path / "o")])
+    assert str(path) in line and f"byte {offset}" in line
+    text_a = tmp_path / "a.txt"
+    text_a.write_text(f"one: {PARAGRAPH}\n")
+    line = one_line_error(
+        capsys, ["separate", "--task", "text", "--text-a", str(text_a), "--text-b", str(path), "--out", "o"]
+    )
+    assert str(path) in line and f"byte {offset}" in line
+
+
+def test_text_without_long_enough_paragraph(no_model, tmp_path, capsys):
+    path = tmp_path / "short.txt"
+    path.write_text("too short\n\nalso short\n")
+    line = one_line_error(capsys, ["trace", "--text", str(path), "--out", str(tmp_path / "o")])
+    assert str(path) in line and "no paragraph of at least 40 characters" in line
+
+
+def test_bad_layer_syntax_is_refused_before_the_model_loads(no_model, text_file, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    line = one_line_error(capsys, ["spectrum", "--text", str(text_file), "--layers", "1-x", "--out", out])
+    assert "--layers" in line and "'1-x'" in line
+    line = one_line_error(
+        capsys,
+        [
+            "separate",
+            "--task",
+            "text",
+            "--text-a",
+            str(text_file),
+            "--text-b",
+            str(text_file),
+            "--layers=a",
+            "--out",
+            out,
+        ],
+    )
+    assert "--layers" in line
+
+
+def test_unwritable_output_folder_is_refused_before_the_model_loads(
+    no_model, text_file, tmp_path, capsys, monkeypatch
+):
+    blocked = text_file / "results"  # a folder inside a regular file cannot be created
+    for argv in (
+        ["spectrum", "--text", str(text_file), "--out", str(blocked)],
+        ["separate", "--out", str(blocked)],
+        [
+            "separate",
+            "--task",
+            "text",
+            "--text-a",
+            str(text_file),
+            "--text-b",
+            str(text_file),
+            "--out",
+            str(blocked),
+        ],
+    ):
+        line = one_line_error(capsys, argv)
+        assert f"--out {blocked}: {text_file} is not a folder" in line
+    import steerlab.hessian.outputs as outputs
+
+    monkeypatch.setattr(outputs.os, "access", lambda path, mode: False)
+    line = one_line_error(capsys, ["density", "--text", str(text_file), "--out", str(tmp_path / "a" / "b")])
+    assert f"--out {tmp_path / 'a' / 'b'}: {tmp_path} is not writable" in line
+    assert not (tmp_path / "a").exists()
+
+
+def test_separate_text_needs_both_text_files(no_model, text_file, capsys):
+    line = one_line_error(capsys, ["separate", "--task", "text", "--text-a", str(text_file), "--out", "o"])
+    assert "--text-a" in line and "--text-b" in line
+
+
+def test_layer_out_of_range_and_empty_selection(tiny_folder, tmp_path, capsys):
+    folder, text = tiny_folder
+    base = ["spectrum", "--model", str(folder), "--text", str(text), "--out", str(tmp_path)]
+    assert main(["hessian", *base, "--layers", "7"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "steerlab: error: layer 7 is out of range for a model with 4 decoder layers (use 0..3 or -4..-1)"
+    )
+    assert main(["hessian", *base, "--layers", "0", "--include", "no_such_weight"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("steerlab: error: no parameter matches include=['no_such_weight']")
+    assert not any("Traceback" in line for line in err)
+
+
+# ------------------------------------------------------------------ atomic outputs
+
+
+def test_failed_plot_keeps_the_previous_png(tiny_folder, tmp_path, monkeypatch):
+    """A write that fails half-way (disk full) must leave the previous complete file, and no temp file."""
+    from matplotlib.figure import Figure
+
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "spectrum.png").write_bytes(b"previous complete png")
+
+    def disk_full(self, fname, *args, **kwargs):
+        if hasattr(fname, "write"):
+            fname.write(b"partial")
+        else:
+            Path(fname).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        main(["hessian", "spectrum", *common_args(*tiny_folder), "--k", "2", "--out", str(out)])
+    assert (out / "spectrum.png").read_bytes() == b"previous complete png"
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import numpy as np
@@ -93,10 +94,10 @@ def test_per_sample_traces_and_equalised_ggn_are_exact():
 def test_separate_hybrid_digits_command(hybrid_seed0, tmp_path, capsys, monkeypatch):
     """CLI wiring: JSON, summary line and report (the seed's computation is shared with the test above)."""
     import steerlab.hessian.hybrid as hybrid
-    from steerlab.hessian.cli import main
+    from steerlab.cli import main
 
     monkeypatch.setattr(hybrid, "run_seed", lambda cfg, progress=True: {**hybrid_seed0, "seed": cfg.seed})
-    main(["separate", "--seeds", "0", "1", "--threads", "1", "--out", str(tmp_path)])
+    assert main(["hessian", "separate", "--seeds", "0", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["n_seeds"] == 2 and summary["specialised_fraction_unsupervised_method_sd"] == 0
     assert summary["pattern_drop_on_pattern_dir"] == pytest.approx(
@@ -104,5 +105,9 @@ def test_separate_hybrid_digits_command(hybrid_seed0, tmp_path, capsys, monkeypa
     )
     html = (tmp_path / "report.html").read_text()
     assert html.count("data:image/png;base64") == 3
+    for name in ("sweeps", "specialisation", "spectra"):
+        png = (tmp_path / f"hybrid_{name}.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and base64.b64encode(png).decode() in html
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     saved = json.loads((tmp_path / "hybrid_digits.json").read_text())
     assert [r["seed"] for r in saved["runs"]] == [0, 1]

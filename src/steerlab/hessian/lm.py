@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from steerlab.data.errors import DataFormatError, read_text
 from steerlab.hessian.lanczos import Eigenpairs, lanczos
 from steerlab.hessian.operator import CurvatureOperator
-from steerlab.hessian.params import select_params
+from steerlab.hessian.params import ParameterSelectionError, select_params
 from steerlab.hessian.subspace import (
     principal_angles,
     random_angle_baseline,
@@ -23,25 +24,87 @@ from steerlab.hessian.tasks import lm_batches, lm_task
 
 
 def read_texts(path: str | os.PathLike, n: int = 16, min_chars: int = 40) -> list[str]:
-    """The first `n` paragraphs (blank-line separated; long ones cut to 400 chars) with >= `min_chars`."""
+    """The first `n` paragraphs (blank-line separated; long ones cut to 400 chars) with >= `min_chars`.
+
+    A missing or unreadable file, bytes that are not UTF-8 (the error gives their offset) or a file
+    without such a paragraph is a `DataFormatError` naming the file.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"text file not found: {path}")
-    paras = [p.strip() for p in re.split(r"\n\s*\n", path.read_text(errors="replace"))]
+        raise DataFormatError(path, "not a file" if path.exists() else "no such file")
+    try:
+        text = read_text(path)
+    except OSError as error:
+        raise DataFormatError(path, f"cannot be read ({error.strerror})") from None
+    paras = [p.strip() for p in re.split(r"\n\s*\n", text)]
     out = [p[:400] for p in paras if len(p) >= min_chars]
     if not out:
-        raise ValueError(f"{path}: no paragraph of at least {min_chars} characters")
+        raise DataFormatError(path, f"no paragraph of at least {min_chars} characters")
     return out[:n]
 
 
-def layer_params(model: nn.Module, layers: list[int], part: str = "mlp") -> dict[str, nn.Parameter]:
-    """Parameters of the MLP / attention / whole block of the given decoder layers (negative indices allowed)."""
+PARTS = ("mlp", "attention", "block")
+
+
+def layer_params(
+    model: nn.Module,
+    layers: list[int] | None,
+    part: str = "mlp",
+    include: str | list[str] | None = None,
+    exclude: str | list[str] | None = None,
+) -> dict[str, nn.Parameter]:
+    """Parameters of the MLP / attention / whole block of the given decoder layers (negative indices
+    allowed; None: the whole model), narrowed by `include` / `exclude` regexes as in `select_params`."""
     from steerlab.models import attention, block, mlp
 
+    if layers is None:
+        return select_params(model, include, exclude)
     getter = {"mlp": mlp, "attention": attention, "block": block}.get(part)
     if getter is None:
-        raise ValueError(f"part must be mlp, attention or block, not {part!r}")
-    return select_params(model, modules=[getter(model, layer) for layer in layers])
+        raise ParameterSelectionError(f"part must be one of {', '.join(PARTS)}, not {part!r}")
+    try:
+        modules = [getter(model, layer) for layer in layers]
+    except IndexError as error:
+        raise ParameterSelectionError(str(error)) from None
+    return select_params(model, include, exclude, modules=modules)
+
+
+def text_operator(
+    model: nn.Module,
+    tokenizer,
+    texts: list[str],
+    params: dict[str, nn.Parameter],
+    kind: str = "hessian",
+    batch_size: int = 4,
+    max_length: int = 48,
+) -> CurvatureOperator:
+    """The curvature of the next-token loss on `texts` (padded batches on the parameters' device)."""
+    device = next(iter(params.values())).device
+    batches = [
+        {key: value.to(device) for key, value in batch.items()}
+        for batch in lm_batches(tokenizer, texts, batch_size, max_length)
+    ]
+    return CurvatureOperator(model, lm_task(), batches, params, kind=kind)
+
+
+def text_curvature(
+    loaded,
+    texts: list[str],
+    layers: list[int] | None = None,
+    part: str = "mlp",
+    include: str | list[str] | None = None,
+    exclude: str | list[str] | None = None,
+    kind: str = "hessian",
+    batch_size: int = 4,
+    max_length: int = 48,
+    source: str | None = None,
+) -> tuple[CurvatureOperator, dict]:
+    """The curvature operator of a `LoadedModel`'s next-token loss on `texts` over the chosen parameters
+    (see `layer_params`), and the metadata its results are saved with (`source`: where the texts came from)."""
+    params = layer_params(loaded.model, layers, part, include, exclude)
+    op = text_operator(loaded.model, loaded.tokenizer, texts, params, kind, batch_size, max_length)
+    meta = {"model": loaded.info.to_dict(), "operator": op.describe(), "text": source, "n_texts": len(texts)}
+    return op, meta
 
 
 def two_set_spectra(
@@ -60,9 +123,8 @@ def two_set_spectra(
     """Top-k Hessian eigenpairs of the next-token loss on two text sets, the principal angles between
     them (with a random-subspace baseline) and each top vector's specialisation
     r = |v^T H_A v| / (|v^T H_A v| + |v^T H_B v|) (absolute curvatures)."""
-    task = lm_task()
     ops = {
-        name: CurvatureOperator(model, task, lm_batches(tokenizer, texts, batch_size, max_length), params)
+        name: text_operator(model, tokenizer, texts, params, batch_size=batch_size, max_length=max_length)
         for name, texts in (("a", texts_a), ("b", texts_b))
     }
     eig: dict[str, Eigenpairs] = {
@@ -70,9 +132,7 @@ def two_set_spectra(
         for name, op in ops.items()
     }
     vecs = torch.cat([eig["a"].vectors, eig["b"].vectors])
-    qa = np.array([ops["a"].quadratic(v) for v in vecs])
-    qb = np.array([ops["b"].quadratic(v) for v in vecs])
-    r = specialisation(qa, qb)
+    r = specialisation(ops["a"].quadratics(vecs), ops["b"].quadratics(vecs))
     dim = ops["a"].dim
     return {
         "eigenpairs": eig,

@@ -8,6 +8,12 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from steerlab.errors import UserError
+
+
+class ParameterSelectionError(UserError):
+    """No parameter matches a selection (include/exclude patterns, layers)."""
+
 
 def select_params(
     model: nn.Module,
@@ -19,7 +25,7 @@ def select_params(
 
     `include` / `exclude` are regular expressions searched in the dotted parameter name (a list means
     any of them); `modules` keeps only parameters owned by those submodules. With nothing given, every
-    parameter is selected. Raises ValueError when the selection is empty.
+    parameter is selected. An empty selection is a `ParameterSelectionError`.
     """
     inc = [include] if isinstance(include, str) else list(include or [])
     exc = [exclude] if isinstance(exclude, str) else list(exclude or [])
@@ -38,7 +44,11 @@ def select_params(
         chosen[name] = p
     if not chosen:
         names = [n for n, _ in model.named_parameters()][:8]
-        raise ValueError(f"no parameter matches include={inc} exclude={exc}; names look like {names}")
+        raise ParameterSelectionError(
+            f"no parameter matches include={inc} exclude={exc}"
+            + (" in the chosen layers" if modules is not None else "")
+            + f"; names look like {names}"
+        )
     return chosen
 
 

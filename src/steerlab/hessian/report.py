@@ -1,4 +1,4 @@
-"""Plots and a self-contained HTML report (PNG figures embedded as base64) for hessian results."""
+"""Figures (matplotlib, without pyplot) and a self-contained HTML report for hessian results."""
 
 from __future__ import annotations
 
@@ -8,25 +8,27 @@ import os
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
-from steerlab.io import atomic_write_text
-from steerlab.report.html import figure_png, page, png_html
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from steerlab.io import atomic_write_text, write_json
+from steerlab.report.figures import new_figure, save_png
+from steerlab.report.html import page, png_html
 
 
-def sweep_figure(result: dict) -> bytes:
+def spectrum_figure(values: np.ndarray, title: str) -> Figure:
+    """Eigenvalues against their index."""
+    fig, ax = new_figure((5, 3))
+    ax.plot(np.arange(1, len(values) + 1), values, marker="o")
+    ax.set_xlabel("index")
+    ax.set_ylabel("eigenvalue")
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def sweep_figure(result: dict) -> Figure:
     """Accuracy vs t along the targeted directions (mean ± sd over seeds, ±t averaged)."""
-    plt = _plt()
     runs = result["runs"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    fig, axes = new_figure((10, 3.6), 1, 2, sharey=True)
     for ax, dname, title in zip(
         axes,
         ("pattern_dir", "digit_dir"),
@@ -44,13 +46,12 @@ def sweep_figure(result: dict) -> bytes:
         ax.set_xlabel("t (unit direction, ±t averaged)")
     axes[0].set_ylabel("test accuracy")
     axes[0].legend(fontsize=8)
-    return figure_png(fig)
+    return fig
 
 
-def specialisation_figure(result: dict) -> bytes:
+def specialisation_figure(result: dict) -> Figure:
     """r = v^T G_D v / (v^T G_D v + v^T G_P v) for the mixed-Hessian eigenvectors vs the unsupervised method."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig, ax = new_figure((6, 3.4))
     bins = np.linspace(0, 1, 21)
     mix = np.concatenate([r["r_mix_top"] for r in result["runs"]])
     ica = np.concatenate([r["r_ica"] for r in result["runs"]])
@@ -64,12 +65,12 @@ def specialisation_figure(result: dict) -> bytes:
     ax.set_xlabel("r (0 = pattern-only curvature, 1 = digit-only)")
     ax.set_ylabel("directions (all seeds)")
     ax.legend(fontsize=8)
-    return figure_png(fig)
+    return fig
 
 
-def spectra_figure(result: dict) -> bytes:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+def spectra_figure(result: dict) -> Figure:
+    """Mean top eigenvalues over seeds of the Hessian on each data subset."""
+    fig, ax = new_figure((6, 3.4))
     for name in ("digit", "pattern", "mix"):
         vals = np.array([r["eigenvalues"][name] for r in result["runs"]])
         ax.semilogy(
@@ -78,12 +79,12 @@ def spectra_figure(result: dict) -> bytes:
     ax.set_xlabel("eigenvalue index")
     ax.set_ylabel("eigenvalue")
     ax.legend(fontsize=8)
-    return figure_png(fig)
+    return fig
 
 
-def density_figure(grid: np.ndarray, dens: np.ndarray, exact: np.ndarray | None = None) -> bytes:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+def density_figure(grid: np.ndarray, dens: np.ndarray, exact: np.ndarray | None = None) -> Figure:
+    """A smoothed spectral density (log scale), over a histogram of `exact` eigenvalues if given."""
+    fig, ax = new_figure((6, 3.4))
     if exact is not None:
         ax.hist(exact, bins=80, density=True, alpha=0.4, label="exact eigenvalues")
     ax.plot(grid, dens, label="SLQ density")
@@ -91,7 +92,7 @@ def density_figure(grid: np.ndarray, dens: np.ndarray, exact: np.ndarray | None 
     ax.set_ylim(bottom=max(dens.max() * 1e-6, 1e-8))
     ax.set_xlabel("eigenvalue")
     ax.legend(fontsize=8)
-    return figure_png(fig)
+    return fig
 
 
 def write_html(path: str | os.PathLike, title: str, sections: list[tuple[str, str | bytes]]) -> Path:
@@ -118,18 +119,16 @@ def summary_table(summary: dict) -> str:
 
 
 def hybrid_report(result: dict, folder: str | os.PathLike) -> Path:
-    """Figures as PNG files and one self-contained report.html in `folder`."""
+    """`hybrid_digits.json`, the figures as PNG files and one self-contained report.html in `folder`,
+    each written atomically."""
     folder = Path(folder)
-    figs = {
+    write_json(folder / "hybrid_digits.json", result)
+    figures = {
         "sweeps": sweep_figure(result),
         "specialisation": specialisation_figure(result),
         "spectra": spectra_figure(result),
     }
-    for name, png in figs.items():
-        tmp = folder / f".{name}.png.tmp"
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(png)
-        os.replace(tmp, folder / f"hybrid_{name}.png")
+    figs = {name: save_png(fig, folder / f"hybrid_{name}.png").read_bytes() for name, fig in figures.items()}
     config = html.escape(json.dumps(result["config"], indent=1))
     return write_html(
         folder / "report.html",
