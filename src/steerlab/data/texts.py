@@ -185,30 +185,3 @@ def load_prompts(path: str | os.PathLike, name: str | None = None) -> PromptSet:
         prompts = PromptSet([line for line in lines if line.strip()], None, path.stem)
     return replace(prompts, name=prompts.name if name is None else name, source=str(path))
 
-
-def load_word_lists(path: str | os.PathLike) -> dict[str, list[str]]:
-    """Load {"positive": [words], "negative": [words]} for word preference; each entry one word."""
-    path = Path(path)
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise DataFormatError(
-            path,
-            f'expected a JSON object {{"positive": [...], "negative": [...]}}, got {type(data).__name__}',
-        )
-    lists = {}
-    for key in ("positive", "negative"):
-        if key not in data:
-            raise DataFormatError(path, f"missing (the object has {sorted(data)})", field=key)
-        words = _string_list(path, data[key], key)
-        if not words:
-            raise DataFormatError(path, "the list is empty", field=key)
-        for i, word in enumerate(words):
-            if len(word.split()) > 1:
-                raise DataFormatError(
-                    path,
-                    f"expected one word, got {word!r}; word preference compares the first tokens of single "
-                    "words (a file of paired sentences is for extraction)",
-                    field=f"{key}[{i}]",
-                )
-        lists[key] = [word.strip() for word in words]
-    return lists

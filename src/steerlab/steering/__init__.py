@@ -1,6 +1,24 @@
 """Activation steering: extracting vectors from contrastive data and applying them."""
 
-from steerlab.steering.extract import extract_caa, extract_mean_difference, mean_activations
-from steerlab.steering.vector import SteeringVector
+from steerlab.steering.extract import caa_items, extract_caa, extract_mean_difference, mean_activations
+from steerlab.steering.vector import (
+    STRONG_STEERING_RATIO,
+    InvalidVectorError,
+    LayerChoiceError,
+    SteeringVector,
+    StrongSteeringWarning,
+    VectorError,
+)
 
-__all__ = ["SteeringVector", "extract_caa", "extract_mean_difference", "mean_activations"]
+__all__ = [
+    "STRONG_STEERING_RATIO",
+    "InvalidVectorError",
+    "LayerChoiceError",
+    "SteeringVector",
+    "StrongSteeringWarning",
+    "VectorError",
+    "caa_items",
+    "extract_caa",
+    "extract_mean_difference",
+    "mean_activations",
+]
