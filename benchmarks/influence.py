@@ -67,14 +67,15 @@ def worker(args) -> None:
             query_gradients,
         )
         from steerlab.influence.factors import finish_lambda
+        from steerlab.influence.pass_cache import cached_batch
 
         t0 = time.perf_counter()
         cache: dict = {}  # hidden states entering layer 24, recorded by the covariance pass
         dt = {"float32": None, "bfloat16": torch.bfloat16}[args.capture_dtype]
         cov = fit_covariance(
-            model, task, train, seed=None, dtype=dt, prefix_cache=cache if args.prefix_cache else None
+            model, task, train, seed=None, dtype=dt, cache=cache if args.prefix_cache else None
         )
-        fast = [{**b, **cache.get(i, {})} for i, b in enumerate(train)]
+        fast = [cached_batch(b, cache, i) for i, b in enumerate(train)]
         t1 = time.perf_counter()
         peaks = {"covariance": peak_rss_gb()}
         eigen = eigendecompose(cov, list(task.modules(model)))

@@ -182,12 +182,9 @@ def main(argv=None) -> dict:
 
 
 def plot(result: dict, path: str) -> None:
-    import matplotlib
+    from steerlab.report.figures import new_figure, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 2.8))
+    fig, (ax1, ax2) = new_figure((8, 2.8), 1, 2)
     names = ["identity", "diagonal", "kfac", "ekfac"]
     ax1.bar(names, [result[f"lds_{n}"] for n in names], color=["#999", "#bbb", "#8da0cb", "#4c72b0"])
     ax1.set_ylabel("LDS (mean Spearman)")
@@ -200,8 +197,7 @@ def plot(result: dict, path: str) -> None:
     ax2.legend(fontsize=8)
     ax2.set_title("damping sweep", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path, dpi=100)
 
 
 if __name__ == "__main__":

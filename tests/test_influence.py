@@ -22,6 +22,7 @@ from steerlab.influence import (
 from steerlab.influence.data import lm_batch, query_batch
 from steerlab.influence.factors import per_example_gradients
 from steerlab.influence.scores import STRATEGIES, damping_for, per_layer
+from steerlab.models.architectures import layers_of
 
 # ---------------------------------------------------------------- brute-force references
 
@@ -225,7 +226,8 @@ def test_scores_equal_brute_force_with_materialised_approximation(name, strategy
         summed = torch.stack([t.sum(-1) for t in got["tokens"]], dim=1)
         assert rel_err(summed, got["scores"]) < 1e-9
         # per-module scores sum to the total
-        assert rel_err(sum(per_layer(got["modules"]).values()), got["scores"]) < 1e-12
+        layers = layers_of(model, task.modules(model))
+        assert rel_err(sum(per_layer(got["modules"], layers).values()), got["scores"]) < 1e-12
         # self-influence
         selfs = self_scores(model, task, train, factors, strategy=strategy, damping=damping)
         brute_self = torch.diagonal(brute_scores(factors, gt, gt, strategy, damping))
@@ -327,7 +329,7 @@ def test_prefix_cache_starts_at_first_tracked_layer_with_identical_results(name)
     from steerlab.influence import fit_covariance
 
     plain = fit_covariance(model, task, train, seed=None)
-    cached_cov = fit_covariance(model, task, train, seed=None, prefix_cache=cache)
+    cached_cov = fit_covariance(model, task, train, seed=None, cache=cache)
     assert sorted(cache) == list(range(len(train)))
     assert all("head_grad" in entry for entry in cache.values())  # later passes skip the head
     for k in plain.sums:
@@ -361,7 +363,8 @@ def test_factored_query_gradients_precondition_like_dense(name, strategy):
 
 def test_several_label_draws_average_fisher_samples():
     from steerlab.influence import fit_covariance
-    from steerlab.influence.factors import Accumulator, batch_seed, covariance_update, run_batch
+    from steerlab.influence.factors import Accumulator, batch_seed, covariance_update
+    from steerlab.influence.pass_cache import run_batch
 
     model, task, train, *_ = PROBLEMS["llama"]
     one = fit_covariance(model, task, train, seed=5)
@@ -379,3 +382,92 @@ def test_several_label_draws_average_fisher_samples():
     assert not torch.allclose(two.sums[f"{name}/S"], 2 * one.sums[f"{name}/S"])  # gradients differ
     factors = fit_factors(model, task, train, seed=5, samples=2)
     assert factors.info["n_lambda"] == 2 * fit_factors(model, task, train, seed=5).info["n_lambda"]
+
+
+def test_per_layer_groups_modules_by_the_block_that_holds_them():
+    """Layers come from the model's structure: a module named like a block but outside the blocks keeps
+    its name, and a model whose family is not registered has no layers."""
+    model = tiny_llama()
+    modules = dict(LanguageModelTask().modules(model))
+    modules["lm_head"] = model.lm_head
+    layers = layers_of(model, modules)
+    assert layers == {
+        "model.layers.0.mlp.gate_proj": 0,
+        "model.layers.0.mlp.up_proj": 0,
+        "model.layers.0.mlp.down_proj": 0,
+        "model.layers.1.mlp.gate_proj": 1,
+        "model.layers.1.mlp.up_proj": 1,
+        "model.layers.1.mlp.down_proj": 1,
+        "lm_head": None,
+    }
+    scores = {name: torch.tensor([float(i)]) for i, name in enumerate(modules)}
+    grouped = per_layer(scores, layers)
+    assert {k: float(v) for k, v in grouped.items()} == {0: 3.0, 1: 12.0, "lm_head": 6.0}
+
+
+class _Stack(nn.Module):
+    """A classifier whose Linear layers sit in a ModuleList called `layers` (not decoder blocks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(4, 6), nn.Linear(6, 3)])
+
+    def forward(self, x):
+        return self.layers[1](torch.tanh(self.layers[0](x)))
+
+
+def test_pass_cache_skips_models_without_registered_blocks():
+    """A module name like 'layers.0' is no decoder block: nothing is cached, the covariance is unchanged
+    (guessing the layer from the name tried to hook a block the model does not have)."""
+    from steerlab.influence import fit_covariance
+
+    torch.manual_seed(0)
+    model = _Stack().double()
+    task = ClassificationTask()
+    assert layers_of(model, task.modules(model)) == {"layers.0": None, "layers.1": None}
+    x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+    train = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 12, 4)]
+    cache: dict = {}
+    cached_cov = fit_covariance(model, task, train, seed=None, cache=cache)
+    plain = fit_covariance(model, task, train, seed=None)
+    assert cache == {}
+    for k in plain.sums:
+        assert torch.equal(plain.sums[k], cached_cov.sums[k])
+
+
+def test_in_memory_fit_with_a_cache_equals_the_plain_fit():
+    """fit_covariance records the cache, fit_lambda starts from it: the same factors as without."""
+    from steerlab.influence import eigendecompose, fit_covariance, fit_lambda
+    from steerlab.influence.factors import finish_lambda
+
+    model, _, train, *_ = PROBLEMS["llama"]
+    task = LanguageModelTask(layers=[1])
+    modules = list(task.modules(model))
+    cache: dict = {}
+    eigen = eigendecompose(fit_covariance(model, task, train, seed=None, cache=cache), modules)
+    fast = finish_lambda(eigen, fit_lambda(model, task, train, eigen, seed=None, cache=cache))
+    plain = fit_factors(model, task, train, seed=None)
+    assert sorted(cache) == list(range(len(train)))
+    for k, v in plain.tensors.items():
+        assert torch.allclose(fast.tensors[k].abs(), v.abs(), rtol=1e-9, atol=1e-12), k
+
+
+def test_factors_save_as_a_result_file_and_load(tmp_path):
+    import json
+
+    from steerlab.influence import Factors
+    from steerlab.io import ResultFileError, save_result, save_tensors
+
+    factors = cached("mlp")[0]
+    factors.save(tmp_path / "f.safetensors", model={"name": "tiny"})
+    header = json.loads((tmp_path / "f.json").read_text())
+    assert header["format"] == "steerlab.InfluenceFactors" and header["model"] == {"name": "tiny"}
+    loaded = Factors.load(tmp_path / "f.safetensors")
+    assert loaded.modules == factors.modules and loaded.info == factors.info
+    assert all(torch.equal(loaded.tensors[k], v) for k, v in factors.tensors.items())
+    # a factors file from before the JSON half (metadata in the safetensors header) still loads
+    save_tensors(tmp_path / "old.safetensors", factors.tensors, {"modules": factors.modules, "info": {}})
+    assert Factors.load(tmp_path / "old.safetensors").modules == factors.modules
+    save_result(tmp_path / "v", {"x": torch.zeros(1)}, {}, kind="SteeringVector")
+    with pytest.raises(ResultFileError, match="not a steerlab.InfluenceFactors"):
+        Factors.load(tmp_path / "v.safetensors")

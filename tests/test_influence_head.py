@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from conftest import FAMILIES, tiny_model
 from steerlab.influence import LanguageModelTask
-from steerlab.influence.head import head_cross_entropy, plain_head
+from steerlab.influence.head import head_cross_entropy
+from steerlab.models.architectures import plain_head
 
 
 def _batch(vocab: int, seed: int = 0):

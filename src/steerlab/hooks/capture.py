@@ -16,22 +16,22 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from steerlab.models.architectures import is_transposed_linear
+
 __all__ = ["Captured", "capture", "module_shape"]
 
 
 def module_shape(module: nn.Module) -> tuple[int, int]:
     """(out, in) of the tracked weight matrix, the bias column included in `in`."""
     weight = module.weight
-    out_dim, in_dim = (
-        (weight.shape[1], weight.shape[0]) if type(module).__name__ == "Conv1D" else weight.shape
-    )
+    out_dim, in_dim = (weight.shape[1], weight.shape[0]) if is_transposed_linear(module) else weight.shape
     return int(out_dim), int(in_dim) + (module.bias is not None)
 
 
 def weight_gradient_matrix(module: nn.Module) -> torch.Tensor:
     """The module's `.grad` in steerlab's (out, in[+1]) layout (used by tests and brute-force checks)."""
     grad = module.weight.grad
-    grad = grad.T if type(module).__name__ == "Conv1D" else grad
+    grad = grad.T if is_transposed_linear(module) else grad
     if module.bias is not None:
         grad = torch.cat([grad, module.bias.grad[:, None]], dim=1)
     return grad

@@ -25,24 +25,30 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from steerlab.hooks.capture import Captured, capture, module_shape
-from steerlab.hooks.modes import no_param_grads
+from steerlab.hooks.capture import Captured
+from steerlab.influence.pass_cache import (
+    DiskCache,
+    cached_batch,
+    first_tracked_layer,
+    recording_pass,
+    run_batch,
+)
 from steerlab.influence.tasks import Task
-from steerlab.io import load_tensors, save_tensors
-from steerlab.memory import release_free_memory
+from steerlab.io import load_result, load_tensors, save_result, save_tensors
 
 __all__ = [
     "Accumulator",
     "Factors",
     "batch_seed",
+    "covariance_step",
     "covariance_update",
     "eigendecompose",
     "fit_covariance",
     "fit_factors",
     "fit_lambda",
     "label_draws",
+    "lambda_step",
     "lambda_update",
-    "run_batch",
 ]
 
 
@@ -58,57 +64,6 @@ def label_draws(seed: int | None, index: int, stage: str, samples: int = 1) -> l
     if seed is None:
         return [None]
     return [batch_seed(seed, index, stage if k == 0 else f"{stage}:{k}") for k in range(samples)]
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def run_batch(
-    model: nn.Module,
-    task: Task,
-    modules: Mapping[str, nn.Module],
-    batch,
-    *,
-    query: bool = False,
-    sample_seed: int | None = None,
-    dtype: torch.dtype | None = None,
-    head_grads: list | None = None,
-) -> Captured:
-    """One forward/backward of the training loss (or the query loss), capturing tracked modules.
-    With a list `head_grads` (and a task that supports it), also append the data-label loss's gradient
-    at the output head's input (see `prefix`; None when the task cannot record it)."""
-    release_free_memory(every=4)  # earlier batches' transient buffers (see steerlab.memory)
-    batch = to_device(batch, _device(model))
-    generator = None
-    if sample_seed is not None and not query:
-        generator = torch.Generator(device=_device(model)).manual_seed(sample_seed)
-    record = head_grads is not None and hasattr(task, "train_loss_and_head_gradient") and not query
-    if record and getattr(model, "get_output_embeddings", lambda: None)() in modules.values():
-        record = False  # the head itself is tracked: it must run in every pass
-    with no_param_grads(model), capture(modules, task.token_mask(batch), dtype) as captured:
-        if query:
-            loss = task.query_loss(model, batch)
-        elif record:
-            loss, head_grad = task.train_loss_and_head_gradient(model, batch, generator)
-        else:
-            loss = task.train_loss(model, batch, generator)
-        loss.backward()
-    captured.check_complete(modules)
-    if head_grads is not None:
-        head_grads.append(head_grad if record else None)
-    return captured
-
-
-def to_device(batch, device: torch.device):
-    """Move the tensors of a dict / tuple / list batch to `device` (a no-op when already there)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
 
 
 @dataclass
@@ -185,6 +140,9 @@ def lambda_update(
     acc.add("n_lambda", torch.tensor([float(n_sequences)]))
 
 
+FACTORS = "InfluenceFactors"  # the kind of a factors file (`steerlab.io.save_result`)
+
+
 @dataclass
 class Factors:
     """Per module `name/QA`, `name/lA`, `name/QS`, `name/lS` (float64 eigenpairs of A and S),
@@ -197,12 +155,17 @@ class Factors:
     def get(self, name: str, key: str) -> torch.Tensor:
         return self.tensors[f"{name}/{key}"]
 
-    def save(self, path: str | Path) -> None:
-        save_tensors(path, self.tensors, {"modules": self.modules, "info": self.info})
+    def save(self, path: str | Path, model: dict | None = None) -> None:
+        """`NAME.safetensors` + `NAME.json` (`steerlab.io.save_result`; `model`: the model's identity)."""
+        save_result(
+            path, self.tensors, {"modules": self.modules, "info": self.info}, kind=FACTORS, model=model
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> Factors:
-        tensors, meta = load_tensors(path)
+        tensors, meta = load_result(path, FACTORS)
+        if "modules" not in meta:  # written before factors had a JSON half: metadata in the header
+            meta = load_tensors(path)[1]
         return cls(tensors, meta["modules"], meta.get("info", {}))
 
 
@@ -219,8 +182,58 @@ def eigendecompose(acc: Accumulator, modules: list[str]) -> Factors:
     return Factors(tensors, list(modules), {"n_tokens": n_tokens, "n_sequences": n_seq})
 
 
-def _batches(data: Iterable) -> Iterable[tuple[int, object]]:
-    return enumerate(data)
+Cache = dict | DiskCache  # batch index -> pass-cache entry (see `pass_cache`)
+
+
+def covariance_step(
+    acc: Accumulator,
+    model: nn.Module,
+    task: Task,
+    modules: Mapping[str, nn.Module],
+    batch,
+    index: int,
+    *,
+    seed: int | None,
+    samples: int = 1,
+    dtype: torch.dtype | None = None,
+    cache: Cache | None = None,
+    layer: int | None = None,
+) -> None:
+    """Add batch `index` to the covariance sums: `samples` label draws (one pass with the data labels when
+    `seed` is None). With a cache and a first tracked `layer`, the first draw stores the batch's entry
+    and the other draws start from it."""
+    for k, sample in enumerate(label_draws(seed, index, "covariance", samples)):
+        if k == 0 and cache is not None and layer is not None:
+            cap, cache[index] = recording_pass(
+                model, task, modules, batch, layer, sample_seed=sample, dtype=dtype
+            )
+        else:
+            cached = cached_batch(batch, cache, index)
+            cap = run_batch(model, task, modules, cached, sample_seed=sample, dtype=dtype)
+        covariance_update(acc, cap, task.batch_size(batch), task.token_mask(batch))
+
+
+def lambda_step(
+    acc: Accumulator,
+    model: nn.Module,
+    task: Task,
+    modules: Mapping[str, nn.Module],
+    batch,
+    index: int,
+    eigen: Factors,
+    *,
+    seed: int | None,
+    samples: int = 1,
+    dtype: torch.dtype | None = None,
+    diagonal: bool = False,
+    cache: Cache | None = None,
+) -> None:
+    """Add batch `index` to the EK-FAC eigenvalue sums (`samples` label draws; starting from the batch's
+    cache entry where there is one)."""
+    batch = cached_batch(batch, cache, index)
+    for sample in label_draws(seed, index, "lambda", samples):
+        cap = run_batch(model, task, modules, batch, sample_seed=sample, dtype=dtype)
+        lambda_update(acc, cap, eigen, task.batch_size(batch), diagonal)
 
 
 def fit_covariance(
@@ -231,49 +244,32 @@ def fit_covariance(
     seed: int | None = 0,
     dtype: torch.dtype | None = None,
     progress: bool = False,
-    prefix_cache: dict | None = None,
+    cache: Cache | None = None,
     samples: int = 1,
 ) -> Accumulator:
     """Stream `data` (an iterable of batches) once, accumulating A and S. `seed=None`: empirical Fisher;
-    otherwise `samples` label draws per example. With a dict `prefix_cache`, also record {batch index:
-    hidden states entering the first tracked layer, head-input gradient}; merge them into the batches
-    (`{**batch, **prefix_cache[i]}`) so that later passes start there."""
+    otherwise `samples` label draws per example. With a `cache` (e.g. an empty dict), also record each
+    batch's pass-cache entry (see `pass_cache`), so that later passes start at the first tracked layer."""
     from tqdm.auto import tqdm
 
     modules = task.modules(model)
+    layer = first_tracked_layer(model, modules) if cache is not None else None
     acc = Accumulator()
-    layer = None
-    if prefix_cache is not None:
-        from steerlab.influence.prefix import first_tracked_layer
-
-        layer = first_tracked_layer(modules)
-    for index, batch in tqdm(_batches(data), desc="covariance", disable=not progress):
-        for k, sample in enumerate(label_draws(seed, index, "covariance", samples)):
-            if k == 0:
-                cap = run_batch_recording(
-                    model, task, modules, batch, layer, prefix_cache, index, sample, dtype
-                )
-            else:
-                cached = {**batch, **prefix_cache.get(index, {})} if prefix_cache is not None else batch
-                cap = run_batch(model, task, modules, cached, sample_seed=sample, dtype=dtype)
-            covariance_update(acc, cap, task.batch_size(batch), task.token_mask(batch))
+    for index, batch in tqdm(enumerate(data), desc="covariance", disable=not progress):
+        covariance_step(
+            acc,
+            model,
+            task,
+            modules,
+            batch,
+            index,
+            seed=seed,
+            samples=samples,
+            dtype=dtype,
+            cache=cache,
+            layer=layer,
+        )
     return acc
-
-
-def run_batch_recording(model, task, modules, batch, layer, cache, index, sample, dtype) -> Captured:
-    """`run_batch` that also stores in `cache[index]` the hidden states entering block `layer` and the
-    data-label gradient at the head's input (the pass cache, see `prefix`)."""
-    if layer is None or cache is None:
-        return run_batch(model, task, modules, batch, sample_seed=sample, dtype=dtype)
-    from steerlab.hooks import record_block_input
-
-    head_grads: list = []
-    with record_block_input(model, layer) as seen:
-        cap = run_batch(model, task, modules, batch, sample_seed=sample, dtype=dtype, head_grads=head_grads)
-    cache[index] = {"prefix_hidden": seen[0], "prefix_layer": torch.tensor(layer)}
-    if head_grads[0] is not None:
-        cache[index]["head_grad"] = head_grads[0]
-    return cap
 
 
 def fit_lambda(
@@ -287,17 +283,29 @@ def fit_lambda(
     diagonal: bool = False,
     progress: bool = False,
     samples: int = 1,
+    cache: Cache | None = None,
 ) -> Accumulator:
     """Stream `data` once more, accumulating the EK-FAC eigenvalue correction (`samples` label draws per
-    example unless `seed=None`)."""
+    example unless `seed=None`), starting each batch from its `cache` entry where there is one."""
     from tqdm.auto import tqdm
 
     modules = task.modules(model)
     acc = Accumulator()
-    for index, batch in tqdm(_batches(data), desc="eigenvalues", disable=not progress):
-        for sample in label_draws(seed, index, "lambda", samples):
-            cap = run_batch(model, task, modules, batch, sample_seed=sample, dtype=dtype)
-            lambda_update(acc, cap, eigen, task.batch_size(batch), diagonal)
+    for index, batch in tqdm(enumerate(data), desc="eigenvalues", disable=not progress):
+        lambda_step(
+            acc,
+            model,
+            task,
+            modules,
+            batch,
+            index,
+            eigen,
+            seed=seed,
+            samples=samples,
+            dtype=dtype,
+            diagonal=diagonal,
+            cache=cache,
+        )
     return acc
 
 
@@ -331,7 +339,3 @@ def fit_factors(
     eigen = eigendecompose(fit_covariance(model, task, data, **common), modules)
     lam = fit_lambda(model, task, data, eigen, diagonal=diagonal, **common)
     return finish_lambda(eigen, lam)
-
-
-def module_shapes(model: nn.Module, task: Task) -> dict[str, tuple[int, int]]:
-    return {n: module_shape(m) for n, m in task.modules(model).items()}

@@ -1,8 +1,8 @@
 """The output head's cross-entropy in chunks of tokens, with its gradient computed on the way.
 
-For a plain head (logits = h Wᵀ + b) the summed next-token cross-entropy and its gradient with respect
-to the head's input, Wᵀ(p − onehot(y)) per token, are computed a chunk of tokens at a time, for labelled
-tokens only: the [tokens × vocabulary] logits never exist whole, and no second pass over them (autograd's
+For a plain head (logits = h Wᵀ + b; `steerlab.models.architectures.plain_head` says which heads are)
+the summed next-token cross-entropy and its gradient with respect to the head's input, Wᵀ(p − onehot(y))
+per token, are computed a chunk of tokens at a time, for labelled tokens only: the [tokens × vocabulary] logits never exist whole, and no second pass over them (autograd's
 log-softmax backward, zero-filled gradient buffers) is needed. With labels sampled from the model (the
 true Fisher) the data-label gradient comes for free: the two differ by W[y] − W[ỹ] per token.
 """
@@ -14,26 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["HeadLoss", "head_cross_entropy", "loss_with_gradient", "plain_head", "sample_categorical"]
-
-# config settings some families apply to the logits after the head (scaling, soft-capping)
-POST_HEAD_SETTINGS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
-
-
-def plain_head(model: nn.Module) -> nn.Linear | None:
-    """The output head when the model's logits are exactly `head(last hidden state)` (the family is
-    registered with `plain_head=True` and its config scales nothing after the head), else None (then
-    callers run the model's own head)."""
-    from steerlab.models.architectures import ARCHITECTURES
-
-    config = getattr(model, "config", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    spec = ARCHITECTURES.get(getattr(config, "model_type", None))
-    if spec is None or not spec.plain_head or not isinstance(head, nn.Linear):
-        return None
-    if any(getattr(config, key, None) not in (None, 1, 1.0) for key in POST_HEAD_SETTINGS):
-        return None
-    return head
+__all__ = ["HeadLoss", "head_cross_entropy", "loss_with_gradient", "sample_categorical"]
 
 
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -26,18 +26,21 @@ from steerlab.influence.data import lm_batch
 from steerlab.influence.factors import (
     Accumulator,
     Factors,
-    covariance_update,
+    covariance_step,
     eigendecompose,
     finish_lambda,
-    label_draws,
-    lambda_update,
-    run_batch,
-    run_batch_recording,
+    lambda_step,
 )
-from steerlab.influence.prefix import first_tracked_layer
+from steerlab.influence.pass_cache import (
+    DiskCache,
+    cached_batch,
+    cached_rows,
+    first_tracked_layer,
+    fitted_cache,
+    run_batch,
+)
 from steerlab.influence.scores import (
     Preconditioned,
-    layer_of,
     preconditioned_queries,
     query_gradients,
     score_captured,
@@ -46,9 +49,13 @@ from steerlab.influence.scores import (
 from steerlab.influence.stages import check_stage, checkpoint_path, stream_stage
 from steerlab.influence.tasks import Task
 from steerlab.influence.topk import merge_topk, update_topk
-from steerlab.io import load_tensors, read_json, save_tensors
+from steerlab.io import load_result, load_tensors, read_json, result_paths, save_result, save_tensors
+from steerlab.models.architectures import layers_of
 
-__all__ = ["BlockBatches", "TensorBatches", "fit", "load_scores", "score", "self_influence", "tensor_hash"]
+__all__ = ["BlockBatches", "TensorBatches", "fit", "score", "self_influence", "tensor_hash"]
+
+
+SCORES, SELF = "InfluenceScores", "SelfInfluence"  # kinds of the result files (`steerlab.io.save_result`)
 
 
 def tensor_hash(*tensors: torch.Tensor) -> str:
@@ -135,43 +142,9 @@ class TensorBatches(_SubsetBatches):
         return {"n": len(self.x), "batch_size": self.batch_size, "hash": tensor_hash(self.x, self.y)}
 
 
-def _prefix_path(run_dir: Path, index: int) -> Path:
-    return run_dir / "prefix" / f"batch-{index:07d}.safetensors"
-
-
-def with_prefix(run_dir: Path, batch, index: int):
-    """The batch with its cached hidden states merged in, when the covariance pass stored them."""
-    path = _prefix_path(run_dir, index)
-    if not isinstance(batch, dict) or not path.exists():
-        return batch
-    return {**batch, **load_tensors(path)[0]}
-
-
-def with_prefix_rows(run_dir: Path, batch, examples: torch.Tensor, batch_size: int):
-    """A batch of arbitrary training examples (e.g. TF-IDF candidates) with their cached states gathered
-    from the fitted batches (example j is row j % batch_size of batch j // batch_size). Batches are
-    right-padded, so each row is cut or zero-padded to this batch's length."""
-    if not isinstance(batch, dict):
-        return batch
-    length = batch["input_ids"].shape[1]
-    loaded: dict[int, dict[str, torch.Tensor]] = {}
-    rows: dict[str, list[torch.Tensor]] = {"prefix_hidden": [], "head_grad": []}
-    for j in examples.tolist():
-        b, r = divmod(int(j), batch_size)
-        if b not in loaded:
-            path = _prefix_path(run_dir, b)
-            if not path.exists():
-                return batch
-            loaded[b] = load_tensors(path)[0]
-        for key in rows:
-            if key in loaded[b]:
-                row = loaded[b][key][r, :length]
-                rows[key].append(torch.nn.functional.pad(row, (0, 0, 0, length - row.shape[0])))
-    out = {**batch, "prefix_layer": next(iter(loaded.values()))["prefix_layer"]}
-    for key, values in rows.items():
-        if len(values) == len(examples):
-            out[key] = torch.stack(values)
-    return out
+def _complete(path: Path) -> bool:
+    """Whether a result written with `save_result` is complete (its JSON half is written last)."""
+    return result_paths(path)[1].exists()
 
 
 def _describe(train) -> dict:
@@ -211,12 +184,14 @@ def fit(
     extra_args: dict | None = None,
     prefix_cache: bool = False,
     samples: int = 1,
+    model_info: dict | None = None,
 ) -> Factors:
     """Fit EK-FAC factors over the indexable batch source `train`, stage by stage (see module docs).
     `seed=None`: empirical Fisher (data labels); otherwise labels sampled per batch from the model,
     `samples` draws per example (averaged: a less noisy true Fisher, at `samples` passes).
     `prefix_cache`: the covariance pass stores the hidden states entering the first tracked layer
-    (`run/prefix/`), and later passes start there (see `prefix`)."""
+    (`run/prefix/`), and later passes start there (see `pass_cache`). `model_info`: the model's identity
+    (`LoadedModel.info.to_dict()`), recorded with the factors."""
     run_dir = Path(run_dir)
     modules = task.modules(model)
     args = {
@@ -232,51 +207,41 @@ def fit(
         args["prefix_cache"] = True
     if samples != 1 and seed is not None:
         args["samples"] = samples
-    layer = first_tracked_layer(modules) if prefix_cache else None
+    cache = DiskCache.of_run(run_dir) if prefix_cache else None
+    layer = first_tracked_layer(model, modules) if prefix_cache else None
+    draws = {"seed": seed, "samples": samples, "dtype": dtype, "cache": cache}
     if not check_stage(run_dir, "covariance", args):
 
         def cov_step(acc: Accumulator, i: int) -> None:
-            batch = train[i]
-            for k, sample in enumerate(label_draws(seed, i, "covariance", samples)):
-                if k > 0:
-                    cap = run_batch(
-                        model, task, modules, with_prefix(run_dir, batch, i), sample_seed=sample, dtype=dtype
-                    )
-                elif layer is None:
-                    cap = run_batch(model, task, modules, batch, sample_seed=sample, dtype=dtype)
-                else:
-                    cache: dict = {}
-                    cap = run_batch_recording(model, task, modules, batch, layer, cache, i, sample, dtype)
-                    save_tensors(_prefix_path(run_dir, i), cache[i])
-                covariance_update(acc, cap, task.batch_size(batch), task.token_mask(batch))
+            covariance_step(acc, model, task, modules, train[i], i, layer=layer, **draws)
 
         _accumulate(run_dir, "covariance", train, cov_step, checkpoint_every, progress)
     cov, _ = Accumulator.load(run_dir / "covariance" / "result.safetensors")
 
-    if not check_stage(run_dir, "eigen", args):
+    eigen_path = run_dir / "eigen" / "result.safetensors"
+    done = check_stage(run_dir, "eigen", args) and _complete(eigen_path)
+    barrier()  # every process decides before the main one writes
+    if not done:
         if is_main():
-            eigendecompose(cov, list(modules)).save(run_dir / "eigen" / "result.safetensors")
+            eigendecompose(cov, list(modules)).save(eigen_path)
         barrier()
-    eigen = Factors.load(run_dir / "eigen" / "result.safetensors")
+    eigen = Factors.load(eigen_path)
 
     lam_args = {**args, "diagonal": diagonal}
     if not check_stage(run_dir, "lambda", lam_args):
 
         def lam_step(acc: Accumulator, i: int) -> None:
-            batch = with_prefix(run_dir, train[i], i)
-            for sample in label_draws(seed, i, "lambda", samples):
-                cap = run_batch(model, task, modules, batch, sample_seed=sample, dtype=dtype)
-                lambda_update(acc, cap, eigen, task.batch_size(batch), diagonal)
+            lambda_step(acc, model, task, modules, train[i], i, eigen, diagonal=diagonal, **draws)
 
         _accumulate(run_dir, "lambda", train, lam_step, checkpoint_every, progress)
     factors_path = run_dir / "lambda" / "factors.safetensors"
     barrier()
-    missing = not factors_path.exists()
+    missing = not _complete(factors_path)
     barrier()
     if missing:
         if is_main():
             lam, _ = Accumulator.load(run_dir / "lambda" / "result.safetensors")
-            finish_lambda(eigen, lam).save(factors_path)
+            finish_lambda(eigen, lam).save(factors_path, model=model_info)
         barrier()
     return Factors.load(factors_path)
 
@@ -298,11 +263,13 @@ def score(
     checkpoint_every: int = 8,
     progress: bool = False,
     name: str = "scores",
+    model_info: dict | None = None,
 ) -> dict[str, torch.Tensor]:
     """Score every query against the training batches (an indexable source with `indices(i)`, like
     `BlockBatches` or `TensorBatches`) (or, with `candidates` [Q, m], against each query's
     candidates only), keeping per query the top-k and bottom-k scores and indices, the summed |score| per
-    layer, and the scores of every `sample_stride`-th training example (for histograms)."""
+    layer, and the scores of every `sample_stride`-th training example (for histograms). The result is
+    `run/<name>/result` (a `save_result` file of kind InfluenceScores; `model_info`: the model's identity)."""
     run_dir = Path(run_dir)
     fit_args = read_json(run_dir / "lambda" / "args.json") if strategy != "identity" else {}
     qids = [q["input_ids"] for q in queries] if isinstance(queries[0], dict) else [q[0] for q in queries]
@@ -343,7 +310,7 @@ def score(
     }
     result_path = run_dir / name / "result.safetensors"
     if check_stage(run_dir, name, sargs):
-        return load_tensors(result_path)[0]
+        return load_result(result_path, SCORES)[0]
 
     source = train
     allowed = None
@@ -351,17 +318,17 @@ def score(
         source = train.with_subset(sorted(set(candidates.reshape(-1).tolist())))
         allowed = torch.zeros(n_queries, train.n_examples, dtype=torch.bool)
         allowed.scatter_(1, candidates.long(), True)
-    use_prefix = _cache_applies(fit_args, train)
+    cache = fitted_cache(run_dir, fit_args, _describe(train))
     modules = {n: m for n, m in task.modules(model).items() if n in pre.modules}
-    layers = sorted({layer_of(n) if layer_of(n) is not None else -1 for n in modules})
+    layer_index = {n: -1 if v is None else v for n, v in layers_of(model, modules).items()}
+    layers = sorted(set(layer_index.values()))
 
     def step(state: dict[str, torch.Tensor], i: int) -> None:
         idx = source.indices(i)
-        batch = source[i]
-        if use_prefix and candidates is None:
-            batch = with_prefix(run_dir, batch, i)
-        elif use_prefix:
-            batch = with_prefix_rows(run_dir, batch, idx, train.batch_size)
+        if candidates is None:
+            batch = cached_batch(source[i], cache, i)
+        else:  # a subset's batch i is not training batch i: gather the rows
+            batch = cached_rows(source[i], cache, idx, train.batch_size)
         cap = run_batch(model, task, modules, batch, dtype=dtype)
         per_module, _ = score_captured(cap, pre)
         total = sum(per_module.values()).double().cpu()
@@ -370,11 +337,10 @@ def score(
         update_topk(state, total, idx, top_k)
         layer_abs = torch.zeros(n_queries, len(layers), dtype=torch.float64)
         for n, s in per_module.items():
-            lay = layer_of(n)
             s = s.double().abs().cpu()
             if allowed is not None:
                 s = s.masked_fill(~allowed[:, idx], 0.0)
-            layer_abs[:, layers.index(-1 if lay is None else lay)] += s.sum(1)
+            layer_abs[:, layers.index(layer_index[n])] += s.sum(1)
         state["layer_abs"] = state["layer_abs"] + layer_abs if "layer_abs" in state else layer_abs
         keep = idx % sample_stride == 0
         if keep.any():
@@ -388,9 +354,9 @@ def score(
         out["layers"] = torch.tensor(layers)
         if any("sample_index" in s for s in states):
             out["sample_index"], out["sample_values"] = _by_index(states, "sample_index", "sample_values", 1)
-        save_tensors(result_path, out)
+        save_result(result_path, out, {"arguments": sargs}, kind=SCORES, model=model_info)
     barrier()
-    return load_tensors(result_path)[0]
+    return load_result(result_path, SCORES)[0]
 
 
 def _stream_shards(
@@ -411,11 +377,6 @@ def _stream_shards(
         return []
     states = [load_tensors(checkpoint_path(run_dir, name, r, world_size()))[0] for r in range(world_size())]
     return [state for state in states if state]
-
-
-def _cache_applies(fit_args: dict, train) -> bool:
-    """Cached pass states belong to the fitted corpus and its batching: usable only for that corpus."""
-    return bool(fit_args.get("prefix_cache")) and fit_args.get("train") == _describe(train)
 
 
 def _append(state: dict[str, torch.Tensor], key: str, value: torch.Tensor, dim: int) -> None:
@@ -445,10 +406,12 @@ def self_influence(
     checkpoint_every: int = 8,
     progress: bool = False,
     name: str = "self",
+    model_info: dict | None = None,
 ) -> dict[str, torch.Tensor]:
     """Self-influence <G_z, (F + damping I)^-1 G_z> of every training example, streamed, resumable and
     sharded like `score`. Returns {"index": [N], "values": [N]}, sorted by training index. High values
-    flag examples the model finds hard or atypical (mislabelled examples, memorised sequences)."""
+    flag examples the model finds hard or atypical (mislabelled examples, memorised sequences). The result
+    is `run/<name>/result` (a `save_result` file of kind SelfInfluence)."""
     run_dir = Path(run_dir)
     fit_args = read_json(run_dir / "lambda" / "args.json") if strategy != "identity" else {}
     args = {
@@ -461,24 +424,21 @@ def self_influence(
     }
     result_path = run_dir / name / "result.safetensors"
     if check_stage(run_dir, name, args):
-        return load_tensors(result_path)[0]
+        return load_result(result_path, SELF)[0]
     factors = Factors.load(run_dir / "lambda" / "factors.safetensors") if strategy != "identity" else None
-    use_prefix = _cache_applies(fit_args, train)
+    cache = fitted_cache(run_dir, fit_args, _describe(train))
     modules = task.modules(model)
 
     def step(state: dict[str, torch.Tensor], i: int) -> None:
-        batch = with_prefix(run_dir, train[i], i) if use_prefix else train[i]
-        cap = run_batch(model, task, modules, batch, dtype=dtype)
+        cap = run_batch(model, task, modules, cached_batch(train[i], cache, i), dtype=dtype)
         _append(state, "index", train.indices(i), 0)
         _append(state, "values", self_influence_of_batch(cap, factors, strategy, damping).cpu(), 0)
 
     states = _stream_shards(run_dir, name, len(train), step, checkpoint_every, progress)
     if is_main():
         index, values = _by_index(states, "index", "values", 0)
-        save_tensors(result_path, {"index": index, "values": values})
+        save_result(
+            result_path, {"index": index, "values": values}, {"arguments": args}, kind=SELF, model=model_info
+        )
     barrier()
-    return load_tensors(result_path)[0]
-
-
-def load_scores(run_dir: str | Path, name: str = "scores") -> dict[str, torch.Tensor]:
-    return load_tensors(Path(run_dir) / name / "result.safetensors")[0]
+    return load_result(result_path, SELF)[0]

@@ -15,9 +15,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from steerlab.influence.factors import run_batch
-from steerlab.influence.scores import Preconditioned, layer_of, score_captured
+from steerlab.influence.pass_cache import run_batch
+from steerlab.influence.scores import Preconditioned, per_layer, score_captured
 from steerlab.influence.tasks import Task
+from steerlab.models.architectures import layers_of
 
 __all__ = ["explain", "layer_share", "render_html", "render_png"]
 
@@ -38,6 +39,7 @@ def explain(
         {k: v[query : query + 1] for k, v in pre.right.items()},
     )
     modules = {n: m for n, m in task.modules(model).items() if n in one.modules}
+    layer_index = layers_of(model, modules)
     source = train.with_subset(list(indices))
     out = []
     for i in range(len(source)):
@@ -47,37 +49,30 @@ def explain(
         mask = task.token_mask(batch)
         for b, idx in enumerate(source.indices(i).tolist()):
             n_tok = int(mask[b].sum()) if mask is not None else tok[next(iter(tok))].shape[-1]
-            layers: dict[str, float] = {}
-            for name, s in seq.items():
-                key = str(layer_of(name) if layer_of(name) is not None else name)
-                layers[key] = layers.get(key, 0.0) + float(s[0, b])
+            layers = per_layer({n: s[0, b] for n, s in seq.items()}, layer_index)
             out.append(
                 {
                     "index": idx,
                     "score": float(sum(s[0, b] for s in seq.values())),
                     "token_scores": [float(v) for v in sum(tok.values())[0, b, :n_tok]],
-                    "layers": layers,
+                    "layers": {str(k): float(v) for k, v in layers.items()},
                 }
             )
     return out
 
 
 def _figures(query: dict) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from steerlab.report.figures import new_figure
     from steerlab.report.html import figure_html
 
-    fig, ax = plt.subplots(figsize=(4.2, 2.4))
+    fig, ax = new_figure((4.2, 2.4))
     layers = query["layer_share"]
     ax.bar([str(k) for k in layers], list(layers.values()), color="#4c72b0")
     ax.set_xlabel("layer")
     ax.set_ylabel("share of |score|")
     ax.set_title("layer-wise distribution (all training)", fontsize=9)
     layer_fig = figure_html(fig)
-    fig, ax = plt.subplots(figsize=(4.2, 2.4))
+    fig, ax = new_figure((4.2, 2.4))
     ax.hist(query["sample_scores"], bins=40, color="#55a868")
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yscale("log")
@@ -161,13 +156,12 @@ def _wrap_tokens(tokens: Sequence[str], scores: Sequence[float], width: int) -> 
 
 
 def render_png(query: dict, path, show: int = 2, width: int = 100, max_lines: int = 5) -> None:
-    """A static picture of one query's report section (for docs): the query, then the most positive and
-    most negative training sequences as per-token heat-maps (monospace, a few lines each)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """A static picture of one query's report section (for docs), written atomically: the query, then the
+    most positive and most negative training sequences as per-token heat-maps (monospace, a few lines
+    each). Text is drawn as is (a `$` in a query is no mathtext)."""
     from matplotlib.patches import Rectangle
+
+    from steerlab.report.figures import new_figure, plain_text, save_png
 
     rows: list[tuple[str, object]] = [("title", f"Query: {query['prompt']!r} -> {query['completion']!r}")]
     for label, key in (("most positive", "positive"), ("most negative", "negative")):
@@ -177,8 +171,8 @@ def render_png(query: dict, path, show: int = 2, width: int = 100, max_lines: in
             scale = max((abs(v) for v in ex["token_scores"]), default=1.0) or 1.0
             rows.extend(("tokens", (line, scale)) for line in lines)
     char_in, line_h = 7.5 * 0.6 / 72, 1.0  # monospace advance of a 7.5 pt font, in inches
-    fig = plt.figure(figsize=(width * char_in, 0.2 * len(rows) + 0.3))
-    ax = fig.add_axes([0, 0, 1, 1])
+    fig, ax = new_figure((width * char_in, 0.2 * len(rows) + 0.3))
+    ax.set_position([0, 0, 1, 1])
     ax.set_xlim(0, width)
     ax.set_ylim(len(rows) * line_h + 0.3, 0)
     ax.axis("off")
@@ -188,7 +182,7 @@ def render_png(query: dict, path, show: int = 2, width: int = 100, max_lines: in
             ax.text(
                 0,
                 y,
-                str(content)[: width + 20],
+                plain_text(str(content)[: width + 20]),
                 fontsize=8,
                 fontweight="bold",
                 va="center",
@@ -201,7 +195,6 @@ def render_png(query: dict, path, show: int = 2, width: int = 100, max_lines: in
             alpha = min(1.0, abs(s) / scale)
             color = (0.84, 0.15, 0.16, alpha) if s > 0 else (0.12, 0.47, 0.71, alpha)
             ax.add_patch(Rectangle((x, y - 0.45), len(tok), 0.9, color=color, lw=0))
-            ax.text(x, y, tok, fontsize=7.5, va="center", family="monospace")
+            ax.text(x, y, plain_text(tok), fontsize=7.5, va="center", family="monospace")
             x += len(tok)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)

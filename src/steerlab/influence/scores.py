@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from steerlab.hooks.capture import Captured
-from steerlab.influence.factors import Factors, _compute_dtype, per_example_gradients, run_batch
+from steerlab.influence.factors import Factors, _compute_dtype, per_example_gradients
+from steerlab.influence.pass_cache import run_batch
 from steerlab.influence.tasks import Task
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "damping_for",
     "eigenvalues_for",
     "pairwise_scores",
+    "per_layer",
     "precondition",
     "query_gradients",
     "score_captured",
@@ -313,20 +315,14 @@ def self_scores(
     return torch.cat(out)
 
 
-def layer_of(name: str) -> int | None:
-    """The decoder-layer index in a module name like 'model.layers.12.mlp.up_proj' (None if absent)."""
-    parts = name.split(".")
-    for i, part in enumerate(parts[1:], 1):
-        if part.isdigit() and parts[i - 1] in {"layers", "h", "layer", "blocks"}:
-            return int(part)
-    return None
-
-
-def per_layer(module_scores: Mapping[str, torch.Tensor]) -> dict[int | str, torch.Tensor]:
-    """Sum per-module scores over the modules of each decoder layer (unknown layers keep their name)."""
+def per_layer(
+    module_scores: Mapping[str, torch.Tensor], layers: Mapping[str, int | None]
+) -> dict[int | str, torch.Tensor]:
+    """Sum per-module scores over the modules of each decoder layer; `layers`: each module's layer
+    (`steerlab.models.architectures.layers_of`), None for modules outside the blocks, which keep their name."""
     out: dict[int | str, torch.Tensor] = {}
     for name, s in module_scores.items():
-        key = layer_of(name)
+        key = layers.get(name)
         key = name if key is None else key
         out[key] = out[key] + s if key in out else s.clone()
     return out

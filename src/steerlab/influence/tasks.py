@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from steerlab.models.architectures import is_transposed_linear, plain_head
+
 __all__ = [
     "ClassificationTask",
     "LanguageModelTask",
@@ -28,7 +30,7 @@ __all__ = [
 
 def is_trackable(module: nn.Module) -> bool:
     """`nn.Linear`, or the `Conv1D` GPT-2 uses (weight stored as [in, out])."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return isinstance(module, nn.Linear) or is_transposed_linear(module)
 
 
 def linear_modules(model: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
@@ -116,7 +118,7 @@ class LanguageModelTask:
             "use_cache": False,
         }
         net = model if head else model.base_model
-        if "prefix_hidden" in batch:  # cached hidden states entering block `prefix_layer` (see prefix.py)
+        if "prefix_hidden" in batch:  # cached hidden states entering block `prefix_layer` (see pass_cache.py)
             from steerlab.hooks import start_at_block
 
             with start_at_block(model, int(batch["prefix_layer"]), batch["prefix_hidden"]):
@@ -143,7 +145,7 @@ class LanguageModelTask:
     def train_loss(self, model: nn.Module, batch, generator: torch.Generator | None = None) -> torch.Tensor:
         if generator is None and "head_grad" in batch:
             # <head input, recorded data-label gradient there> has the training loss's gradient everywhere
-            # below the head, so the head (vocabulary x hidden) is skipped (see prefix.py)
+            # below the head, so the head (vocabulary x hidden) is skipped (see pass_cache.py)
             hidden = self._forward(model, batch, head=False)
             return (hidden * batch["head_grad"].to(hidden.dtype)).sum()
         return self.train_loss_and_head_gradient(model, batch, generator)[0]
@@ -153,9 +155,9 @@ class LanguageModelTask:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The training loss to backpropagate, and the gradient of the *data-label* loss with respect to
         the head's input (None when nothing below the head is tracked), recorded once so that later
-        passes with data labels skip the head (see prefix.py). A plain head (see head.py) is computed
+        passes with data labels skip the head (see pass_cache.py). A plain head (see head.py) is computed
         in chunks with its gradient, other heads (e.g. soft-capped logits) by autograd."""
-        from steerlab.influence.head import head_cross_entropy, loss_with_gradient, plain_head
+        from steerlab.influence.head import head_cross_entropy, loss_with_gradient
 
         labels = self._shifted_labels(batch)
         head = plain_head(model)

@@ -1,4 +1,6 @@
-"""Where each architecture family keeps its decoder blocks, attention, MLP and final norm.
+"""Where each architecture family keeps its decoder blocks, attention, MLP and final norm, and the other
+facts steerlab needs about a family: whether its logits are the plain head, which modules store their
+weight transposed, and which decoder block a module belongs to.
 
 A causal LM is addressed through dotted attribute paths from the `*ForCausalLM` module. Add a family
 with `register_architecture("my_model_type", ArchitectureSpec(...))`.
@@ -6,6 +8,7 @@ with `register_architecture("my_model_type", ArchitectureSpec(...))`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from torch import nn
@@ -50,6 +53,10 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "gpt2": ArchitectureSpec("transformer.h", "attn", "mlp", "transformer.ln_f"),
     "gpt_neox": ArchitectureSpec("gpt_neox.layers", "attention", "mlp", "gpt_neox.final_layer_norm"),
 }
+
+
+# config settings some families apply to the logits after the head (scaling, soft-capping)
+POST_HEAD_SETTINGS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
 
 
 class UnknownArchitectureError(UserError):
@@ -122,3 +129,33 @@ def hidden_size(model: nn.Module) -> int:
         if hasattr(text_config, name):
             return int(getattr(text_config, name))
     raise UnknownArchitectureError(f"cannot find the hidden size in {type(config).__name__}")
+
+
+def plain_head(model: nn.Module) -> nn.Linear | None:
+    """The output head when the model's logits are exactly `head(last hidden state)` (the family is
+    registered with `plain_head=True` and its config scales nothing after the head), else None (then
+    callers run the model's own head)."""
+    config = getattr(model, "config", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    spec = ARCHITECTURES.get(getattr(config, "model_type", None))
+    if spec is None or not spec.plain_head or not isinstance(head, nn.Linear):
+        return None
+    if any(getattr(config, key, None) not in (None, 1, 1.0) for key in POST_HEAD_SETTINGS):
+        return None
+    return head
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """A linear layer whose weight is stored as [in, out] (the `Conv1D` of GPT-2 in transformers)."""
+    return type(module).__name__ == "Conv1D"
+
+
+def layers_of(model: nn.Module, modules: Mapping[str, nn.Module]) -> dict[str, int | None]:
+    """The index of the decoder block containing each module, from the model's structure (None for a
+    module outside the blocks, or for every module when the model's family is not registered)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    owner: dict[int, int] = {}
+    if model_type in ARCHITECTURES:
+        for index, layer in enumerate(decoder_layers(model)):
+            owner.update({id(sub): index for sub in layer.modules()})
+    return {name: owner.get(id(module)) for name, module in modules.items()}

@@ -34,3 +34,8 @@ def save_png(fig, path: str | Path, dpi: int = 110) -> Path:
     with atomic_writer(path) as tmp:
         tmp.write_bytes(png)
     return Path(path)
+
+
+def plain_text(text: str) -> str:
+    """`text` escaped so that matplotlib draws it as is: a `$` in user text starts no mathtext."""
+    return text.replace("$", r"\$")
