@@ -13,7 +13,9 @@ from steerlab.data.contrast import (
     parse_options,
 )
 from steerlab.data.errors import DataFormatError
+from steerlab.data.experiment import Experiment, load_experiment
 from steerlab.data.fetch import CAA_BEHAVIOURS, CAA_SPLITS, IntegrityError, caa_url, fetch_caa, load_caa
+from steerlab.data.sources import DataRef, load_dataset, load_texts, load_word_lists
 from steerlab.data.templating import (
     AnswerLocation,
     adds_bos,
@@ -34,6 +36,8 @@ __all__ = [
     "ABItem",
     "AnswerLocation",
     "DataFormatError",
+    "DataRef",
+    "Experiment",
     "IntegrityError",
     "PairedTexts",
     "PromptSet",
@@ -49,8 +53,12 @@ __all__ = [
     "load_builtin",
     "load_caa",
     "load_caa_json",
+    "load_dataset",
+    "load_experiment",
     "load_paired_texts",
     "load_prompts",
+    "load_texts",
+    "load_word_lists",
     "locate_answers",
     "normalise_label",
     "option_spans",

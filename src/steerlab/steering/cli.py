@@ -114,7 +114,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
     results = evaluate(_options(EvaluateArgs, ns))
     for name in ("unsteered", "-m", "+m"):
         r = results[name]
-        extra = f"  p(first option) {r['p_first']:.3f}" if "p_first" in r else ""
+        extra = f"  p(first option) {r['p_first']:.3f}  chance {r['chance']:.3f}" if "p_first" in r else ""
         print(
             f"{name:>10}: score {r['score']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]  "
             f"ppl {r['perplexity']:.2f}  KL {r['kl']:.4f}{extra}"

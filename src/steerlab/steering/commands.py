@@ -169,18 +169,15 @@ def extract(args: ExtractArgs, lm: LoadedModel | None = None):
 
 
 def _vector_and_layer(args: SteerArgs):
-    """The stored vector and the layer to steer (default: the vector's only layer), checked before loading."""
+    """The stored vector and the stored layer to steer (default: the vector's only layer), before loading."""
     from steerlab.steering import SteeringVector
 
     vector = SteeringVector.load(args.vector)
-    layer = args.layer
-    if layer is None:
-        if len(vector.layers) != 1:
-            raise UserError(f"--layer: the vector has layers {vector.layers}; choose one with --layer")
-        layer = vector.layers[0]
-    elif layer >= 0 and layer not in vector.layers:
-        raise UserError(f"--layer: the vector has no layer {layer}; it has layers {vector.layers}")
-    return vector, layer
+    if args.layer is not None:
+        return vector, vector.stored_layer(args.layer)
+    if len(vector.layers) != 1:
+        raise UserError(f"--layer: the vector has layers {vector.layers}; choose one with --layer")
+    return vector, vector.layers[0]
 
 
 def _multiplier(vector, layer: int, args: SteerArgs) -> float:
@@ -188,13 +185,6 @@ def _multiplier(vector, layer: int, args: SteerArgs) -> float:
         return args.multiplier
     fraction = DEFAULT_FRACTION if args.fraction is None else args.fraction
     return vector.multiplier_for_fraction(layer, fraction)
-
-
-def _resolved(lm: LoadedModel, vector, layer: int) -> int:
-    from steerlab.models import resolve_layer
-
-    vector.check_compatible(lm.model)
-    return resolve_layer(lm.model, layer)
 
 
 def evaluate(args: EvaluateArgs, lm: LoadedModel | None = None) -> dict:
@@ -208,20 +198,18 @@ def evaluate(args: EvaluateArgs, lm: LoadedModel | None = None) -> dict:
     from steerlab.steering.metrics import behaviour_metric, compare
 
     vector, layer = _vector_and_layer(args)
+    multiplier = _multiplier(vector, layer, args)
     positions = Positions.parse(args.positions)
-    multiplier = _multiplier(vector, layer, args) if layer >= 0 else None
     ref = _data_ref(args.data, limit=args.limit)
     dataset = load_dataset(ref, (ABDataset, PromptSet), "--data", "evaluate")
     words = _word_lists(args.data, dataset, args.words)
     neutral_texts = _texts(args.neutral, "--neutral")
     json_path = writable(args.json, "--json") if args.json else None
     lm = lm or load(args)
-    layer = _resolved(lm, vector, layer)
-    if multiplier is None:
-        multiplier = _multiplier(vector, layer, args)
+    vector.check_compatible(lm.model)
     log.info("preparing %d items of %s", len(dataset), ref.describe())
-    metric = behaviour_metric(lm, dataset, words, system_prompt=args.system_prompt)
-    neutral = prepare_neutral(lm, neutral_texts)
+    metric = behaviour_metric(lm, dataset, words, system_prompt=args.system_prompt, progress=args.progress)
+    neutral = prepare_neutral(lm, neutral_texts, progress=args.progress)
     results = compare(
         lm, vector, metric, layer, multiplier, neutral=neutral, positions=positions, progress=args.progress
     )
@@ -242,14 +230,12 @@ def sweep(args: SweepArgs, lm: LoadedModel | None = None) -> list[dict]:
     from steerlab.steering.sweep import sweep as run_grid
 
     vector = SteeringVector.load(args.vector)
-    layers = args.layers if args.layers is not None else vector.layers
-    missing = [layer for layer in layers if layer >= 0 and layer not in vector.layers]
-    if missing:
-        raise UserError(f"--layers: the vector has no layer {missing[0]}; it has layers {vector.layers}")
+    layers = [vector.stored_layer(layer) for layer in args.layers] if args.layers else vector.layers
     if args.multipliers is not None:
         grid = Grid(layers, multipliers=args.multipliers)
     else:
         grid = Grid(layers, fractions=args.fractions)
+    grid.settings(vector)  # a fraction needs the residual norm recorded at extraction
     positions = Positions.parse(args.positions)
     ref = _data_ref(args.data, limit=args.limit)
     dataset = load_dataset(ref, (ABDataset, PromptSet), "--data", "sweep")
@@ -257,7 +243,7 @@ def sweep(args: SweepArgs, lm: LoadedModel | None = None) -> list[dict]:
     neutral_texts = _texts(args.neutral, "--neutral")
     csv_path = writable(args.out, "--out")
     lm = lm or load(args)
-    grid = Grid([_resolved(lm, vector, layer) for layer in layers], grid.fractions, grid.multipliers)
+    vector.check_compatible(lm.model)
     log.info("preparing %d items of %s", len(dataset), ref.describe())
     metric = behaviour_metric(lm, dataset, words, system_prompt=args.system_prompt)
     rows = run_grid(
@@ -267,7 +253,7 @@ def sweep(args: SweepArgs, lm: LoadedModel | None = None) -> list[dict]:
         grid,
         split=args.split,
         positions=positions,
-        neutral=prepare_neutral(lm, neutral_texts),
+        neutral=prepare_neutral(lm, neutral_texts, progress=args.progress),
         progress=args.progress,
     )
     write_csv(rows, csv_path)
@@ -290,7 +276,7 @@ def generate(args: GenerateArgs, lm: LoadedModel | None = None) -> dict:
     vector = layer = multiplier = None
     if args.vector:
         vector, layer = _vector_and_layer(args)
-        multiplier = _multiplier(vector, layer, args) if layer >= 0 else None
+        multiplier = _multiplier(vector, layer, args)
     lm = lm or load(args)
     kwargs = dict(
         max_new_tokens=args.max_new_tokens,
@@ -301,9 +287,7 @@ def generate(args: GenerateArgs, lm: LoadedModel | None = None) -> dict:
     log.info("generating for %d prompt(s), unsteered", len(prompts))
     out: dict = {"prompts": prompts, "unsteered": run_generation(lm, prompts, **kwargs)}
     if vector is not None:
-        layer = _resolved(lm, vector, layer)
-        if multiplier is None:
-            multiplier = _multiplier(vector, layer, args)
+        vector.check_compatible(lm.model)
         log.info("generating steered at layer %d, multiplier %.4g", layer, multiplier)
         with vector.apply(lm, layer=layer, multiplier=multiplier, positions=positions):
             out["steered"] = run_generation(lm, prompts, **kwargs)

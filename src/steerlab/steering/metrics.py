@@ -35,19 +35,20 @@ def behaviour_metric(
     dataset: ABDataset | PromptSet,
     words: dict[str, list[str]] | None = None,
     system_prompt: str | None = None,
+    progress: bool = False,
 ) -> Metric:
     """The behaviour metric for `dataset`, prepared (tokenised) once.
 
-    A/B items: "score" = p(matching answer) and "p_first" = p(first option), normalised over the offered
-    letters. Prompts: "score" = p(positive) from the next-token mass of `words["positive"]` against
+    A/B items: "score" = p(matching answer), "p_first" = p(first option), normalised over the offered
+    letters, and "chance" = 1 / (number of options). Prompts: "score" = p(positive) from the next-token mass of `words["positive"]` against
     `words["negative"]` (required for prompts).
     """
     if isinstance(dataset, ABDataset):
         prepared = prepare_ab(lm, dataset, system_prompt=system_prompt)
 
         def ab_metric(model: LoadedModel) -> dict[str, torch.Tensor]:
-            scores = ab_scores(model, prepared)
-            return {"score": scores.p_matching, "p_first": scores.p_first}
+            scores = ab_scores(model, prepared, progress=progress)
+            return {"score": scores.p_matching, "p_first": scores.p_first, "chance": scores.chance}
 
         return ab_metric
     if isinstance(dataset, PromptSet):
@@ -56,7 +57,7 @@ def behaviour_metric(
                 "word preference on prompts needs word lists {'positive': [...], 'negative': [...]}"
             )
         words_prepared = prepare_word_preference(lm, dataset.prompts, words["positive"], words["negative"])
-        return lambda model: {"score": word_preference(model, words_prepared)}
+        return lambda model: {"score": word_preference(model, words_prepared, progress=progress)}
     raise UserError(
         f"a behaviour metric needs A/B items or prompts, got {type(dataset).__name__} "
         "(paired texts are for extraction)"
@@ -64,11 +65,12 @@ def behaviour_metric(
 
 
 def summarise(scores: dict[str, torch.Tensor], seed: int = 0) -> dict:
-    """Mean score with its bootstrap 95% CI, and the mean p(first option) where there is one."""
+    """Mean score with its bootstrap 95% CI, and the means of p(first option) and chance where given."""
     mean, low, high = bootstrap_ci(scores["score"].double().cpu().numpy(), seed=seed)
     out = {"score": mean, "ci": [low, high], "n_items": int(scores["score"].numel())}
-    if "p_first" in scores:
-        out["p_first"] = float(scores["p_first"].double().mean())
+    for key in ("p_first", "chance"):
+        if key in scores:
+            out[key] = float(scores[key].double().mean())
     return out
 
 
