@@ -39,15 +39,14 @@ from steerlab.io import load_result, load_tensors, save_result, save_tensors
 __all__ = [
     "Accumulator",
     "Factors",
+    "FitPasses",
     "batch_seed",
-    "covariance_step",
     "covariance_update",
     "eigendecompose",
     "fit_covariance",
     "fit_factors",
     "fit_lambda",
     "label_draws",
-    "lambda_step",
     "lambda_update",
 ]
 
@@ -185,55 +184,56 @@ def eigendecompose(acc: Accumulator, modules: list[str]) -> Factors:
 Cache = dict | DiskCache  # batch index -> pass-cache entry (see `pass_cache`)
 
 
-def covariance_step(
-    acc: Accumulator,
-    model: nn.Module,
-    task: Task,
-    modules: Mapping[str, nn.Module],
-    batch,
-    index: int,
-    *,
-    seed: int | None,
-    samples: int = 1,
-    dtype: torch.dtype | None = None,
-    cache: Cache | None = None,
-    layer: int | None = None,
-) -> None:
-    """Add batch `index` to the covariance sums: `samples` label draws (one pass with the data labels when
-    `seed` is None). With a cache and a first tracked `layer`, the first draw stores the batch's entry
-    and the other draws start from it."""
-    for k, sample in enumerate(label_draws(seed, index, "covariance", samples)):
-        if k == 0 and cache is not None and layer is not None:
-            cap, cache[index] = recording_pass(
-                model, task, modules, batch, layer, sample_seed=sample, dtype=dtype
-            )
-        else:
-            cached = cached_batch(batch, cache, index)
-            cap = run_batch(model, task, modules, cached, sample_seed=sample, dtype=dtype)
-        covariance_update(acc, cap, task.batch_size(batch), task.token_mask(batch))
+@dataclass(frozen=True)
+class FitPasses:
+    """What every fitting pass over a batch shares: model, task, tracked modules, label draws (`seed`
+    None: the data labels, once; otherwise `samples` sampled draws), capture dtype and pass cache (with
+    `layer`, the first tracked layer, where the covariance pass records it)."""
 
+    model: nn.Module
+    task: Task
+    modules: Mapping[str, nn.Module]
+    seed: int | None = 0
+    samples: int = 1
+    dtype: torch.dtype | None = None
+    cache: Cache | None = None
+    layer: int | None = None
 
-def lambda_step(
-    acc: Accumulator,
-    model: nn.Module,
-    task: Task,
-    modules: Mapping[str, nn.Module],
-    batch,
-    index: int,
-    eigen: Factors,
-    *,
-    seed: int | None,
-    samples: int = 1,
-    dtype: torch.dtype | None = None,
-    diagonal: bool = False,
-    cache: Cache | None = None,
-) -> None:
-    """Add batch `index` to the EK-FAC eigenvalue sums (`samples` label draws; starting from the batch's
-    cache entry where there is one)."""
-    batch = cached_batch(batch, cache, index)
-    for sample in label_draws(seed, index, "lambda", samples):
-        cap = run_batch(model, task, modules, batch, sample_seed=sample, dtype=dtype)
-        lambda_update(acc, cap, eigen, task.batch_size(batch), diagonal)
+    @classmethod
+    def of(cls, model: nn.Module, task: Task, *, cache: Cache | None = None, **settings) -> FitPasses:
+        modules = task.modules(model)
+        layer = first_tracked_layer(model, modules) if cache is not None else None
+        return cls(model, task, modules, cache=cache, layer=layer, **settings)
+
+    def _run(self, batch, sample: int | None) -> Captured:
+        return run_batch(self.model, self.task, self.modules, batch, sample_seed=sample, dtype=self.dtype)
+
+    def covariance(self, acc: Accumulator, batch, index: int) -> None:
+        """Add batch `index` to the covariance sums. With a cache and a layer, the first draw stores the
+        batch's entry and the other draws start from it."""
+        for k, sample in enumerate(label_draws(self.seed, index, "covariance", self.samples)):
+            if k == 0 and self.cache is not None and self.layer is not None:
+                cap, self.cache[index] = recording_pass(
+                    self.model,
+                    self.task,
+                    self.modules,
+                    batch,
+                    self.layer,
+                    sample_seed=sample,
+                    dtype=self.dtype,
+                )
+            else:
+                cap = self._run(cached_batch(batch, self.cache, index), sample)
+            covariance_update(acc, cap, self.task.batch_size(batch), self.task.token_mask(batch))
+
+    def eigenvalues(
+        self, acc: Accumulator, batch, index: int, eigen: Factors, diagonal: bool = False
+    ) -> None:
+        """Add batch `index` to the EK-FAC eigenvalue sums (and the diagonal Fisher's, if `diagonal`),
+        starting from the batch's cache entry where there is one."""
+        batch = cached_batch(batch, self.cache, index)
+        for sample in label_draws(self.seed, index, "lambda", self.samples):
+            lambda_update(acc, self._run(batch, sample), eigen, self.task.batch_size(batch), diagonal)
 
 
 def fit_covariance(
@@ -252,23 +252,10 @@ def fit_covariance(
     batch's pass-cache entry (see `pass_cache`), so that later passes start at the first tracked layer."""
     from tqdm.auto import tqdm
 
-    modules = task.modules(model)
-    layer = first_tracked_layer(model, modules) if cache is not None else None
+    passes = FitPasses.of(model, task, seed=seed, samples=samples, dtype=dtype, cache=cache)
     acc = Accumulator()
     for index, batch in tqdm(enumerate(data), desc="covariance", disable=not progress):
-        covariance_step(
-            acc,
-            model,
-            task,
-            modules,
-            batch,
-            index,
-            seed=seed,
-            samples=samples,
-            dtype=dtype,
-            cache=cache,
-            layer=layer,
-        )
+        passes.covariance(acc, batch, index)
     return acc
 
 
@@ -289,23 +276,10 @@ def fit_lambda(
     example unless `seed=None`), starting each batch from its `cache` entry where there is one."""
     from tqdm.auto import tqdm
 
-    modules = task.modules(model)
+    passes = FitPasses(model, task, task.modules(model), seed, samples, dtype, cache)
     acc = Accumulator()
     for index, batch in tqdm(enumerate(data), desc="eigenvalues", disable=not progress):
-        lambda_step(
-            acc,
-            model,
-            task,
-            modules,
-            batch,
-            index,
-            eigen,
-            seed=seed,
-            samples=samples,
-            dtype=dtype,
-            diagonal=diagonal,
-            cache=cache,
-        )
+        passes.eigenvalues(acc, batch, index, eigen, diagonal)
     return acc
 
 

@@ -26,16 +26,14 @@ from steerlab.influence.data import lm_batch
 from steerlab.influence.factors import (
     Accumulator,
     Factors,
-    covariance_step,
+    FitPasses,
     eigendecompose,
     finish_lambda,
-    lambda_step,
 )
 from steerlab.influence.pass_cache import (
     DiskCache,
     cached_batch,
     cached_rows,
-    first_tracked_layer,
     fitted_cache,
     run_batch,
 )
@@ -208,12 +206,11 @@ def fit(
     if samples != 1 and seed is not None:
         args["samples"] = samples
     cache = DiskCache.of_run(run_dir) if prefix_cache else None
-    layer = first_tracked_layer(model, modules) if prefix_cache else None
-    draws = {"seed": seed, "samples": samples, "dtype": dtype, "cache": cache}
+    passes = FitPasses.of(model, task, seed=seed, samples=samples, dtype=dtype, cache=cache)
     if not check_stage(run_dir, "covariance", args):
 
         def cov_step(acc: Accumulator, i: int) -> None:
-            covariance_step(acc, model, task, modules, train[i], i, layer=layer, **draws)
+            passes.covariance(acc, train[i], i)
 
         _accumulate(run_dir, "covariance", train, cov_step, checkpoint_every, progress)
     cov, _ = Accumulator.load(run_dir / "covariance" / "result.safetensors")
@@ -231,7 +228,7 @@ def fit(
     if not check_stage(run_dir, "lambda", lam_args):
 
         def lam_step(acc: Accumulator, i: int) -> None:
-            lambda_step(acc, model, task, modules, train[i], i, eigen, diagonal=diagonal, **draws)
+            passes.eigenvalues(acc, train[i], i, eigen, diagonal)
 
         _accumulate(run_dir, "lambda", train, lam_step, checkpoint_every, progress)
     factors_path = run_dir / "lambda" / "factors.safetensors"
