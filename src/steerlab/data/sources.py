@@ -25,7 +25,13 @@ SPLITS = ("train", "validation", "test")
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
 """`--split NAME` takes this part of a seeded shuffle of the dataset (seed 0 unless given)."""
 
-KIND_NAMES = {ABDataset: "A/B items", PairedTexts: "paired texts", PromptSet: "prompts"}
+KIND_NAMES = {
+    ABDataset: "A/B items",
+    PairedTexts: "paired texts",
+    PromptSet: "prompts",
+    dict: "word lists",
+    list: "texts",
+}
 
 
 @dataclass(frozen=True)
@@ -189,7 +195,7 @@ def load_texts(spec: str | os.PathLike, option: str = "--neutral") -> list[str]:
         if isinstance(value, PromptSet):
             return value.prompts
         if not isinstance(value, list):
-            raise UserError(f"{option}: {spec} holds {KIND_NAMES.get(type(value), 'word lists')}, not texts")
+            raise UserError(f"{option}: {spec} holds {KIND_NAMES[type(value)]}, not texts")
         return value
     path = Path(spec)
     if not path.is_file():
