@@ -195,3 +195,19 @@ def test_start_at_block_equals_full_forward_and_restores_blocks_on_error():
     with pytest.raises(ValueError, match="do not fit"), start_at_block(model, 1, seen[0][:1]):
         model(input_ids=ids)
     assert list(decoder_layers(model)) == blocks
+
+
+def test_positions_parse_and_refuse_bad_specs():
+    from steerlab.errors import UserError
+
+    assert Positions.parse(" From:-2 ") == Positions.from_position(-2)
+    assert Positions.parse("at:3,5") == Positions.at(3, 5)
+    assert Positions.parse("decode") == Positions.decode_only()
+    for text, message in [
+        ("first", r"--positions 'first': use 'all', 'decode', 'from:K' or 'at:I,J'"),
+        ("from:x", r"--positions 'from:x': K, I and J must be integers"),
+        ("at:", r"--positions 'at:': K, I and J must be integers"),
+        ("at:-1", r"--positions 'at:-1': positions 'at' needs real-token indices >= 0, got \[-1\]"),
+    ]:
+        with pytest.raises(UserError, match=f"^{message}$"):
+            Positions.parse(text)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from steerlab.errors import UserError
+
 
 @dataclass(frozen=True)
 class Positions:
@@ -40,6 +42,8 @@ class Positions:
 
     @classmethod
     def at(cls, *indices: int, include_sink: bool = False) -> Positions:
+        if not indices or min(indices) < 0:
+            raise UserError(f"positions 'at' needs real-token indices >= 0, got {list(indices)}")
         return cls(
             start=None, indices=tuple(int(i) for i in indices), decode=False, include_sink=include_sink
         )
@@ -51,16 +55,19 @@ class Positions:
     @classmethod
     def parse(cls, text: str) -> Positions:
         """CLI form: 'all', 'decode', 'from:K' (K may be negative) or 'at:I,J,...'."""
-        text = text.strip().lower()
-        if text == "all":
-            return cls.all()
-        if text == "decode":
-            return cls.decode_only()
-        if text.startswith("from:"):
-            return cls.from_position(int(text[5:]))
-        if text.startswith("at:"):
-            return cls.at(*(int(i) for i in text[3:].split(",") if i))
-        raise ValueError(f"unknown positions spec {text!r}: use 'all', 'decode', 'from:K' or 'at:I,J'")
+        spec = text.strip().lower()
+        try:
+            if spec == "all":
+                return cls.all()
+            if spec == "decode":
+                return cls.decode_only()
+            if spec.startswith("from:"):
+                return cls.from_position(int(spec[5:]))
+            if spec.startswith("at:"):
+                return cls.at(*(int(i) for i in spec[3:].split(",")))
+        except ValueError as error:
+            raise UserError(f"--positions {text!r}: {_reason(error)}") from None
+        raise UserError(f"--positions {text!r}: use 'all', 'decode', 'from:K' or 'at:I,J'")
 
     def select(self, pos: torch.Tensor, prompt_len: torch.Tensor) -> torch.Tensor:
         """Boolean (B, T) selection for real-token positions `pos` given each row's prompt length (B,)."""
@@ -92,6 +99,10 @@ class Positions:
     def steers_every_decode_step(self) -> bool:
         """Whether every decode token of every row is selected (the no-mask fast path)."""
         return self.indices is None and self.decode
+
+
+def _reason(error: ValueError) -> str:
+    return str(error) if isinstance(error, UserError) else "K, I and J must be integers"
 
 
 class _StepState:
