@@ -21,7 +21,7 @@ import torch
 from steerlab.errors import UserError
 from steerlab.io import load_tensors, read_json, save_tensors, write_json
 
-__all__ = ["StageArgumentsError", "check_stage", "checkpoint_path", "stream_stage"]
+__all__ = ["StageArgumentsError", "check_stage", "checkpoint_path", "differences", "stream_stage"]
 
 KILL_ENV = "STEERLAB_INFLUENCE_TEST_KILL"  # "stage:batches" -> SIGKILL self after that many batches (tests)
 
@@ -30,7 +30,8 @@ class StageArgumentsError(UserError):
     """A stage exists on disk with different arguments."""
 
 
-def _diff(saved: dict, new: dict) -> list[str]:
+def differences(saved: dict, new: dict) -> list[str]:
+    """'key: saved X != requested Y' for every key whose value differs."""
     keys = sorted(set(saved) | set(new))
     return [
         f"{k}: saved {saved.get(k, '<absent>')!r} != requested {new.get(k, '<absent>')!r}"
@@ -50,7 +51,7 @@ def check_stage(run_dir: str | Path, name: str, args: dict) -> bool:
     if saved_path.exists():
         saved = read_json(saved_path)
         if saved != args:
-            diffs = "; ".join(_diff(saved, args))
+            diffs = "; ".join(differences(saved, args))
             raise StageArgumentsError(
                 f"stage '{name}' in {folder} was computed with other arguments ({diffs}). "
                 f"Use a new run directory, or delete {folder} to recompute it."
