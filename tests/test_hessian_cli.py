@@ -245,3 +245,71 @@ def test_failed_plot_keeps_the_previous_png(tiny_folder, tmp_path, monkeypatch):
         main(["hessian", "spectrum", *common_args(*tiny_folder), "--k", "2", "--out", str(out)])
     assert (out / "spectrum.png").read_bytes() == b"previous complete png"
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_negative_layers_and_separate_text(tiny_folder, tmp_path, capsys):
+    from steerlab.hessian import Eigenpairs
+
+    folder, text = tiny_folder
+    other = tmp_path / "other.txt"
+    other.write_text("\n\n".join(f"other {i}: pack my box with five dozen liquor jugs." for i in range(3)))
+    base = ["--model", str(folder), "--dtype", "float64", "--n-texts", "2", "--threads", "1"]
+    out = tmp_path / "t"
+    argv = [
+        "hessian",
+        "trace",
+        *base,
+        "--text",
+        str(text),
+        "--layers",
+        "-1",
+        "--include",
+        "down",
+        "--products",
+        "3",
+    ]
+    assert main([*argv, "--out", str(out)]) == 0
+    meta = json.loads((out / "trace_meta.json").read_text())
+    assert list(meta["operator"]["params"]) == ["model.layers.3.mlp.down_proj.weight"]
+    out = tmp_path / "sep"
+    argv = ["hessian", "separate", "--task", "text", *base, "--text-a", str(text), "--text-b", str(other)]
+    assert main([*argv, "--layers", "-2,-1", "--part", "attention", "--k", "2", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    saved = json.loads((out / "separation.json").read_text())
+    assert (
+        saved == summary
+        and len(saved["principal_angles_deg"]) == 2
+        and saved["dim"] == 2 * (32 * 32 + 16 * 32 + 16 * 32 + 32 * 32)
+    )
+    eig = Eigenpairs.load(out, "eigenpairs_a")
+    assert (
+        eig.meta["layers"] == [-2, -1]
+        and eig.meta["part"] == "attention"
+        and eig.vectors.shape == (2, saved["dim"])
+    )
+
+
+def test_python_api_checks_arguments_before_loading(no_model, text_file, tmp_path):
+    from steerlab.errors import UserError
+    from steerlab.hessian.commands import (
+        DensityArgs,
+        SeparateArgs,
+        SpectrumArgs,
+        TraceArgs,
+        density,
+        separate,
+        spectrum,
+        trace,
+    )
+
+    common = {"text": text_file, "out": tmp_path / "o"}
+    with pytest.raises(UserError, match="--which: 'XX' is not one of LA, SA, LM, BE"):
+        spectrum(SpectrumArgs(**common, which="XX"))
+    with pytest.raises(UserError, match="--method: 'exact'"):
+        trace(TraceArgs(**common, method="exact"))
+    with pytest.raises(UserError, match="--dtype: unknown dtype 'float8'"):
+        density(DensityArgs(**common, dtype="float8"))
+    with pytest.raises(UserError, match="--part: 'head'"):
+        density(DensityArgs(**common, part="head"))
+    with pytest.raises(UserError, match="--task: 'images'"):
+        separate(SeparateArgs(out=tmp_path, task="images"))

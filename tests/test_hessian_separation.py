@@ -47,7 +47,7 @@ def test_curvature_ica_recovers_planted_blocks():
 def hybrid_seed0():
     from steerlab.hessian.hybrid import HybridConfig, run_seed
 
-    return run_seed(HybridConfig(seed=0), progress=False)
+    return run_seed(HybridConfig(seed=0))
 
 
 def test_hybrid_digits_targeted_perturbation(hybrid_seed0):
@@ -96,7 +96,7 @@ def test_separate_hybrid_digits_command(hybrid_seed0, tmp_path, capsys, monkeypa
     import steerlab.hessian.hybrid as hybrid
     from steerlab.cli import main
 
-    monkeypatch.setattr(hybrid, "run_seed", lambda cfg, progress=True: {**hybrid_seed0, "seed": cfg.seed})
+    monkeypatch.setattr(hybrid, "run_seed", lambda cfg: {**hybrid_seed0, "seed": cfg.seed})
     assert main(["hessian", "separate", "--seeds", "0", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["n_seeds"] == 2 and summary["specialised_fraction_unsupervised_method_sd"] == 0

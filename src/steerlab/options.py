@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 import torch
 
@@ -58,6 +59,16 @@ def parse_floats(text: str, option: str) -> list[float]:
     if not values:
         raise UserError(f"{option}: no number given")
     return values
+
+
+@dataclass(kw_only=True)
+class ModelArgs:
+    """Which model to load (the fields of `add_model_arguments`), and whether to show progress bars."""
+
+    model: str = "smollm2-135m"
+    device: str | None = None
+    dtype: str | None = None
+    progress: bool = True
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, dtype_default: str | None = None) -> None:

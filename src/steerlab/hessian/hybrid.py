@@ -125,7 +125,7 @@ def accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float
         return float((model(data[0]).argmax(-1) == data[1]).double().mean())
 
 
-def run_seed(cfg: HybridConfig, progress: bool = True) -> dict:
+def run_seed(cfg: HybridConfig) -> dict:
     """Train, compute the spectra, run the targeted and random perturbations and the specialisation scores."""
     t0 = time.perf_counter()
     data = make_hybrid_digits(cfg)
@@ -278,5 +278,5 @@ def run_experiment(seeds: list[int], cfg: HybridConfig | None = None, progress: 
     cfg = cfg or HybridConfig()
     runs = []
     for seed in tqdm(seeds, disable=not progress, desc="hybrid digits seeds"):
-        runs.append(run_seed(HybridConfig(**{**asdict(cfg), "seed": seed}), progress=progress))
+        runs.append(run_seed(HybridConfig(**{**asdict(cfg), "seed": seed})))
     return {"config": asdict(cfg), "summary": summarise(runs), "runs": runs}
