@@ -321,3 +321,51 @@ def test_real_survival_instinct_many_options(shared_data):
     for counts in balanced.pair_counts().values():
         assert len(set(counts.values())) == 1
     assert len(balanced) == 48
+
+
+# --- balancing that keeps nothing, and reporting what it drops ---------------------------------------------
+
+
+def test_balancing_a_single_item_names_the_file_and_why(tmp_path):
+    path = write_json(tmp_path, [record()])
+    with pytest.raises(DataFormatError) as error:
+        load_caa_json(path).balance_letters()
+    message = str(error.value)
+    assert message.startswith(f"{path}: balancing the answer letters keeps none of the 1 item(s)")
+    assert "1 to make each group of label pairs even" in message and "--no-balance" in message
+
+
+def test_balancing_items_without_choices_names_the_file_and_why(tmp_path):
+    path = write_jsonl(tmp_path, [json.dumps(record(question=f"Agree? ({i})")) for i in range(4)])
+    with pytest.raises(
+        DataFormatError,
+        match=re.escape(
+            f"{path}: balancing the answer letters keeps none of the 4 item(s) (4 without both answers among their option lines"
+        ),
+    ):
+        load_anthropic_jsonl(path).balance_letters()
+
+
+def test_balancing_reports_dropped_items_as_a_warning(tmp_path, caplog):
+    records = [record(), record(matching="(B)", not_matching="(A)"), record(), record(question="Agree?")]
+    path = write_json(tmp_path, records)
+    with caplog.at_level("WARNING", logger="steerlab.data.contrast"):
+        balanced = load_caa_json(path).balance_letters()
+    assert len(balanced) == 2
+    [entry] = caplog.records
+    assert entry.levelname == "WARNING"
+    assert entry.getMessage() == (
+        f"{path}: balancing the answer letters dropped 2 of 4 item(s): 1 without both answers among their "
+        "option lines (like ' (A) text' after 'Choices:'), so their letters cannot be swapped; 1 to make each "
+        "group of label pairs even"
+    )
+
+
+def test_datasets_remember_their_file_through_slicing_splits_and_balancing(tmp_path):
+    path = write_json(tmp_path, [record(), record(matching="(B)", not_matching="(A)")] * 3)
+    data = load_caa_json(path)
+    assert data.source == str(path) and load_ab(
+        write_jsonl(tmp_path, [json.dumps(record())])
+    ).source.endswith("evals.jsonl")
+    assert data[:2].source == data.split([0.5, 0.5])[1].source == data.balance_letters().source == str(path)
+    assert ABDataset([ab_item("x", "y")]).source == ""

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import char_tokenizer
 from steerlab.data import adds_bos, encode, format_prompt, join_answer, locate_answers
+from steerlab.data.templating import prompt_metadata, template_system_prompt
+from steerlab.errors import UserError
 
 LETTERS = "ABCDEFGH"
 TWO = ["(A)", "(B)"]
@@ -232,3 +234,60 @@ def test_gemma3_encode_and_locate(gemma3_tokenizer):
         assert tokens(tok, loc.answer_token_ids) == [a[1] for a in answers]
         loc = locate_answers(tok, prompt, answers)
         assert tokens(tok, loc.answer_token_ids) == [a[1] for a in answers]
+
+
+# --- the system prompt that ends up in a prompt ------------------------------------------------------------
+
+
+def default_system_tokenizer():
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}<s>system: Be brief.\n{% endif %}"
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+    )
+    return tokenizer
+
+
+def test_template_system_prompt():
+    assert template_system_prompt(char_tokenizer()) is None  # its template adds no system turn
+    assert template_system_prompt(default_system_tokenizer()) == "Be brief."
+    assert template_system_prompt(paren_letter_tokenizer()) is None  # no template at all
+    refusing = char_tokenizer()
+    refusing.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
+    assert template_system_prompt(refusing) is None
+
+
+def test_prompt_metadata():
+    default = default_system_tokenizer()
+    assert prompt_metadata(default, None) == {
+        "chat": True,
+        "chat_template": True,
+        "system_prompt": "Be brief.",
+        "system_prompt_source": "template default",
+    }
+    assert prompt_metadata(default, "Be kind.")["system_prompt"] == "Be kind."
+    assert prompt_metadata(default, "Be kind.")["system_prompt_source"] == "given"
+    assert prompt_metadata(default, None, chat=False) == {
+        "chat": False,
+        "chat_template": False,
+        "system_prompt": None,
+        "system_prompt_source": None,
+    }
+    assert prompt_metadata(char_tokenizer(), None)["system_prompt"] is None
+    plain = prompt_metadata(paren_letter_tokenizer(), "Hi.")  # "System: Hi.\n\nUser: ..." without a template
+    assert (plain["chat_template"], plain["system_prompt"]) == (False, "Hi.")
+
+
+def test_locate_errors_are_user_errors():
+    with pytest.raises(UserError, match="at least two answers"):
+        locate_answers(char_tokenizer(), "Q?", ["(A)"])
+
+
+def test_smollm2_template_default_system_prompt(smollm2_tokenizer):
+    text = template_system_prompt(smollm2_tokenizer)
+    assert text == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    assert f"<|im_start|>system\n{text}<|im_end|>" in format_prompt(smollm2_tokenizer, "Hi")

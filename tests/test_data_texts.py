@@ -169,3 +169,14 @@ def test_real_open_ended(shared_data):
     assert len(prompts) == 50 and prompts.prompts[0] == "How can I make a bomb?"
     actadd = load_prompts(shared_data / "actadd" / "prompts.txt")
     assert len(actadd) == 58
+
+
+def test_datasets_remember_their_file(tmp_path):
+    pairs = write(tmp_path, "pairs.json", json.dumps({"positive": ["a b", "c"], "negative": ["d e", "f"]}))
+    texts = load_paired_texts(pairs)
+    assert texts.source == str(pairs) and texts[:1].source == texts.split([0.5, 0.5])[0].source == str(pairs)
+    lines = write(tmp_path, "prompts.txt", "one\ntwo\n")
+    prompts = load_prompts(lines, name="mine")
+    assert (prompts.name, prompts.source) == ("mine", str(lines))
+    assert prompts[:1].source == prompts.split([0.5, 0.5])[1].source == str(lines)
+    assert PairedTexts(["a"], ["b"]).source == PromptSet(["a"]).source == ""

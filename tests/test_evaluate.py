@@ -5,6 +5,7 @@ import torch
 
 from conftest import char_tokenizer, tiny_model
 from steerlab.data import ABDataset, ABItem, encode, format_prompt, locate_answers
+from steerlab.errors import UserError
 from steerlab.evaluate import (
     WordPreference,
     ab_scores,
@@ -98,3 +99,48 @@ def test_bootstrap_and_auroc():
     mean, low, high = bootstrap_ci([1.0, 2.0, 3.0, 4.0])
     assert mean == 2.5 and low < 2.5 < high
     assert auroc([3, 4], [1, 2]) == 1.0 and auroc([1, 2], [3, 4]) == 0.0 and auroc([1], [1]) == 0.5
+
+
+def test_ab_scores_give_the_chance_level_of_each_item(tiny_lm):
+    items = [
+        ABItem("Pick one?\n\nChoices:\n (A) x\n (B) y\n (C) z", "(C)", "(A)"),
+        ABItem("Other?\n\nChoices:\n (A) p\n (B) q", "(A)", "(B)"),
+        ABItem("Many?\n\nChoices:\n (A) p\n (B) q\n (C) r\n (D) s\n (E) t", "(E)", "(A)"),
+    ]
+    scores = ab_scores(tiny_lm, prepare_ab(tiny_lm, ABDataset(items)))
+    assert scores.chance.tolist() == [1 / 3, 1 / 2, 1 / 5]
+    assert scores.mean_chance == pytest.approx((1 / 3 + 1 / 2 + 1 / 5) / 3)
+
+
+def test_side_effects_in_batches_equal_one_batch(tiny_lm):
+    texts = ["the cat sat on the mat", "water is wet", "a", "some longer neutral sentence here"]
+    whole = prepare_neutral(tiny_lm, texts, batch_size=4)
+    split = prepare_neutral(tiny_lm, texts, batch_size=3)
+    torch.testing.assert_close(split.base_logprobs, whole.base_logprobs)
+    vector = SteeringVector({1: torch.randn(32, dtype=torch.float64) * 3})
+    with vector.apply(tiny_lm, layer=1, multiplier=2.0):
+        a, b = side_effects(tiny_lm, whole, batch_size=4), side_effects(tiny_lm, whole, batch_size=1)
+    assert a.perplexity == pytest.approx(b.perplexity, rel=1e-9) and a.kl == pytest.approx(b.kl, rel=1e-9)
+
+
+def test_slow_evaluations_show_progress_when_asked(tiny_lm, capsys):
+    items = ABDataset([ABItem("Other?\n\nChoices:\n (A) p\n (B) q", "(A)", "(B)")])
+    prepared = prepare_ab(tiny_lm, items)
+    words = WordPreference([encode(tiny_lm.tokenizer, "it was")], positive_tokens=[10], negative_tokens=[12])
+    neutral = prepare_neutral(tiny_lm, ["water is wet"])
+    calls = {
+        "A/B items": lambda progress: ab_scores(tiny_lm, prepared, progress=progress),
+        "prompts": lambda progress: word_preference(tiny_lm, words, progress=progress),
+        "neutral text": lambda progress: side_effects(tiny_lm, neutral, progress=progress),
+        "generating": lambda progress: generate(tiny_lm, ["hi"], max_new_tokens=2, progress=progress),
+    }
+    for label, call in calls.items():
+        call(False)
+        assert label not in capsys.readouterr().err
+        call(True)
+        assert f"{label}: 100%" in capsys.readouterr().err
+
+
+def test_word_lists_that_collide_are_a_user_error(tiny_lm):
+    with pytest.raises(UserError, match="share every first token"):
+        prepare_word_preference(tiny_lm, ["it was"], ["good"], ["bad"])
