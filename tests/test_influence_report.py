@@ -47,3 +47,33 @@ def test_png_of_a_query_with_dollars_and_backslashes(tmp_path):
 def test_html_report_renders_the_query():
     page = render_html("report", {"model": "tiny"}, [_query("What is $x$?")])
     assert "What is $x$?" in page and "<img" in page
+
+
+def test_explain_splits_each_score_into_tokens_and_layers():
+    import torch
+
+    from conftest import micro_llama
+    from steerlab.influence import (
+        LanguageModelTask,
+        fit_factors,
+        pairwise_scores,
+        preconditioned_queries,
+        query_gradients,
+    )
+    from steerlab.influence.data import query_batch
+    from steerlab.influence.pipeline import BlockBatches
+    from steerlab.influence.report import explain
+
+    model, task = micro_llama(), LanguageModelTask()
+    blocks = torch.randint(3, 64, (8, 10), generator=torch.Generator().manual_seed(0))
+    train = BlockBatches(blocks, 4)
+    queries = [query_batch([blocks[2, :5].tolist()], [blocks[2, 5:].tolist()])]
+    pre = preconditioned_queries(query_gradients(model, task, queries), fit_factors(model, task, list(train)))
+    scores = pairwise_scores(model, task, list(train), pre)["scores"][0]
+    explained = explain(model, task, train, pre, 0, [2, 6])
+    assert [ex["index"] for ex in explained] == [2, 6]
+    for ex in explained:
+        assert ex["score"] == pytest.approx(float(scores[ex["index"]]), rel=1e-9)
+        assert sum(ex["token_scores"]) == pytest.approx(ex["score"], rel=1e-9)
+        assert set(ex["layers"]) == {"0", "1"}
+        assert sum(ex["layers"].values()) == pytest.approx(ex["score"], rel=1e-9)

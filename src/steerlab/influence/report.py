@@ -18,7 +18,6 @@ from torch import nn
 from steerlab.influence.pass_cache import run_batch
 from steerlab.influence.scores import Preconditioned, per_layer, score_captured
 from steerlab.influence.tasks import Task
-from steerlab.models.architectures import layers_of
 
 __all__ = ["explain", "layer_share", "render_html", "render_png"]
 
@@ -39,7 +38,6 @@ def explain(
         {k: v[query : query + 1] for k, v in pre.right.items()},
     )
     modules = {n: m for n, m in task.modules(model).items() if n in one.modules}
-    layer_index = layers_of(model, modules)
     source = train.with_subset(list(indices))
     out = []
     for i in range(len(source)):
@@ -49,7 +47,7 @@ def explain(
         mask = task.token_mask(batch)
         for b, idx in enumerate(source.indices(i).tolist()):
             n_tok = int(mask[b].sum()) if mask is not None else tok[next(iter(tok))].shape[-1]
-            layers = per_layer({n: s[0, b] for n, s in seq.items()}, layer_index)
+            layers = per_layer({n: s[0, b] for n, s in seq.items()}, model)
             out.append(
                 {
                     "index": idx,

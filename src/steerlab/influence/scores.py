@@ -23,6 +23,7 @@ from steerlab.hooks.capture import Captured
 from steerlab.influence.factors import Factors, _compute_dtype, per_example_gradients
 from steerlab.influence.pass_cache import run_batch
 from steerlab.influence.tasks import Task
+from steerlab.models.architectures import layers_of
 
 __all__ = [
     "STRATEGIES",
@@ -315,14 +316,13 @@ def self_scores(
     return torch.cat(out)
 
 
-def per_layer(
-    module_scores: Mapping[str, torch.Tensor], layers: Mapping[str, int | None]
-) -> dict[int | str, torch.Tensor]:
-    """Sum per-module scores over the modules of each decoder layer; `layers`: each module's layer
-    (`steerlab.models.architectures.layers_of`), None for modules outside the blocks, which keep their name."""
+def per_layer(module_scores: Mapping[str, torch.Tensor], model: nn.Module) -> dict[int | str, torch.Tensor]:
+    """Sum per-module scores (keyed by module name in `model`) over the modules of each decoder block of
+    `model` (`steerlab.models.architectures.layers_of`); modules outside the blocks keep their name."""
+    layers = layers_of(model, {name: model.get_submodule(name) for name in module_scores})
     out: dict[int | str, torch.Tensor] = {}
     for name, s in module_scores.items():
-        key = layers.get(name)
+        key = layers[name]
         key = name if key is None else key
         out[key] = out[key] + s if key in out else s.clone()
     return out
