@@ -64,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. A `UserError` prints `steerlab: error: ...` and returns 2 (traceback with -v)."""
     parser = build_parser()
     args = parser.parse_args(join_negative_values(sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
-    )
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
+    logging.getLogger("steerlab").setLevel(level)
     try:
         args.func(args)
     except UserError as error:

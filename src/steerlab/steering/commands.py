@@ -116,10 +116,20 @@ def writable(path: str | os.PathLike, option: str) -> Path:
 
 
 def load(args: ModelArgs) -> LoadedModel:
+    """The model `args` names; without progress, transformers' loading bars stay off too."""
+    from transformers.utils import logging as hf_logging
+
     from steerlab.models import load_model
 
     log.info("loading model %s", args.model)
-    return load_model(args.model, device=args.device, dtype=args.dtype)
+    shown = hf_logging.is_progress_bar_enabled()
+    if not args.progress:
+        hf_logging.disable_progress_bar()
+    try:
+        return load_model(args.model, device=args.device, dtype=args.dtype)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def _data_ref(data: DataSpec, split: str | None = None, limit: int | None = None) -> DataRef:
