@@ -380,3 +380,11 @@ def test_caa_with_nothing_left_after_balancing_fails_before_reading(tiny_lm, tmp
     assert one.metadata["dataset"]["size"] == 1
     with pytest.raises(UserError, match="holds no items"):
         caa_items(ABDataset([], name="empty"))
+
+
+def test_extraction_from_identical_sides_says_so(tiny_lm):
+    texts = PairedTexts(["same text", "other"], ["same text", "other"])
+    with pytest.raises(
+        UserError, match="positive and negative examples give the same mean activation at layer 1"
+    ):
+        extract_mean_difference(tiny_lm, texts, [1], progress=False)

@@ -120,6 +120,16 @@ def difference_vector(
     pos = mean_activations(lm, positive, layers, batch_size, progress, desc="positive")
     neg = mean_activations(lm, negative, layers, batch_size, progress, desc="negative")
     vectors = {layer: (pos.mean[layer] - neg.mean[layer]).float().cpu() for layer in pos.mean}
+    for layer, vec in vectors.items():
+        if not bool(torch.isfinite(vec).all()):
+            raise UserError(
+                f"{method}: the activations at layer {layer} hold NaN or infinite values (the model overflows "
+                f"in {lm.dtype}; try float32)"
+            )
+        if not bool(vec.any()):
+            raise UserError(
+                f"{method}: the positive and negative examples give the same mean activation at layer {layer}"
+            )
     return SteeringVector(vectors, _metadata(lm, method, pos, neg, vectors, **metadata))
 
 
