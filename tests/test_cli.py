@@ -423,3 +423,10 @@ def test_one_experiment_file_drives_every_command(tiny, tmp_path, capsys):
     assert "bad.json: field 'layer': expected an integer" in one_line_error(
         capsys, ["extract", "--experiment", str(bad)]
     )
+
+
+def test_quiet_before_or_after_the_command():
+    parser = build_parser()
+    for argv in (["--quiet", "demo"], ["demo", "--quiet"], ["-q", "extract"], ["extract", "--quiet"]):
+        assert parser.parse_args(argv).quiet is True
+    assert parser.parse_args(["demo"]).quiet is False
