@@ -35,4 +35,3 @@ def fingerprint(payload: Any) -> str:
     """sha256 of the canonical JSON of `payload` (sorted keys, no spaces, UTF-8)."""
     text = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-

@@ -184,4 +184,3 @@ def load_prompts(path: str | os.PathLike, name: str | None = None) -> PromptSet:
         lines = [line.rstrip("\r") for line in read_text(path).split("\n")]
         prompts = PromptSet([line for line in lines if line.strip()], None, path.stem)
     return replace(prompts, name=prompts.name if name is None else name, source=str(path))
-
