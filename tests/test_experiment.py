@@ -109,3 +109,14 @@ def test_not_an_object_missing_file_and_unknown_builtin(tmp_path):
     with pytest.raises(UserError, match=r"--experiment: no built-in experiment 'nope'; available: sentiment"):
         load_experiment("builtin:nope")
     assert "contrast" in KEYS and "path" not in KEYS
+
+
+def test_the_readme_example_is_a_valid_experiment_and_the_readme_names_no_private_data(tmp_path):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "../shared" not in readme
+    example = readme.split("## Experiment files", 1)[1].split("```json", 1)[1].split("```", 1)[0]
+    exp = load_experiment(_write(tmp_path, example, "experiment.json"))
+    assert isinstance(exp.contrast.source, PairedTexts) and isinstance(exp.evaluation.source, PromptSet)
+    assert exp.vector == str(tmp_path / "vectors" / "mood") and exp.fractions == [-0.1, -0.05, 0.05, 0.1]
