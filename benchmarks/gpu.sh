@@ -15,7 +15,7 @@ fi
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
 
-timeout 330 "$PYTHON" benchmarks/gpu.py "$@" | tee "$logs/measurements.log"
+timeout 300 "$PYTHON" benchmarks/gpu.py "$@" | tee "$logs/measurements.log"
 # torchrun, with the same interpreter
 timeout 120 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 1 \
     benchmarks/gpu.py --pipeline "$@" | tee "$logs/pipeline.log"
