@@ -313,3 +313,24 @@ def test_python_api_checks_arguments_before_loading(no_model, text_file, tmp_pat
         density(DensityArgs(**common, part="head"))
     with pytest.raises(UserError, match="--task: 'images'"):
         separate(SeparateArgs(out=tmp_path, task="images"))
+
+
+def test_python_api_runs_a_command(tiny_folder, tmp_path):
+    from steerlab.hessian import Eigenpairs
+    from steerlab.hessian.commands import SpectrumArgs, spectrum
+
+    folder, text = tiny_folder
+    args = SpectrumArgs(
+        model=str(folder),
+        dtype="float64",
+        text=text,
+        layers=[-1],
+        include=["down_proj"],
+        k=2,
+        out=tmp_path,
+        progress=False,
+    )
+    summary = spectrum(args)
+    eig = Eigenpairs.load(tmp_path, "spectrum")
+    assert summary["values"] == eig.values.tolist() and eig.meta["text"] == str(text)
+    assert list(eig.meta["operator"]["params"]) == ["model.layers.3.mlp.down_proj.weight"]
