@@ -56,3 +56,23 @@ def test_demo_shows_a_real_effect(smollm2, tmp_path):
     torch.testing.assert_close(
         torch.tensor(summary["test_effect"]), torch.tensor(summary["test_p_plus"] - summary["test_p_minus"])
     )
+
+
+def test_the_help_examples_for_sentiment_run_as_written(tmp_path, monkeypatch, capsys):
+    """`steerlab extract` and `steerlab sweep` exactly as `steerlab --help` shows them (fractions -0.1,0.1)."""
+    import csv
+    import shlex
+
+    from steerlab.cli import EXAMPLES, main
+
+    monkeypatch.chdir(tmp_path)
+    lines = [line.strip() for line in EXAMPLES.splitlines() if line.strip().startswith("steerlab ")]
+    extract = next(line for line in lines if line.startswith("steerlab extract --data builtin:sentiment "))
+    sweep = next(line for line in lines if line.startswith("steerlab sweep "))
+    assert "--fractions -0.1,0.1" in sweep
+    for line in (extract, sweep):
+        assert main(["--quiet", *shlex.split(line)[1:]]) == 0, line
+    rows = list(csv.DictReader((tmp_path / "sweep.csv").open()))
+    assert len(rows) == 2 + 2 * 2 * 2 and {r["fraction"] for r in rows} == {"0.0", "-0.1", "0.1"}
+    steer = {(r["layer"], r["fraction"]): float(r["score"]) for r in rows if r["vector"] == "steering"}
+    assert steer["16", "0.1"] > steer["16", "-0.1"]  # the sentiment vector moves p(positive) the right way
