@@ -27,7 +27,8 @@ __all__ = ["CorpusBlocks", "check_corpus", "prefix_sha256", "read_blocks", "read
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 16
-WINDOW_CHARS = 1 << 16
+WINDOW_CHARS = 1 << 12  # the first window; each next one is twice as long, up to MAX_WINDOW_CHARS
+MAX_WINDOW_CHARS = 1 << 18
 MARGIN_CHARS = 1024  # text re-tokenised on each side of a window's kept tokens
 
 
@@ -112,16 +113,20 @@ def _token_stream(chunks: Iterator[str], tokenizer, window: int, margin: int) ->
             piece = next(chunks, None)
             eof = piece is None
             buffer += piece or ""
-        enc = tokenizer(buffer, add_special_tokens=False, return_offsets_mapping=True)
+        end = start + window + margin
+        last = eof and end >= len(buffer)
+        text = buffer if last else buffer[:end]
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         spans = [s for s, _ in enc["offset_mapping"]]
-        if eof:
+        if last:
             yield [t for t, s in zip(enc["input_ids"], spans) if s >= start]
             return
-        cut = next((s for s in spans if s >= len(buffer) - margin and s > start), None)
-        if cut is None:  # one token spans the whole margin: read on
+        cut = next((s for s in spans if s >= len(text) - margin and s > start), None)
+        if cut is None:  # one token spans the whole margin: take a longer window
             window *= 2
             continue
         yield [t for t, s in zip(enc["input_ids"], spans) if start <= s < cut]
+        window = min(2 * window, max(window, MAX_WINDOW_CHARS))
         keep = max(0, cut - margin)
         buffer, start = buffer[keep:], cut - keep
 
