@@ -169,7 +169,10 @@ def repair_tokenizer(tokenizer, model: nn.Module) -> list[str]:
         rendered = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
         if rendered.startswith(bos):
             tokenizer.add_bos_token = False  # rebuilds the post-processor without BOS
-            repairs.append(f"no BOS added to plain text (the chat template already starts with {bos!r})")
+            if adds_bos(tokenizer):
+                log.warning("the tokenizer still prepends %r although the chat template starts with it", bos)
+            else:
+                repairs.append(f"no BOS added to plain text (the chat template already starts with {bos!r})")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
         repairs.append(f"pad_token None -> {tokenizer.eos_token!r}")
