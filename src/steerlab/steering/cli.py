@@ -97,6 +97,7 @@ def _parse_lists(ns: argparse.Namespace) -> None:
 
 
 def cmd_extract(ns: argparse.Namespace) -> None:
+    from steerlab.io import result_paths
     from steerlab.steering.commands import extract
 
     _parse_lists(ns)
@@ -105,7 +106,7 @@ def cmd_extract(ns: argparse.Namespace) -> None:
     for layer in vector.layers:
         residual = vector.residual_norm(layer)
         print(f"layer {layer:3d}  |v| = {vector.norm(layer):9.3f}   residual norm {residual:9.2f}")
-    print(f"saved {args.out}.safetensors (+ .json metadata)")
+    print(f"saved {result_paths(args.out)[0]} (+ .json metadata)")
 
 
 def cmd_evaluate(ns: argparse.Namespace) -> None:
@@ -148,7 +149,9 @@ def cmd_demo(ns: argparse.Namespace) -> None:
     from steerlab.steering.demo import DemoConfig, run_demo
     from steerlab.steering.report import terminal_summary
 
-    config = DemoConfig(model=ns.model, progress=not ns.quiet)
+    config = DemoConfig(progress=not ns.quiet)
+    if ns.model:
+        config.model = ns.model
     if ns.layers:
         config.layers = tuple(parse_layers(ns.layers))
     if ns.fractions:
@@ -304,9 +307,9 @@ def add_subcommands(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="the end-to-end sentiment steering demo on the embedded model (offline)")
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--out", default="results/demo")
-    p.add_argument("--layers", default=None)
-    p.add_argument("--fractions", default=None)
+    p.add_argument("--layers", default=None, help="layers to sweep (default 6,8,...,20)")
+    p.add_argument("--fractions", default=None, help="signed fractions of the residual norm")
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     p.set_defaults(func=cmd_demo)
