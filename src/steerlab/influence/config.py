@@ -49,7 +49,10 @@ class FitArgs:
     """What a fitted run is made of; every field but `checkpoint_every` is saved in `RUN/config.json`."""
 
     train: str = field(default="", metadata=_opt("plain-text training corpus (UTF-8)", required=True))
-    model: str = field(default="smollm2-135m", metadata=_opt("embedded name, local folder or hub id"))
+    model: str = field(
+        default="smollm2-135m",
+        metadata=_opt("embedded name (smollm2-135m, gemma3-270m), .gguf file, local folder or hub id"),
+    )
     block_size: int = field(default=128, metadata=_opt("tokens per training sequence"))
     n_blocks: int | None = field(
         default=None, metadata=_opt("training sequences (default: every full block of the corpus)")
@@ -192,10 +195,13 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         meta, kind = dict(f.metadata), _scalar(hints[f.name])
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
         default = None if f.default is MISSING else f.default
+        help_ = meta.get("help") or ""
         if kind is bool:
             action = "store_false" if default else "store_true"
-            parser.add_argument(flag, dest=f.name, action=action, help=meta.get("help"))
+            parser.add_argument(flag, dest=f.name, action=action, help=help_)
             continue
+        if default is not None and not meta.get("required") and "default" not in help_:
+            help_ = f"{help_} (default: {default})"
         parser.add_argument(
             flag,
             dest=f.name,
@@ -203,7 +209,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             default=None if meta.get("required") else default,
             required=meta.get("required", False),
             choices=meta.get("choices"),
-            help=meta.get("help"),
+            help=help_,
         )
 
 
