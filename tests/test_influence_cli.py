@@ -16,6 +16,7 @@ import torch
 from conftest import char_tokenizer, tiny_model
 from steerlab.cli import main
 from steerlab.influence.config import FitArgs, ScoreArgs, add_arguments
+from steerlab.io import load_tensors
 
 TEXT = "".join(f"line {i}: the quick brown fox {i * 7 % 13} jumps over the lazy dog.\n" for i in range(40))
 
@@ -217,3 +218,14 @@ def test_report_overwrite_is_atomic(tmp_path, model_dir, corpus, monkeypatch):
     assert (run / "report.html").read_bytes() == html
     assert (run / "report-query0.png").read_bytes() == png
     assert not list(run.rglob("*.tmp"))
+
+
+def test_blocks_of_an_interrupted_fit_are_not_reused(tmp_path, model_dir, corpus):
+    """Blocks stored just before a fit was killed (no config yet) are read again for the new settings."""
+    run = tmp_path / "run"
+    assert main(_fit(run, model_dir, corpus)) == 0
+    for path in run.iterdir():
+        if path.name != "tokens":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert main([*_fit(run, model_dir, corpus), "--block-size", "12"]) == 0
+    assert load_tensors(run / "tokens" / "result.safetensors")[0]["blocks"].shape == (12, 12)

@@ -119,9 +119,14 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
+def _has_tokens(run: Path) -> bool:
+    """Whether the run holds its corpus blocks (blocks without a config are from an interrupted fit)."""
+    return _tokens_path(run).exists() and (run / "config.json").exists()
+
+
 def _tokenize_corpus(run: Path, args: FitArgs, tokenizer) -> None:
     """Store the corpus blocks in `run/tokens/` (nothing is written when reading the corpus fails)."""
-    if _tokens_path(run).exists():
+    if _has_tokens(run):
         return
     if is_main():
         corpus = read_blocks(args.train, tokenizer, args.block_size, args.n_blocks)
@@ -162,7 +167,7 @@ def fit_run(run_dir: str | Path, args: FitArgs, *, progress: bool = False):
     run = Path(run_dir)
     args = replace(args, train=str(Path(args.train).resolve()))
     _check_config(run, args)
-    if not _tokens_path(run).exists():
+    if not _has_tokens(run):
         check_corpus(args.train)
     model, tokenizer, info = load_run_model(args)
     _tokenize_corpus(run, args, tokenizer)
