@@ -27,7 +27,7 @@ from torch import nn
 
 from steerlab.hooks.capture import Captured
 from steerlab.influence.pass_cache import (
-    DiskCache,
+    Cache,
     cached_batch,
     first_tracked_layer,
     recording_pass,
@@ -179,9 +179,6 @@ def eigendecompose(acc: Accumulator, modules: list[str]) -> Factors:
         tensors[f"{name}/lA"], tensors[f"{name}/QA"] = torch.linalg.eigh((A + A.T) / 2)
         tensors[f"{name}/lS"], tensors[f"{name}/QS"] = torch.linalg.eigh((S + S.T) / 2)
     return Factors(tensors, list(modules), {"n_tokens": n_tokens, "n_sequences": n_seq})
-
-
-Cache = dict | DiskCache  # batch index -> pass-cache entry (see `pass_cache`)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from steerlab.memory import release_free_memory
 from steerlab.models.architectures import layers_of
 
 __all__ = [
+    "Cache",
     "DiskCache",
     "cached_batch",
     "cached_rows",
@@ -163,6 +164,9 @@ class DiskCache:
         return load_tensors(path)[0] if path.exists() else default
 
 
+Cache = dict[int, Entry] | DiskCache  # batch index -> entry, in memory or on disk
+
+
 def fitted_cache(run_dir: str | Path, fit_args: dict, train_description: dict) -> DiskCache | None:
     """The run's cache when its fit recorded one for this training source: cached states belong to the
     fitted corpus and its batching (None otherwise)."""
@@ -170,16 +174,14 @@ def fitted_cache(run_dir: str | Path, fit_args: dict, train_description: dict) -
     return DiskCache.of_run(run_dir) if applies else None
 
 
-def cached_batch(batch, cache: Mapping[int, Entry] | DiskCache | None, index: int):
+def cached_batch(batch, cache: Cache | None, index: int):
     """`batch` with its cache entry merged in, so that the pass starts at the cached layer (unchanged
     without a cache, an entry, or a dict batch)."""
     entry = cache.get(index) if cache is not None and isinstance(batch, dict) else None
     return batch if entry is None else {**batch, **entry}
 
 
-def cached_rows(
-    batch, cache: Mapping[int, Entry] | DiskCache | None, examples: torch.Tensor, batch_size: int
-):
+def cached_rows(batch, cache: Cache | None, examples: torch.Tensor, batch_size: int):
     """A batch of arbitrary training examples (e.g. TF-IDF candidates) with their cached states gathered
     from the cached batches (example j is row j % batch_size of batch j // batch_size). Batches are
     right-padded, so each row is cut or zero-padded to this batch's length. Unchanged unless every
