@@ -128,8 +128,10 @@ def _tokenize_corpus(run: Path, args: FitArgs, tokenizer) -> None:
     """Store the corpus blocks in `run/tokens/` (nothing is written when reading the corpus fails)."""
     if _has_tokens(run):
         return
+    corpus = read_blocks(
+        args.train, tokenizer, args.block_size, args.n_blocks
+    )  # on every process: an error stops all
     if is_main():
-        corpus = read_blocks(args.train, tokenizer, args.block_size, args.n_blocks)
         meta = {"train": args.train, "sha256": corpus.sha256, "bytes": corpus.bytes_read}
         save_tensors(_tokens_path(run), {"blocks": corpus.blocks}, meta)
         write_json(
