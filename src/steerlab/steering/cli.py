@@ -266,7 +266,7 @@ def add_subcommands(sub) -> None:
 
     p = sub.add_parser("sweep", help="layers x strengths grid with random-vector controls -> tidy CSV + plot")
     _common(p)
-    p.add_argument("--vector", default=None)
+    p.add_argument("--vector", default=None, help="steering vector (.safetensors + .json)")
     _metric_args(p, SweepArgs)
     p.add_argument("--layers", default=None, help="default: every layer stored in the vector")
     group = p.add_mutually_exclusive_group()
