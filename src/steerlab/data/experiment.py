@@ -32,7 +32,7 @@ from steerlab.data.sources import SPLITS, DataRef, load_texts, load_word_lists, 
 from steerlab.data.texts import PairedTexts, PromptSet
 from steerlab.errors import UserError
 
-EXAMPLES = {"sentiment": BUILTIN_DIR / "sentiment-experiment.json"}
+EXAMPLES = {"sentiment": BUILTIN_DIR / "experiments" / "sentiment.json"}
 """Built-in experiments, named as `--experiment builtin:NAME`."""
 
 
