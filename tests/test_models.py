@@ -145,6 +145,8 @@ def test_hub_id_that_cannot_be_fetched_says_so_in_one_line(tmp_path, monkeypatch
     assert message.startswith("model 'SomeOrg/no-such-model' was not found locally nor fetched from the hub")
     assert "We couldn't connect to 'https://huggingface.co'" in message
     assert "embedded models: smollm2-135m, gemma3-270m" in message and "need the network" in message
+    with pytest.raises(ModelNotFoundError, match="'gpt2' was not found locally nor fetched from the hub"):
+        load_model("gpt2")  # a single-word hub id is asked for, not refused as a typo
 
 
 @pytest.mark.slow

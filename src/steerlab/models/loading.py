@@ -29,7 +29,7 @@ from steerlab.models.architectures import architecture_of, hidden_size, num_laye
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+HUB_ID = re.compile(r"([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
 
 
 class ModelNotFoundError(UserError):
@@ -211,7 +211,8 @@ def _resolve_source(name_or_path: str | os.PathLike) -> tuple[str, Path | None]:
         return text, None
     if path.exists():
         raise _not_found(text, "is a file, not a model folder or a .gguf file")
-    if HUB_ID.fullmatch(text) is None:
+    looks_like_typo = "/" not in text and difflib.get_close_matches(text.lower(), EMBEDDED_MODELS, n=1)
+    if HUB_ID.fullmatch(text) is None or looks_like_typo:  # single-word hub ids such as gpt2 still load
         raise _not_found(text, "is no embedded model, local folder or .gguf file")
     return text, None
 
