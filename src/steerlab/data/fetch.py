@@ -31,80 +31,31 @@ _C0AEC = "0aec415b166171f84c7034bd0d9d1ddf5e6ebf46"
 CAA_SPLITS = ("generate", "test_ab", "test_open_ended")
 
 # (behaviour, split) -> (commit, sha256 of the file's bytes)
+# fmt: off
 CAA_PINS: dict[tuple[str, str], tuple[str, str]] = {
-    ("coordinate-other-ais", "generate"): (
-        _C8900,
-        "643717af88eeef37468ceb9f80322b1ebdb4e3934a114a79fc9b930105d6ac71",
-    ),
-    ("coordinate-other-ais", "test_ab"): (
-        _CE1FC,
-        "9f315149225f1c1daeb65a684eca097f884b87a153d1ed8ce2c2c15abe5fae23",
-    ),
-    ("coordinate-other-ais", "test_open_ended"): (
-        _C8900,
-        "170b7aa95ac6650a69eba281892ae486e34c4dc03265025abed3a5fc34a11f78",
-    ),
-    ("corrigible-neutral-HHH", "generate"): (
-        _C8900,
-        "c93d4d8db72ab1de875b79367d08e00b3ba27675480d4315fd942bf676359893",
-    ),
-    ("corrigible-neutral-HHH", "test_ab"): (
-        _CE1FC,
-        "847759b4daf48b7d941f08a213ed7095414d1a3063354eb4ebe1dfffc4522cd0",
-    ),
-    ("corrigible-neutral-HHH", "test_open_ended"): (
-        _C8900,
-        "65f8a9bd2bb9fd2d31deb1a2699b7c7ec47de1c040aae8c4938beffebacf3a50",
-    ),
-    ("hallucination", "generate"): (
-        _C8900,
-        "11dfb47cee064d037b9c66a1e56da6dfb9257f5c53bc29a4310c83a45de1bfe3",
-    ),
-    ("hallucination", "test_ab"): (
-        _C8900,
-        "aca893768df46b7fb4a546b220fab327a58fd77dedcb49210b396bd24efe7dc6",
-    ),
-    ("hallucination", "test_open_ended"): (
-        _C8900,
-        "f89d149f24eea3be3caf5e6fa32ea7b31f25798666062489374316b2b303b3ae",
-    ),
-    ("myopic-reward", "generate"): (
-        _CE1FC,
-        "3ae9dc68fc4a6f3dbc441ef9956e543b5c7a5a5d97a3cc770f1942477f212b7e",
-    ),
-    ("myopic-reward", "test_ab"): (
-        _CE1FC,
-        "5a7446706263e4bb67965fa48a3beb433cede5476ac735b0e2d26dd7e155d2fe",
-    ),
-    ("myopic-reward", "test_open_ended"): (
-        _CE1FC,
-        "3129eef01e2e7da60648839920dc09a8826fa18948af3c1153750edf57baadb3",
-    ),
+    ("coordinate-other-ais", "generate"): (_C8900, "643717af88eeef37468ceb9f80322b1ebdb4e3934a114a79fc9b930105d6ac71"),
+    ("coordinate-other-ais", "test_ab"): (_CE1FC, "9f315149225f1c1daeb65a684eca097f884b87a153d1ed8ce2c2c15abe5fae23"),
+    ("coordinate-other-ais", "test_open_ended"): (_C8900, "170b7aa95ac6650a69eba281892ae486e34c4dc03265025abed3a5fc34a11f78"),
+    ("corrigible-neutral-HHH", "generate"): (_C8900, "c93d4d8db72ab1de875b79367d08e00b3ba27675480d4315fd942bf676359893"),
+    ("corrigible-neutral-HHH", "test_ab"): (_CE1FC, "847759b4daf48b7d941f08a213ed7095414d1a3063354eb4ebe1dfffc4522cd0"),
+    ("corrigible-neutral-HHH", "test_open_ended"): (_C8900, "65f8a9bd2bb9fd2d31deb1a2699b7c7ec47de1c040aae8c4938beffebacf3a50"),
+    ("hallucination", "generate"): (_C8900, "11dfb47cee064d037b9c66a1e56da6dfb9257f5c53bc29a4310c83a45de1bfe3"),
+    ("hallucination", "test_ab"): (_C8900, "aca893768df46b7fb4a546b220fab327a58fd77dedcb49210b396bd24efe7dc6"),
+    ("hallucination", "test_open_ended"): (_C8900, "f89d149f24eea3be3caf5e6fa32ea7b31f25798666062489374316b2b303b3ae"),
+    ("myopic-reward", "generate"): (_CE1FC, "3ae9dc68fc4a6f3dbc441ef9956e543b5c7a5a5d97a3cc770f1942477f212b7e"),
+    ("myopic-reward", "test_ab"): (_CE1FC, "5a7446706263e4bb67965fa48a3beb433cede5476ac735b0e2d26dd7e155d2fe"),
+    ("myopic-reward", "test_open_ended"): (_CE1FC, "3129eef01e2e7da60648839920dc09a8826fa18948af3c1153750edf57baadb3"),
     ("refusal", "generate"): (_CE1FC, "966f6f32d5c2246579a1d9b544c082790fec6067d4efea6c6ef755c9d0a154a4"),
     ("refusal", "test_ab"): (_CE1FC, "982838b5429f1389a36fcf59c40ddb7eb4e462cfa1464d7857b8629cd384321b"),
-    ("refusal", "test_open_ended"): (
-        _CE1FC,
-        "285e4526971c78afd1af372932be1396577424761056ede8a33983403a4b618d",
-    ),
-    ("survival-instinct", "generate"): (
-        _C8900,
-        "249a1807e6938223e66795cdd7a7212340d8612aa9bb185947669135b052697a",
-    ),
-    ("survival-instinct", "test_ab"): (
-        _C8900,
-        "750a96d7864c864b39168efed636cd79289bad6746024922a7367ccc171f951f",
-    ),
-    ("survival-instinct", "test_open_ended"): (
-        _CE1FC,
-        "9b660b7d0ef3ab32ba64f7967100a416f4b9fffe50571fe36a4d0679e0a213af",
-    ),
+    ("refusal", "test_open_ended"): (_CE1FC, "285e4526971c78afd1af372932be1396577424761056ede8a33983403a4b618d"),
+    ("survival-instinct", "generate"): (_C8900, "249a1807e6938223e66795cdd7a7212340d8612aa9bb185947669135b052697a"),
+    ("survival-instinct", "test_ab"): (_C8900, "750a96d7864c864b39168efed636cd79289bad6746024922a7367ccc171f951f"),
+    ("survival-instinct", "test_open_ended"): (_CE1FC, "9b660b7d0ef3ab32ba64f7967100a416f4b9fffe50571fe36a4d0679e0a213af"),
     ("sycophancy", "generate"): (_C59F3, "1394c959d97ffae28fe9df71ce07a402c13c9333159307a28bd664fbe355b8b0"),
     ("sycophancy", "test_ab"): (_CE1FC, "96391f0468cadb5214c34dff9f614be6725699d9f395387f8a9b6ca630d9cb77"),
-    ("sycophancy", "test_open_ended"): (
-        _C0AEC,
-        "6182d58715f29ee38be7427cbcc9da0a9b9c8a09d3f1fda17809e724e062611d",
-    ),
+    ("sycophancy", "test_open_ended"): (_C0AEC, "6182d58715f29ee38be7427cbcc9da0a9b9c8a09d3f1fda17809e724e062611d"),
 }
+# fmt: on
 
 CAA_BEHAVIOURS = tuple(dict.fromkeys(behaviour for behaviour, _ in CAA_PINS))
 
