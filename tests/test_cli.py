@@ -430,3 +430,41 @@ def test_quiet_before_or_after_the_command():
     for argv in (["--quiet", "demo"], ["demo", "--quiet"], ["-q", "extract"], ["extract", "--quiet"]):
         assert parser.parse_args(argv).quiet is True
     assert parser.parse_args(["demo"]).quiet is False
+
+
+def test_demo_takes_an_experiment_and_checks_its_data_before_loading(tmp_path, monkeypatch, capsys):
+    from steerlab.steering import demo
+
+    seen = {}
+
+    def fake_demo(out, config):
+        seen["config"] = config
+        return {}
+
+    monkeypatch.setattr(demo, "run_demo", fake_demo)
+    monkeypatch.setattr("steerlab.steering.report.terminal_summary", lambda summary, out: "done")
+    experiment = tmp_path / "exp.json"
+    pairs = {"positive": ["I love it.", "Joy!"], "negative": ["I hate it.", "Pain!"]}
+    words = {"positive": ["good"], "negative": ["bad"]}
+    experiment.write_text(
+        json.dumps({"contrast": pairs, "evaluation": ["It is"], "words": words, "layers": [1, 2]})
+    )
+    assert main(["-q", "demo", "--experiment", str(experiment), "--fractions", "-0.2,0.2"]) == 0
+    config = seen["config"]
+    assert config.layers == [1, 2] and config.fractions == [-0.2, 0.2] and config.words == words
+    assert config.pairs.source.positive == pairs["positive"] and config.progress is False
+    assert config.model == demo.DemoConfig.model and config.positions == "all"
+    experiment.write_text(json.dumps({"multipliers": [2, 4]}))
+    assert "gives multipliers; the demo sweeps fractions" in one_line_error(
+        capsys, ["demo", "--experiment", str(experiment)]
+    )
+    monkeypatch.undo()
+    monkeypatch.setattr(demo, "load_model", lambda name: (_ for _ in ()).throw(ModelLoaded()))
+    wrong = demo.DemoConfig(pairs="builtin:sentiment-prompts")
+    with pytest.raises(
+        UserError, match="contrast: builtin:sentiment-prompts holds prompts; the demo needs paired texts"
+    ):
+        demo.run_demo(tmp_path / "out", wrong)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ModelLoaded):
+        demo.run_demo(tmp_path / "out", demo.DemoConfig(words={"positive": ["good"], "negative": ["bad"]}))

@@ -19,6 +19,7 @@ from steerlab.steering.commands import (
     GenerateArgs,
     SweepArgs,
 )
+from steerlab.steering.demo import DemoConfig
 
 __all__ = ["add_subcommands"]
 
@@ -55,6 +56,15 @@ EXPERIMENT_KEYS = {
         "neutral": "neutral",
     },
     GenerateArgs: {**STEER_KEYS, "prompts": "prompts", "chat": "chat", "system_prompt": "system_prompt"},
+    DemoConfig: {
+        "model": "model",
+        "layers": "layers",
+        "fractions": "fractions",
+        "positions": "positions",
+        "pairs": "contrast",
+        "prompts": "evaluation",
+        "words": "words",
+    },
 }
 # Options that replace each other: one given on the command line hides the experiment's others.
 ALTERNATIVES = (("multiplier", "fraction"), ("multipliers", "fractions"))
@@ -65,11 +75,15 @@ def _default(cls, name: str):
     return spec.default_factory() if spec.default_factory is not MISSING else spec.default
 
 
-def _options(cls, ns: argparse.Namespace):
-    """The command's argument dataclass from the parsed options, the experiment file and the defaults."""
+def _experiment(ns: argparse.Namespace):
     from steerlab.data.experiment import load_experiment
 
-    experiment = load_experiment(ns.experiment) if ns.experiment else None
+    return load_experiment(ns.experiment) if ns.experiment else None
+
+
+def _options(cls, ns: argparse.Namespace, experiment=None):
+    """The command's argument dataclass from the parsed options, the experiment file and the defaults."""
+    experiment = experiment or _experiment(ns)
     keys = EXPERIMENT_KEYS[cls]
     given = {f.name for f in fields(cls) if getattr(ns, f.name, None) is not None}
     hidden = {name for group in ALTERNATIVES if given & set(group) for name in group}
@@ -146,17 +160,14 @@ def cmd_generate(ns: argparse.Namespace) -> None:
 
 
 def cmd_demo(ns: argparse.Namespace) -> None:
-    from steerlab.steering.demo import DemoConfig, run_demo
+    from steerlab.steering.demo import run_demo
     from steerlab.steering.report import terminal_summary
 
-    config = DemoConfig(progress=not ns.quiet)
-    if ns.model:
-        config.model = ns.model
-    if ns.layers:
-        config.layers = tuple(parse_layers(ns.layers))
-    if ns.fractions:
-        config.fractions = tuple(parse_floats(ns.fractions, "--fractions"))
-    summary = run_demo(ns.out, config)
+    experiment = _experiment(ns)
+    if experiment is not None and experiment.multipliers is not None:
+        raise UserError(f"--experiment: {experiment.path} gives multipliers; the demo sweeps fractions")
+    _parse_lists(ns)
+    summary = run_demo(ns.out, _options(DemoConfig, ns, experiment))
     print(terminal_summary(summary, ns.out))
 
 
@@ -307,6 +318,12 @@ def add_subcommands(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="the end-to-end sentiment steering demo on the embedded model (offline)")
+    p.add_argument(
+        "--experiment",
+        default=None,
+        metavar="FILE",
+        help="run the demo's recipe on an experiment's paired texts (contrast), prompts (evaluation), words",
+    )
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--out", default="results/demo")
     p.add_argument("--layers", default=None, help="layers to sweep (default 6,8,...,20)")

@@ -2,6 +2,7 @@
 reported on test, with controls, side effects, generations and an HTML report.
 
 Everything it needs ships with steerlab (built-in datasets written for the project), so it runs offline.
+Other paired texts, prompts and word lists (e.g. from an experiment file) run through the same recipe.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from steerlab.data import load_builtin
+from steerlab.data import PairedTexts, PromptSet, load_builtin
+from steerlab.data.sources import DataRef, load_dataset, load_word_lists
 from steerlab.evaluate import bootstrap_ci, generate, prepare_neutral, separability
 from steerlab.hooks import Positions
 from steerlab.io import write_json
@@ -24,6 +26,7 @@ from steerlab.steering.sweep import Grid, choose_setting, sweep, write_csv
 
 DEFAULT_LAYERS = (6, 8, 10, 12, 14, 16, 18, 20)
 DEFAULT_FRACTIONS = (-0.1, -0.07, -0.04, 0.04, 0.07, 0.1)
+SENTIMENT = "sentiment (p of a positive vs negative next word on neutral sentence starts)"
 
 
 @dataclass
@@ -38,19 +41,31 @@ class DemoConfig:
     seed: int = 0
     progress: bool = True
     extra: dict = field(default_factory=dict)
+    pairs: DataRef | str = "builtin:sentiment"
+    prompts: DataRef | str = "builtin:sentiment-prompts"
+    words: dict[str, list[str]] | str = "builtin:sentiment-words"
+
+    def behaviour(self, pairs: PairedTexts, prompts: PromptSet) -> str:
+        """What the demo measures, in words."""
+        if (self.pairs, self.prompts, self.words) == (DemoConfig.pairs, DemoConfig.prompts, DemoConfig.words):
+            return SENTIMENT
+        return f"{pairs.name} (p of a positive vs negative next word on {prompts.name})"
 
 
 def run_demo(out_dir: str | Path, config: DemoConfig | None = None, lm: LoadedModel | None = None) -> dict:
     """Run the whole demo, write its files into `out_dir` and return the summary dict."""
     config = config or DemoConfig()
+    pairs = load_dataset(config.pairs, (PairedTexts,), "contrast", "the demo")
+    prompts = load_dataset(config.prompts, (PromptSet,), "evaluation", "the demo")
+    words = config.words if isinstance(config.words, dict) else load_word_lists(config.words, "words")
+    positions = Positions.parse(config.positions)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     lm = lm or load_model(config.model)
-    positions = Positions.parse(config.positions)
 
-    pairs_train, pairs_heldout = load_builtin("sentiment").split([0.75, 0.25], seed=config.seed)
-    prompts_val, prompts_test = load_builtin("sentiment-prompts").split([0.5, 0.5], seed=config.seed)
+    pairs_train, pairs_heldout = pairs.split([0.75, 0.25], seed=config.seed)
+    prompts_val, prompts_test = prompts.split([0.5, 0.5], seed=config.seed)
     vector = extract_mean_difference(lm, pairs_train, config.layers, read="last", progress=config.progress)
     vector.save(out / "vector")
 
@@ -59,7 +74,6 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, lm: LoadedMo
     auroc = separability(lm, heldout_pos, heldout_neg, vector.vectors)
 
     neutral = prepare_neutral(lm, load_builtin("neutral-text"))
-    words = load_builtin("sentiment-words")
     val_metric = behaviour_metric(lm, prompts_val, words)
     test_metric = behaviour_metric(lm, prompts_test, words)
     grid = Grid(config.layers, config.fractions)
@@ -121,7 +135,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, lm: LoadedMo
     residual = vector.residual_norm(layer)
     summary = {
         "model": lm.info.name,
-        "behaviour": "sentiment (p of a positive vs negative next word on neutral sentence starts)",
+        "behaviour": config.behaviour(pairs, prompts),
         "layer": layer,
         "fraction_of_residual_norm": choice.fraction,
         "multiplier": m,
