@@ -9,6 +9,7 @@ import torch
 
 from conftest import char_tokenizer, tiny_model
 from steerlab.cli import build_parser, main
+from steerlab.data import DataRef, PairedTexts
 from steerlab.errors import UserError
 from steerlab.steering import SteeringVector
 
@@ -466,5 +467,8 @@ def test_demo_takes_an_experiment_and_checks_its_data_before_loading(tmp_path, m
     ):
         demo.run_demo(tmp_path / "out", wrong)
     assert not (tmp_path / "out").exists()
+    few = demo.DemoConfig(pairs=DataRef(PairedTexts(["a", "b"], ["c", "d"], "few")))
+    with pytest.raises(UserError, match="few has 2 pairs and sentiment-prompts 44 prompts"):
+        demo.run_demo(tmp_path / "out", few)
     with pytest.raises(ModelLoaded):
         demo.run_demo(tmp_path / "out", demo.DemoConfig(words={"positive": ["good"], "negative": ["bad"]}))

@@ -15,6 +15,7 @@ import numpy as np
 
 from steerlab.data import PairedTexts, PromptSet, load_builtin
 from steerlab.data.sources import DataRef, load_dataset, load_word_lists
+from steerlab.errors import UserError
 from steerlab.evaluate import bootstrap_ci, generate, prepare_neutral, separability
 from steerlab.hooks import Positions
 from steerlab.io import write_json
@@ -59,13 +60,17 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, lm: LoadedMo
     prompts = load_dataset(config.prompts, (PromptSet,), "evaluation", "the demo")
     words = config.words if isinstance(config.words, dict) else load_word_lists(config.words, "words")
     positions = Positions.parse(config.positions)
+    pairs_train, pairs_heldout = pairs.split([0.75, 0.25], seed=config.seed)
+    prompts_val, prompts_test = prompts.split([0.5, 0.5], seed=config.seed)
+    if not len(pairs_heldout) or not len(prompts_val) or not len(prompts_test):
+        raise UserError(
+            f"the demo holds out a quarter of the pairs and halves the prompts; {pairs.name} has "
+            f"{len(pairs)} pairs and {prompts.name} {len(prompts)} prompts (give at least 4 and 2)"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     lm = lm or load_model(config.model)
-
-    pairs_train, pairs_heldout = pairs.split([0.75, 0.25], seed=config.seed)
-    prompts_val, prompts_test = prompts.split([0.5, 0.5], seed=config.seed)
     vector = extract_mean_difference(lm, pairs_train, config.layers, read="last", progress=config.progress)
     vector.save(out / "vector")
 
