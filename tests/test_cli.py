@@ -211,6 +211,9 @@ def test_inputs_are_checked_before_the_model_loads(no_model, vec, ab, tmp_path, 
     blocked.write_text("a file, not a folder")
     steer = ["--vector", vec, "--layer", "2", "--data", ab]
     missing = str(tmp_path / "missing.json")
+    one_item = tmp_path / "one.json"
+    one_item.write_text(json.dumps([AB_ITEM]))
+    one_item = str(one_item)
     cases = [
         ("--data: no such data file", ["extract", "--data", missing, "--layers", "1", "--out", "v"]),
         (
@@ -225,12 +228,12 @@ def test_inputs_are_checked_before_the_model_loads(no_model, vec, ab, tmp_path, 
         ("layer 7 is out of range", ["evaluate", "--vector", vec, "--layer", "7", "--data", ab]),
         ("--layer: the vector has layers [1, 2]", ["evaluate", "--vector", vec, "--data", ab]),
         (
-            f"--out: cannot write to {blocked}",
+            f"{blocked} is not a folder",
             ["extract", "--data", "builtin:sentiment", "--layers", "1", "--out", str(blocked / "v")],
         ),
-        (f"--json: cannot write to {blocked}", ["evaluate", *steer, "--json", str(blocked / "r.json")]),
+        (f"--json {blocked / 'r.json'}: {blocked} is not a folder", ["evaluate", *steer, "--json", str(blocked / "r.json")]),
         (
-            f"--out: cannot write to {blocked}",
+            f"{blocked} is not a folder",
             ["sweep", "--vector", vec, "--data", ab, "--out", str(blocked / "s.csv")],
         ),
         ("--prompt: give --prompt TEXT", ["generate", "--vector", vec, "--layer", "1"]),
@@ -240,6 +243,11 @@ def test_inputs_are_checked_before_the_model_loads(no_model, vec, ab, tmp_path, 
             ["extract", "--layers", "1", "--out", "v"],
         ),
         ("--limit: expected a positive number", ["evaluate", *steer, "--limit", "0"]),
+        ("balancing", ["extract", "--data", one_item, "--layers", "1", "--out", "v"]),
+        (
+            "--system-prompt: paired texts take a system prompt only with --chat",
+            ["extract", "--data", "builtin:sentiment", "--layers", "1", "--out", "v", "--system-prompt", "x"],
+        ),
     ]
     for expected, argv in cases:
         assert expected in one_line_error(capsys, argv), argv

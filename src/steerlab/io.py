@@ -31,6 +31,8 @@ __all__ = [
     "ResultFileError",
     "atomic_write_text",
     "atomic_writer",
+    "check_output_file",
+    "check_output_folder",
     "load_result",
     "load_tensors",
     "read_json",
@@ -59,6 +61,35 @@ def atomic_writer(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _check_writable_folder(folder: Path, option: str, named: Path) -> None:
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{option} {named}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {named}: {existing} is not writable")
+
+
+def check_output_folder(path: str | os.PathLike, option: str = "--out") -> Path:
+    """`path` if it is, or can become, a writable folder; otherwise a `UserError` naming `option`.
+
+    Creates nothing: meant to run before any expensive work.
+    """
+    path = Path(path)
+    _check_writable_folder(path, option, path)
+    return path
+
+
+def check_output_file(path: str | os.PathLike, option: str) -> Path:
+    """`path` if a file can be written there (its folder is, or can become, writable); else a `UserError`."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option}: {path} is a folder; give a file name")
+    _check_writable_folder(path.parent, option, path)
+    return path
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

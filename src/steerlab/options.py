@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,22 @@ class ModelArgs:
     device: str | None = None
     dtype: str | None = None
     progress: bool = True
+
+    def load(self, **kwargs):
+        """The `LoadedModel` these arguments name; without progress, transformers' bars stay off too."""
+        from transformers.utils import logging as hf_logging
+
+        from steerlab.models import load_model
+
+        logging.getLogger("steerlab").info("loading model %s", self.model)
+        shown = hf_logging.is_progress_bar_enabled()
+        if not self.progress:
+            hf_logging.disable_progress_bar()
+        try:
+            return load_model(self.model, device=self.device, dtype=parse_dtype(self.dtype), **kwargs)
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, dtype_default: str | None = None) -> None:

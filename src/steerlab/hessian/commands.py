@@ -18,12 +18,12 @@ from steerlab.errors import UserError
 from steerlab.hessian.lm import layer_params, read_texts, text_curvature, two_set_spectra
 from steerlab.hessian.operator import CurvatureOperator
 from steerlab.hessian.outputs import (
-    check_output_folder,
     write_density,
     write_separation,
     write_spectrum,
     write_trace,
 )
+from steerlab.io import check_output_folder
 from steerlab.options import ModelArgs, parse_dtype, parse_layers
 
 PARTS = ("mlp", "attention", "block")
@@ -101,11 +101,7 @@ class SeparateArgs(ModelArgs):
 
 
 def _load(args: ModelArgs):
-    from steerlab.models import load_model
-
-    return load_model(
-        args.model, dtype=parse_dtype(args.dtype), device=args.device, attn_implementation="eager"
-    )
+    return args.load(attn_implementation="eager")
 
 
 def curvature(args: CurvatureArgs) -> tuple[CurvatureOperator, dict]:

@@ -1,5 +1,4 @@
-"""Where hessian results go: an early check of the output folder, and one writer per kind of result
-(safetensors + JSON, plots), every file written atomically. Each writer returns the one-line summary
+"""Where hessian results go: one writer per kind of result (safetensors + JSON, plots), every file written atomically. Each writer returns the one-line summary
 the command prints."""
 
 from __future__ import annotations
@@ -9,33 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from steerlab.errors import UserError
 from steerlab.hessian.density import SpectralDensity
 from steerlab.hessian.lanczos import Eigenpairs
 from steerlab.hessian.report import density_figure, spectrum_figure
 from steerlab.hessian.trace import TraceEstimate
 from steerlab.io import write_json
 from steerlab.report.figures import save_png
-
-
-class OutputFolderError(UserError):
-    """The output folder cannot be created or written."""
-
-
-def check_output_folder(path: str | os.PathLike, option: str = "--out") -> Path:
-    """`path` if it is, or can become, a writable folder; otherwise an `OutputFolderError` naming `option`.
-
-    Creates nothing: meant to run before any expensive work.
-    """
-    path = Path(path)
-    existing = path
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise OutputFolderError(f"{option} {path}: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputFolderError(f"{option} {path}: {existing} is not writable")
-    return path
 
 
 def write_spectrum(eig: Eigenpairs, folder: str | os.PathLike, title: str, name: str = "spectrum") -> dict:

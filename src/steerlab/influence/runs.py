@@ -13,7 +13,6 @@ corpus file moves. Under `torchrun`, call `steerlab.distributed.init()` first.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,12 +20,12 @@ import torch
 
 from steerlab.distributed import barrier, is_main
 from steerlab.errors import UserError
-from steerlab.influence.config import FitArgs, InfluenceArgumentError, ReportArgs, ScoreArgs, SelfArgs
+from steerlab.influence.config import FitArgs, ReportArgs, ScoreArgs, SelfArgs
 from steerlab.influence.corpus import check_corpus, prefix_sha256, read_blocks
 from steerlab.influence.pipeline import SCORES, BlockBatches
 from steerlab.influence.queries import query_batches, read_queries, same_queries, tokenize_queries
 from steerlab.influence.stages import StageArgumentsError, differences
-from steerlab.io import load_result, load_tensors, read_json, save_tensors, write_json
+from steerlab.io import check_output_file, load_result, load_tensors, read_json, save_tensors, write_json
 from steerlab.options import DTYPES
 
 __all__ = [
@@ -302,15 +301,6 @@ def self_run(run_dir: str | Path, args: SelfArgs, *, progress: bool = False) -> 
     return top
 
 
-def _writable_folder(path: Path, option: str) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InfluenceArgumentError(f"{option}: cannot create {path} ({error.strerror})") from None
-    if not os.access(path, os.W_OK):
-        raise InfluenceArgumentError(f"{option}: {path} is not writable")
-
-
 def _explained(opened: Run, args: ReportArgs, result: dict, pre, n_queries: int) -> list[dict]:
     """Per query, per-token explanations of the `args.show` most positive and negative sequences, kept in
     `run/report/explained.json` and reused while the scores and `show` stay the same."""
@@ -353,7 +343,7 @@ def report_run(run_dir: str | Path, args: ReportArgs) -> Path:
             f"{run} has no scores named {args.name!r}: run `steerlab influence score --run {run} ...` first"
         )
     out = Path(args.out) if args.out else run / "report.html"
-    _writable_folder(out.parent, "--out")
+    check_output_file(out, "--out")
     rows = read_json(run / args.name / "queries.json")
     result = load_result(scored, SCORES)[0]
     pre = Preconditioned.from_tensors(load_tensors(run / f"{args.name}_queries" / "result.safetensors")[0])

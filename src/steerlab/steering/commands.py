@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from steerlab.data import ABDataset, PairedTexts, PromptSet
 from steerlab.data.sources import DataRef, Dataset, load_dataset, load_texts, load_word_lists
 from steerlab.errors import UserError
-from steerlab.models import DEFAULT_MODEL, LoadedModel
+from steerlab.io import check_output_file
+from steerlab.models import LoadedModel
+from steerlab.options import ModelArgs
 
 log = logging.getLogger(__name__)
 
@@ -27,16 +28,6 @@ NEUTRAL_TEXT = "builtin:neutral-text"
 
 DataSpec = DataRef | str | os.PathLike | Dataset
 Words = dict[str, list[str]] | str | os.PathLike
-
-
-@dataclass(kw_only=True)
-class ModelArgs:
-    """Which model to load, and whether to show progress bars."""
-
-    model: str = DEFAULT_MODEL
-    device: str | None = None
-    dtype: str | None = None
-    progress: bool = True
 
 
 @dataclass(kw_only=True)
@@ -99,39 +90,6 @@ class GenerateArgs(SteerArgs):
     system_prompt: str | None = None
 
 
-def writable(path: str | os.PathLike, option: str) -> Path:
-    """`path`, once its folder exists and takes a file; else a `UserError` naming `option` and the folder."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{option}: {path} is a folder; give a file name")
-    folder = path.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".steerlab-write-check.", dir=folder)
-    except OSError as error:
-        raise UserError(f"{option}: cannot write to {folder} ({error.strerror or error})") from None
-    os.close(fd)
-    os.remove(probe)
-    return path
-
-
-def load(args: ModelArgs) -> LoadedModel:
-    """The model `args` names; without progress, transformers' loading bars stay off too."""
-    from transformers.utils import logging as hf_logging
-
-    from steerlab.models import load_model
-
-    log.info("loading model %s", args.model)
-    shown = hf_logging.is_progress_bar_enabled()
-    if not args.progress:
-        hf_logging.disable_progress_bar()
-    try:
-        return load_model(args.model, device=args.device, dtype=args.dtype)
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
-
-
 def _data_ref(data: DataSpec, split: str | None = None, limit: int | None = None) -> DataRef:
     ref = data if isinstance(data, DataRef) else DataRef(data)
     return DataRef(
@@ -162,14 +120,23 @@ def _texts(value: str | os.PathLike | list[str], option: str) -> list[str]:
 
 def extract(args: ExtractArgs, lm: LoadedModel | None = None):
     """Extract a steering vector (CAA on A/B items, mean difference on paired texts) and save it."""
-    from steerlab.steering import extract_caa, extract_mean_difference
+    from steerlab.steering import caa_items, extract_caa, extract_mean_difference
 
     ref = _data_ref(args.data, args.split, args.limit)
     dataset = load_dataset(ref, (ABDataset, PairedTexts), "--data", "extraction")
-    out = writable(Path(f"{args.out}.safetensors"), "--out").with_suffix("")
+    if isinstance(dataset, ABDataset):
+        caa_items(dataset, balance=args.balance)  # refuses data that balancing would empty, before loading
+    elif args.system_prompt is not None and not args.chat:
+        raise UserError("--system-prompt: paired texts take a system prompt only with --chat")
+    out = check_output_file(Path(f"{args.out}.safetensors"), "--out").with_suffix("")
     log.info("extracting from %d items of %s at layers %s", len(dataset), ref.describe(), args.layers)
-    lm = lm or load(args)
-    common = dict(system_prompt=args.system_prompt, batch_size=args.batch_size, progress=args.progress)
+    lm = lm or args.load()
+    common = dict(
+        system_prompt=args.system_prompt,
+        batch_size=args.batch_size,
+        progress=args.progress,
+        source=dataset.source or ref.describe(),
+    )
     if isinstance(dataset, ABDataset):
         vector = extract_caa(lm, dataset, args.layers, balance=args.balance, **common)
     else:
@@ -214,8 +181,8 @@ def evaluate(args: EvaluateArgs, lm: LoadedModel | None = None) -> dict:
     dataset = load_dataset(ref, (ABDataset, PromptSet), "--data", "evaluate")
     words = _word_lists(args.data, dataset, args.words)
     neutral_texts = _texts(args.neutral, "--neutral")
-    json_path = writable(args.json, "--json") if args.json else None
-    lm = lm or load(args)
+    json_path = check_output_file(args.json, "--json") if args.json else None
+    lm = lm or args.load()
     vector.check_compatible(lm.model)
     log.info("preparing %d items of %s", len(dataset), ref.describe())
     metric = behaviour_metric(lm, dataset, words, system_prompt=args.system_prompt, progress=args.progress)
@@ -251,8 +218,8 @@ def sweep(args: SweepArgs, lm: LoadedModel | None = None) -> list[dict]:
     dataset = load_dataset(ref, (ABDataset, PromptSet), "--data", "sweep")
     words = _word_lists(args.data, dataset, args.words)
     neutral_texts = _texts(args.neutral, "--neutral")
-    csv_path = writable(args.out, "--out")
-    lm = lm or load(args)
+    csv_path = check_output_file(args.out, "--out")
+    lm = lm or args.load()
     vector.check_compatible(lm.model)
     log.info("preparing %d items of %s", len(dataset), ref.describe())
     metric = behaviour_metric(lm, dataset, words, system_prompt=args.system_prompt)
@@ -287,7 +254,7 @@ def generate(args: GenerateArgs, lm: LoadedModel | None = None) -> dict:
     if args.vector:
         vector, layer = _vector_and_layer(args)
         multiplier = _multiplier(vector, layer, args)
-    lm = lm or load(args)
+    lm = lm or args.load()
     kwargs = dict(
         max_new_tokens=args.max_new_tokens,
         chat=args.chat,
