@@ -14,7 +14,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ __all__ = [
     "check_output_folder",
     "load_result",
     "load_tensors",
+    "parse_json",
     "read_json",
     "result_paths",
     "save_result",
@@ -114,6 +115,14 @@ def write_json(path: str | Path, obj: Any, sort_keys: bool = False) -> None:
     atomic_write_text(path, text + "\n")
 
 
+def parse_json(text: str, fail: Callable[[str, int], Exception]) -> Any:
+    """`json.loads(text)`; malformed text raises `fail(message, line)` (the caller's error naming the file)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise fail(f"invalid JSON at column {error.colno}: {error.msg}", error.lineno) from None
+
+
 def read_json(path: str | Path) -> Any:
     """Parse a JSON file; a missing, unreadable or malformed file is a `ResultFileError` naming it."""
     path = Path(path)
@@ -123,10 +132,7 @@ def read_json(path: str | Path) -> Any:
         raise ResultFileError(f"{path}: no such file") from None
     except (UnicodeDecodeError, OSError) as error:
         raise ResultFileError(f"{path}: cannot be read as UTF-8 text ({error})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ResultFileError(f"{path}: line {error.lineno}: invalid JSON ({error.msg})") from None
+    return parse_json(text, lambda message, line: ResultFileError(f"{path}: line {line}: {message}"))
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
@@ -152,7 +158,15 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
     except Exception as error:  # safetensors raises its own error types (and OSError) for bad files
         raise ResultFileError(f"{path}: not a readable safetensors file ({error})") from None
-    return tensors, json.loads(header.get("json", "{}"))
+    metadata = parse_json(
+        header.get("json", "{}"),
+        lambda message, _: ResultFileError(
+            f"{path}: the metadata in its header is not valid JSON ({message})"
+        ),
+    )
+    if not isinstance(metadata, dict):
+        raise ResultFileError(f"{path}: the metadata in its header is not a JSON object")
+    return tensors, metadata
 
 
 def result_paths(path: str | Path) -> tuple[Path, Path]:
@@ -187,15 +201,27 @@ def save_result(
     return tensor_path
 
 
-def load_result(path: str | Path, kind: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+def load_result(
+    path: str | Path, kind: str | None = None, *, require_metadata: bool = True
+) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, metadata without the header) of a result written by `save_result`.
 
-    Errors name the file: missing, truncated or not safetensors, malformed JSON, another kind of result,
-    or a format version newer than this steerlab reads. Files from before the header existed load too.
+    Errors name the file: missing, truncated or not safetensors, a missing or malformed JSON half, another
+    kind of result, or a format version newer than this steerlab reads. Files from before the header
+    existed load too; `require_metadata=False` accepts a missing JSON half (metadata {}) for results that
+    once kept their metadata elsewhere.
     """
     tensor_path, meta_path = result_paths(path)
     tensors, _ = load_tensors(tensor_path)
-    metadata = read_json(meta_path) if meta_path.exists() else {}
+    if meta_path.exists():
+        metadata = read_json(meta_path)
+    elif require_metadata:
+        raise ResultFileError(
+            f"{meta_path}: no such file; a result is saved as {tensor_path.name} plus this metadata file "
+            "(an interrupted write leaves it out: recompute the result)"
+        )
+    else:
+        metadata = {}
     if not isinstance(metadata, dict):
         raise ResultFileError(f"{meta_path}: expected a JSON object, got {type(metadata).__name__}")
     found = metadata.get("format")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from steerlab.errors import UserError
+from steerlab.io import parse_json as decode_json
 
 
 class DataFormatError(UserError):
@@ -52,13 +52,8 @@ def read_text(path: Path) -> str:
 
 
 def parse_json(path: Path, text: str, line_offset: int = 0) -> Any:
-    """`json.loads` whose errors name the file, line and column."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DataFormatError(
-            path, f"invalid JSON at column {error.colno}: {error.msg}", line=error.lineno + line_offset
-        ) from None
+    """`json.loads` whose errors are `DataFormatError`s naming the file, line and column."""
+    return decode_json(text, lambda message, line: DataFormatError(path, message, line=line + line_offset))
 
 
 def read_json(path: Path) -> Any:

@@ -162,7 +162,7 @@ class Factors:
 
     @classmethod
     def load(cls, path: str | Path) -> Factors:
-        tensors, meta = load_result(path, FACTORS)
+        tensors, meta = load_result(path, FACTORS, require_metadata=False)
         if "modules" not in meta:  # written before factors had a JSON half: metadata in the header
             meta = load_tensors(path)[1]
         return cls(tensors, meta["modules"], meta.get("info", {}))

@@ -306,7 +306,7 @@ def score(
         "candidates": None if candidates is None else tensor_hash(candidates),
     }
     result_path = run_dir / name / "result.safetensors"
-    if check_stage(run_dir, name, sargs):
+    if check_stage(run_dir, name, sargs) and _complete(result_path):
         return load_result(result_path, SCORES)[0]
 
     source = train
@@ -420,7 +420,7 @@ def self_influence(
         "train": _describe(train),
     }
     result_path = run_dir / name / "result.safetensors"
-    if check_stage(run_dir, name, args):
+    if check_stage(run_dir, name, args) and _complete(result_path):
         return load_result(result_path, SELF)[0]
     factors = Factors.load(run_dir / "lambda" / "factors.safetensors") if strategy != "identity" else None
     cache = fitted_cache(run_dir, fit_args, _describe(train))
