@@ -129,7 +129,7 @@ def test_bad_input_is_a_clear_error(tmp_path, tiny_folder, capsys):
     with pytest.raises(UserError, match=r"bad.json: record 0"):  # -v: the traceback is kept
         main(["-v", *args, "--data", str(bad)])
     assert main([*args, "--data", str(tmp_path / "missing.json")]) == 2
-    assert "no such data file" in capsys.readouterr().err
+    assert "no such file" in capsys.readouterr().err
 
 
 def test_parser_requires_a_command():
@@ -194,7 +194,7 @@ def one_line_error(capsys, argv) -> str:
     [
         (b'[\n  {"question": "Q",\n   "answer_matching_behavior": }\n]', "bad.json: line 3: invalid JSON"),
         (b"", "bad.json: the file is empty"),
-        (b'[{"question": "caf\xe9"}]', "bad.json: not UTF-8 text"),
+        (b'[{"question": "caf\xe9"}]', "bad.json: line 1: not UTF-8 text"),
     ],
 )
 def test_malformed_data_names_the_file(no_model, vec, tmp_path, capsys, content, expected):
@@ -215,7 +215,7 @@ def test_inputs_are_checked_before_the_model_loads(no_model, vec, ab, tmp_path, 
     one_item.write_text(json.dumps([AB_ITEM]))
     one_item = str(one_item)
     cases = [
-        ("--data: no such data file", ["extract", "--data", missing, "--layers", "1", "--out", "v"]),
+        ("--data: no such file", ["extract", "--data", missing, "--layers", "1", "--out", "v"]),
         (
             "--data: builtin:sentiment holds paired texts; evaluate needs A/B items or prompts",
             ["evaluate", "--vector", vec, "--layer", "1", "--data", "builtin:sentiment"],
@@ -231,7 +231,10 @@ def test_inputs_are_checked_before_the_model_loads(no_model, vec, ab, tmp_path, 
             f"{blocked} is not a folder",
             ["extract", "--data", "builtin:sentiment", "--layers", "1", "--out", str(blocked / "v")],
         ),
-        (f"--json {blocked / 'r.json'}: {blocked} is not a folder", ["evaluate", *steer, "--json", str(blocked / "r.json")]),
+        (
+            f"--json {blocked / 'r.json'}: {blocked} is not a folder",
+            ["evaluate", *steer, "--json", str(blocked / "r.json")],
+        ),
         (
             f"{blocked} is not a folder",
             ["sweep", "--vector", vec, "--data", ab, "--out", str(blocked / "s.csv")],
@@ -242,7 +245,7 @@ def test_inputs_are_checked_before_the_model_loads(no_model, vec, ab, tmp_path, 
             "--data: required (or 'contrast' in the --experiment file)",
             ["extract", "--layers", "1", "--out", "v"],
         ),
-        ("--limit: expected a positive number", ["evaluate", *steer, "--limit", "0"]),
+        ("--limit: must be at least 1", ["evaluate", *steer, "--limit", "0"]),
         ("balancing", ["extract", "--data", one_item, "--layers", "1", "--out", "v"]),
         (
             "--system-prompt: paired texts take a system prompt only with --chat",

@@ -45,7 +45,7 @@ def test_format_is_detected_from_the_content(tmp_path, name, text, kind):
         (b'[\n  {"question": "Q",\n   "answer_matching_behavior": }\n]', r"bad\.json: line 3: invalid JSON"),
         (b"", r"bad\.json: the file is empty"),
         (b"  \n", r"bad\.json: the file is empty"),
-        (b'["caf\xe9"]', r"bad\.json: not UTF-8 text"),
+        (b'[\n"caf\xe9"]', r"bad\.json: line 2: not UTF-8 text \(invalid continuation byte at byte 6\)"),
     ],
 )
 def test_malformed_files_name_the_file_and_line(tmp_path, content, expected):
@@ -69,7 +69,7 @@ def test_wrong_kind_and_unknown_names_are_user_errors(tmp_path):
         load_dataset("builtin:sentiment", (ABDataset, PromptSet), "--data", "evaluate")
     with pytest.raises(UserError, match=r"--data: no built-in dataset 'nope'; available: sentiment"):
         load_dataset("builtin:nope")
-    with pytest.raises(UserError, match=r"--data: no such data file: .*missing\.json"):
+    with pytest.raises(UserError, match=r"--data: no such file: .*missing\.json"):
         load_dataset(str(tmp_path / "missing.json"))
     with pytest.raises(UserError, match=r"no CAA behaviour 'nope'"):
         load_dataset("caa:nope")
@@ -86,9 +86,9 @@ def test_named_splits_are_disjoint_seeded_parts_and_limit_takes_the_first_items(
     assert select(pairs, "train").positive == parts["train"].positive  # seeded: the same every time
     assert select(pairs, "train", limit=3).positive == parts["train"].positive[:3]
     assert load_dataset(DataRef("builtin:sentiment", "test", 2)).positive == parts["test"].positive[:2]
-    with pytest.raises(UserError, match="--split: unknown split 'dev'"):
+    with pytest.raises(UserError, match="--split: 'dev' is not one of train, validation, test"):
         select(pairs, "dev")
-    with pytest.raises(UserError, match="--limit: expected a positive number"):
+    with pytest.raises(UserError, match="--limit: must be at least 1, got 0"):
         select(pairs, limit=0)
 
 

@@ -81,7 +81,7 @@ def test_yaml_experiments(tmp_path):
         ({"contrast": [{"question": "Q"}]}, r"field 'contrast': an inline list holds prompt strings"),
         (
             {"evaluation": {"path": "x.json", "split": "dev"}},
-            r"field 'evaluation\.split': expected one of train",
+            r"field 'evaluation\.split': 'dev' is not one of train",
         ),
         ({"evaluation": {"file": "x.json"}}, r"field 'evaluation': expected a file name"),
         (
@@ -89,7 +89,7 @@ def test_yaml_experiments(tmp_path):
             r"field 'words\.positive\[0\]': expected a single word",
         ),
         ({"words": {"pos": ["good"]}}, r"field 'words\.positive': missing"),
-        ({"read": "first"}, r"field 'read': expected one of last, mean"),
+        ({"read": "first"}, r"field 'read': 'first' is not one of last, mean"),
         ({"chat": "yes"}, r"field 'chat': expected true or false"),
     ],
 )

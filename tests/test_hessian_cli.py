@@ -313,6 +313,37 @@ def test_python_api_checks_arguments_before_loading(no_model, text_file, tmp_pat
         density(DensityArgs(**common, part="head"))
     with pytest.raises(UserError, match="--task: 'images'"):
         separate(SeparateArgs(out=tmp_path, task="images"))
+    for cls, function, option, name in (
+        (SpectrumArgs, spectrum, "--n-texts", "n_texts"),
+        (SpectrumArgs, spectrum, "--max-iter", "max_iter"),
+        (DensityArgs, density, "--probes", "probes"),
+        (TraceArgs, trace, "--products", "products"),
+    ):
+        with pytest.raises(UserError, match=f"{option}: must be at least 1, got 0"):
+            function(cls(**common, **{name: 0}))
+
+
+def test_options_help_and_defaults_come_from_the_dataclasses(capsys):
+    from dataclasses import fields
+
+    from steerlab.hessian.commands import DensityArgs, SeparateArgs, SpectrumArgs, TraceArgs
+    from steerlab.options import field_default
+
+    parser = argparse.ArgumentParser()
+    add_subcommands(parser.add_subparsers(dest="command"))
+    for cls, name in ((SpectrumArgs, "spectrum"), (DensityArgs, "density"), (TraceArgs, "trace")):
+        parsed = vars(parser.parse_args(["hessian", name, "--text", "t.txt", "--out", "o"]))
+        expected = {f.name: field_default(cls, f.name) for f in fields(cls) if f.name != "progress"}
+        assert {k: parsed[k] for k in expected} == {**expected, "text": "t.txt", "out": "o"}
+    parsed = parser.parse_args(["hessian", "separate", "--out", "o", "--seeds", "1", "2"])
+    assert parsed.seeds == [1, 2] and field_default(SeparateArgs, "seeds") == [10, 11, 12, 13, 14]
+    parsed = parser.parse_args(
+        ["hessian", "trace", "--text", "t", "--out", "o", "--include", "a", "--include", "b"]
+    )
+    assert parsed.include == ["a", "b"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["hessian", "spectrum", "--help"])
+    assert "eigenpairs (default: 10)" in capsys.readouterr().out
 
 
 def test_python_api_runs_a_command(tiny_folder, tmp_path):

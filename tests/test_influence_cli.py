@@ -15,8 +15,10 @@ import torch
 
 from conftest import char_tokenizer, tiny_model
 from steerlab.cli import main
-from steerlab.influence.config import FitArgs, ScoreArgs, add_arguments
+from steerlab.errors import UserError
+from steerlab.influence.config import FitArgs, ScoreArgs
 from steerlab.io import load_tensors
+from steerlab.options import add_arguments
 
 TEXT = "".join(f"line {i}: the quick brown fox {i * 7 % 13} jumps over the lazy dog.\n" for i in range(40))
 
@@ -98,6 +100,30 @@ def test_argparse_defaults_come_from_the_dataclasses():
         flags = [x for k, v in required.items() for x in (f"--{k}", v)]
         parsed = vars(parser.parse_args(flags))
         assert parsed == {f.name: required.get(f.name, f.default) for f in fields(cls)}
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_influence_commands_honour_quiet(monkeypatch, tmp_path, corpus, quiet):
+    """-q used to leave the progress bars of fit, score and self on."""
+    import steerlab.influence.runs as runs
+
+    seen = {}
+
+    def stage(name):
+        def run(run_dir, args, progress):
+            seen[name] = progress
+            raise UserError("stopped")
+
+        return run
+
+    for name in ("fit_run", "score_run", "self_run"):
+        monkeypatch.setattr(runs, name, stage(name))
+    queries = _queries(tmp_path / "q.jsonl", [{"prompt": "a", "completion": "b"}])
+    run = str(tmp_path / "run")
+    flags = ["-q"] if quiet else []
+    for command in (["fit", "--train", str(corpus)], ["score", "--queries", queries], ["self"]):
+        assert main([*flags, "influence", command[0], "--run", run, *command[1:]]) == 2
+    assert seen == dict.fromkeys(("fit_run", "score_run", "self_run"), not quiet)
 
 
 def test_fit_missing_corpus_writes_nothing(tmp_path, model_dir, corpus, capsys):

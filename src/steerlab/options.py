@@ -1,10 +1,14 @@
-"""Argument syntax shared by the Python API and every command: dtypes, layer lists, number lists."""
+"""Argument syntax shared by the Python API and every command: dtypes, layer lists, number lists, value
+checks, and options generated from argument dataclasses (help, choices and defaults come from the fields)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass
+import typing
+from collections.abc import Callable, Collection
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
 
 import torch
 
@@ -49,6 +53,22 @@ def parse_layers(text: str | None, option: str = "--layers") -> list[int] | None
     return out
 
 
+def check_choice(value: Any, choices: Collection, option: str, error: type[UserError] = UserError) -> Any:
+    """`value` when it is None or one of `choices`; otherwise an `error` naming `option`."""
+    if value is not None and value not in choices:
+        raise error(f"{option}: {value!r} is not one of {', '.join(map(str, choices))}")
+    return value
+
+
+def check_at_least(
+    value: int | float | None, low: int | float, option: str, error: type[UserError] = UserError
+) -> Any:
+    """`value` when it is None or at least `low` (1: a positive count); otherwise an `error` naming `option`."""
+    if value is not None and value < low:
+        raise error(f"{option}: must be at least {low}, got {value}")
+    return value
+
+
 def parse_floats(text: str, option: str) -> list[float]:
     """'-0.1,0.05' -> [-0.1, 0.05]."""
     try:
@@ -62,14 +82,103 @@ def parse_floats(text: str, option: str) -> list[float]:
     return values
 
 
+MODEL_HELP = "embedded name (smollm2-135m, gemma3-270m), .gguf file, local folder or hub id"
+
+
+def option(
+    help: str = "",
+    *,
+    flag: str | None = None,
+    choices: Collection | None = None,
+    required: bool = False,
+    parse: Callable[[str], Any] | None = None,
+    nargs: str | None = None,
+    append: bool = False,
+    saved: bool = True,
+    cli: bool = True,
+) -> dict[str, Any]:
+    """Field metadata read by `add_arguments`: help, flag (default `--field-name`), choices, required,
+    `parse` (argparse's type; default from the annotation), nargs, `append` (repeatable option),
+    `saved` (kept in a run's config) and `cli` (False: no option)."""
+    return {
+        "help": help,
+        "flag": flag,
+        "choices": choices,
+        "required": required,
+        "parse": parse,
+        "nargs": nargs,
+        "append": append,
+        "saved": saved,
+        "cli": cli,
+    }
+
+
+def field_default(cls: type, name: str) -> Any:
+    """The default of dataclass `cls`'s field `name` (MISSING when it has none)."""
+    spec = next(f for f in fields(cls) if f.name == name)
+    return spec.default_factory() if spec.default_factory is not MISSING else spec.default
+
+
+def _scalar(hint: Any) -> type:
+    """int for `int | None`, str for `list[int] | None` (parsed by the dataclass) or `str | os.PathLike`."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    base = args[0]
+    return base if base in (int, float, str, bool) else str
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: Collection[str] = ()) -> None:
+    """One option per field of dataclass `cls` (`--block-size` for `block_size`), except those in `skip` or
+    marked `cli=False`; help, choices and the default (also shown in the help) come from the field."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        meta = dict(f.metadata)
+        if f.name in skip or not meta.get("cli", True):
+            continue
+        kind = _scalar(hints[f.name])
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        default = field_default(cls, f.name)
+        required = meta.get("required", False) or default is MISSING
+        default = None if required else default
+        help_ = meta.get("help") or ""
+        if kind is bool:
+            action = "store_false" if default else "store_true"
+            parser.add_argument(flag, dest=f.name, action=action, help=help_)
+            continue
+        if default is not None and "default" not in help_:
+            shown = " ".join(map(str, default)) if isinstance(default, list) else default
+            help_ = f"{help_} (default: {shown})".lstrip()
+        parser.add_argument(
+            flag,
+            dest=f.name,
+            type=meta.get("parse") or kind,
+            default=default,
+            required=required,
+            choices=meta.get("choices"),
+            nargs=meta.get("nargs"),
+            action="append" if meta.get("append") else "store",
+            help=help_,
+        )
+
+
+def from_namespace(cls: type, namespace: argparse.Namespace, **values: Any):
+    """The dataclass `cls` built from parsed options (and `values`), validated by the dataclass."""
+    names = {f.name for f in fields(cls)}
+    given = {name: value for name, value in vars(namespace).items() if name in names}
+    return cls(**{**given, **values})
+
+
 @dataclass(kw_only=True)
 class ModelArgs:
     """Which model to load (the fields of `add_model_arguments`), and whether to show progress bars."""
 
-    model: str = "smollm2-135m"
-    device: str | None = None
-    dtype: str | None = None
-    progress: bool = True
+    model: str = field(default="smollm2-135m", metadata=option(MODEL_HELP))
+    device: str | None = field(
+        default=None, metadata=option("e.g. cpu, cuda, cuda:1 (default: where the model loads)")
+    )
+    dtype: str | None = field(
+        default=None, metadata=option("weights' dtype (default float32)", choices=sorted(DTYPES))
+    )
+    progress: bool = field(default=True, metadata=option(cli=False))
 
     def load(self, **kwargs):
         """The `LoadedModel` these arguments name; without progress, transformers' bars stay off too."""
@@ -88,16 +197,6 @@ class ModelArgs:
                 hf_logging.enable_progress_bar()
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, dtype_default: str | None = None) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --device and --dtype, the same for every command that loads a model."""
-    parser.add_argument(
-        "--model",
-        default="smollm2-135m",
-        help="embedded name (smollm2-135m, gemma3-270m), .gguf file, local folder or hub id",
-    )
-    parser.add_argument(
-        "--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: where the model loads)"
-    )
-    parser.add_argument(
-        "--dtype", default=dtype_default, choices=sorted(DTYPES), help="weights' dtype (default float32)"
-    )
+    add_arguments(parser, ModelArgs)

@@ -40,15 +40,34 @@ class DataFormatError(UserError):
         super().__init__(": ".join([*parts, message]))
 
 
-def read_text(path: Path) -> str:
-    """The file's text (UTF-8); a DataFormatError when it cannot be decoded or is blank."""
+def check_file(path: str | os.PathLike, option: str | None = None) -> Path:
+    """`path` when it is an existing file; otherwise a `UserError` naming `option` (`DataFormatError`
+    naming the file without one)."""
+    path = Path(path)
+    if not path.is_file():
+        problem = "not a file" if path.exists() else "no such file"
+        raise UserError(f"{option}: {problem}: {path}") if option else DataFormatError(path, problem)
+    return path
+
+
+def read_text(path: str | os.PathLike, option: str | None = None) -> str:
+    """The text of an existing file (`check_file`): strict UTF-8, universal newlines, a leading BOM dropped.
+    A file that cannot be read, bytes that are not UTF-8 (their line and byte offset named) or a blank
+    file is a `DataFormatError` naming the file."""
+    path = check_file(path, option)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
+    except OSError as error:
+        raise DataFormatError(path, f"cannot be read ({error.strerror})") from None
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise DataFormatError(path, f"not UTF-8 text ({error.reason} at byte {error.start})") from None
+        line = data.count(b"\n", 0, error.start) + 1
+        message = f"not UTF-8 text ({error.reason} at byte {error.start})"
+        raise DataFormatError(path, message, line=line) from None
     if not text.strip():
         raise DataFormatError(path, "the file is empty")
-    return text.removeprefix("\ufeff")
+    return text.replace("\r\n", "\n").replace("\r", "\n").removeprefix("\ufeff")
 
 
 def parse_json(path: Path, text: str, line_offset: int = 0) -> Any:

@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from steerlab.data.builtin import BUILTIN_DIR
-from steerlab.data.errors import DataFormatError, read_json, read_text
+from steerlab.data.errors import DataFormatError, check_file, read_json, read_text
 from steerlab.data.sources import SPLITS, DataRef, load_texts, load_word_lists, word_lists
 from steerlab.data.texts import PairedTexts, PromptSet
 from steerlab.errors import UserError
+from steerlab.options import check_at_least, check_choice, parse_floats, parse_layers
 
 EXAMPLES = {"sentiment": BUILTIN_DIR / "experiments" / "sentiment.json"}
 """Built-in experiments, named as `--experiment builtin:NAME`."""
@@ -88,9 +89,14 @@ class _Reader:
     def string(self, key: str, value: Any, choices: tuple[str, ...] = ()) -> str:
         if not isinstance(value, str) or not value.strip():
             raise self.fail(key, f"expected a non-empty string, got {value!r}")
-        if choices and value not in choices:
-            raise self.fail(key, f"expected one of {', '.join(choices)}, got {value!r}")
-        return value
+        return self.checked(key, check_choice, value, choices) if choices else value
+
+    def checked(self, key: str, check: Callable, *args: Any) -> Any:
+        """`check(*args, key)` (a checker of `steerlab.options`), its error naming this file and key."""
+        try:
+            return check(*args, key)
+        except UserError as error:
+            raise self.fail(key, str(error).removeprefix(f"{key}: ")) from None
 
     def number(self, key: str, value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -119,13 +125,9 @@ class _Reader:
         return [check(f"{key}[{i}]", v) for i, v in enumerate(value)]
 
     def layers(self, key: str, value: Any) -> list[int]:
-        from steerlab.options import parse_layers
-
         return self.numbers(key, value, parse_layers, self.integer)
 
     def floats(self, key: str, value: Any) -> list[float]:
-        from steerlab.options import parse_floats
-
         return self.numbers(key, value, lambda text: parse_floats(text, key), self.number)
 
     def output(self, key: str, value: Any) -> str:
@@ -160,8 +162,7 @@ class _Reader:
                 None if value.get("split") is None else self.string(f"{key}.split", value["split"], SPLITS)
             )
             limit = None if value.get("limit") is None else self.integer(f"{key}.limit", value["limit"])
-            if limit is not None and limit < 1:
-                raise self.fail(f"{key}.limit", f"expected a positive number of items, got {limit}")
+            self.checked(f"{key}.limit", check_at_least, limit, 1)
             return DataRef(self.file(f"{key}.path", self.string(f"{key}.path", value["path"])), split, limit)
         if isinstance(value, dict) and set(value) == {"positive", "negative"}:
             positive = self.texts(f"{key}.positive", value["positive"])
@@ -199,9 +200,7 @@ def load_experiment(spec: str | os.PathLike) -> Experiment:
                 f"--experiment: no built-in experiment {name!r}; available: {', '.join(EXAMPLES)}"
             )
         spec = EXAMPLES[name]
-    path = Path(spec)
-    if not path.is_file():
-        raise UserError(f"--experiment: no such file: {path}")
+    path = check_file(spec, "--experiment")
     content = _parse(path)
     if not isinstance(content, dict):
         raise DataFormatError(

@@ -13,10 +13,11 @@ from typing import Any
 
 from steerlab.data.builtin import list_builtin, load_builtin
 from steerlab.data.contrast import ABDataset, load_anthropic_jsonl, load_caa_json
-from steerlab.data.errors import DataFormatError, read_json, read_jsonl
+from steerlab.data.errors import DataFormatError, check_file, read_json, read_jsonl
 from steerlab.data.fetch import CAA_BEHAVIOURS, CAA_SPLITS, IntegrityError, load_caa
 from steerlab.data.texts import PairedTexts, PromptSet, load_paired_texts, load_prompts
 from steerlab.errors import UserError
+from steerlab.options import check_at_least, check_choice
 
 Dataset = ABDataset | PairedTexts | PromptSet
 DATASET_TYPES = (ABDataset, PairedTexts, PromptSet)
@@ -93,9 +94,7 @@ def detect_kind(path: Path) -> type:
 
 def load_file(path: str | os.PathLike, option: str = "--data") -> Dataset:
     """Load a data file of any supported format: CAA .json / Anthropic .jsonl A/B items, paired texts, prompts."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{option}: no such data file: {path}")
+    path = check_file(path, option)
     kind = detect_kind(path)
     if kind is ABDataset:
         return load_anthropic_jsonl(path) if path.suffix.lower() == ".jsonl" else load_caa_json(path)
@@ -107,12 +106,10 @@ def load_file(path: str | os.PathLike, option: str = "--data") -> Dataset:
 def select(dataset: Dataset, split: str | None = None, limit: int | None = None, seed: int = 0) -> Dataset:
     """The named split (`SPLITS`, fractions `SPLIT_FRACTIONS`, seeded) of `dataset`, then its first `limit` items."""
     if split is not None:
-        if split not in SPLITS:
-            raise UserError(f"--split: unknown split {split!r}; use one of {', '.join(SPLITS)}")
+        check_choice(split, SPLITS, "--split")
         dataset = dataset.split(SPLIT_FRACTIONS, seed=seed)[SPLITS.index(split)]
     if limit is not None:
-        if limit < 1:
-            raise UserError(f"--limit: expected a positive number of items, got {limit}")
+        check_at_least(limit, 1, "--limit")
         dataset = dataset[:limit]
     if len(dataset) == 0:
         raise UserError(f"--split {split}: the split holds no items (the dataset is too small)")
@@ -182,9 +179,7 @@ def load_word_lists(spec: str | os.PathLike, option: str = "--words") -> dict[st
     """Word lists from `builtin:sentiment-words` or a JSON file {"positive": [...], "negative": [...]}."""
     if isinstance(spec, str) and spec.startswith("builtin:"):
         return word_lists(_builtin(spec.removeprefix("builtin:"), option), spec)
-    path = Path(spec)
-    if not path.is_file():
-        raise UserError(f"{option}: no such file: {path}")
+    path = check_file(spec, option)
     return word_lists(read_json(path), path)
 
 
@@ -197,10 +192,7 @@ def load_texts(spec: str | os.PathLike, option: str = "--neutral") -> list[str]:
         if not isinstance(value, list):
             raise UserError(f"{option}: {spec} holds {KIND_NAMES[type(value)]}, not texts")
         return value
-    path = Path(spec)
-    if not path.is_file():
-        raise UserError(f"{option}: no such file: {path}")
-    return load_prompts(path).prompts
+    return load_prompts(check_file(spec, option)).prompts
 
 
 __all__ = [

@@ -11,11 +11,10 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from steerlab.errors import UserError
-from steerlab.hessian.lm import layer_params, read_texts, text_curvature, two_set_spectra
+from steerlab.hessian.lm import PARTS, layer_params, read_texts, text_curvature, two_set_spectra
 from steerlab.hessian.operator import CurvatureOperator
 from steerlab.hessian.outputs import (
     write_density,
@@ -23,10 +22,10 @@ from steerlab.hessian.outputs import (
     write_spectrum,
     write_trace,
 )
+from steerlab.hessian.trace import METHODS
 from steerlab.io import check_output_folder
-from steerlab.options import ModelArgs, parse_dtype, parse_layers
+from steerlab.options import ModelArgs, check_at_least, check_choice, option, parse_dtype, parse_layers
 
-PARTS = ("mlp", "attention", "block")
 KINDS = ("hessian", "ggn")
 WHICH = ("LA", "SA", "LM", "BE")
 TASKS = ("hybrid-digits", "text")
@@ -34,11 +33,6 @@ TASKS = ("hybrid-digits", "text")
 
 class HessianArgumentsError(UserError):
     """Arguments of a hessian command that are invalid or do not fit together."""
-
-
-def _check_choice(value: str, choices: Sequence[str], option: str) -> None:
-    if value not in choices:
-        raise HessianArgumentsError(f"{option}: {value!r} is not one of {', '.join(choices)}")
 
 
 def _layers(layers: str | list[int] | None) -> list[int] | None:
@@ -49,55 +43,73 @@ def _layers(layers: str | list[int] | None) -> list[int] | None:
 class CurvatureArgs(ModelArgs):
     """The curvature of the next-token loss on a text file, over a choice of parameters."""
 
-    text: str | os.PathLike
-    out: str | os.PathLike
-    n_texts: int = 8
-    max_length: int = 48
-    batch_size: int = 4
-    include: list[str] | None = None
-    exclude: list[str] | None = None
-    layers: str | list[int] | None = None
-    part: str = "mlp"
-    kind: str = "hessian"
-    seed: int = 0
+    text: str | os.PathLike = field(metadata=option("text file (UTF-8, paragraphs separated by blank lines)"))
+    out: str | os.PathLike = field(metadata=option("output folder"))
+    n_texts: int = field(default=8, metadata=option("paragraphs read per text file"))
+    max_length: int = field(default=48, metadata=option("tokens per paragraph"))
+    batch_size: int = field(default=4, metadata=option("paragraphs per batch"))
+    include: list[str] | None = field(
+        default=None, metadata=option("regex on parameter names (repeatable)", append=True)
+    )
+    exclude: list[str] | None = field(
+        default=None, metadata=option("regex on parameter names (repeatable)", append=True)
+    )
+    layers: str | list[int] | None = field(
+        default=None, metadata=option("decoder layers, e.g. 10,11 or 24-29 or -1 (default: all)")
+    )
+    part: str = field(default="mlp", metadata=option("part of each decoder layer", choices=PARTS))
+    kind: str = field(default="hessian", metadata=option("curvature matrix", choices=KINDS))
+    seed: int = field(default=0, metadata=option("seed of the random start and probes"))
 
 
 @dataclass(kw_only=True)
 class SpectrumArgs(CurvatureArgs):
-    k: int = 10
-    which: str = "LA"
-    tol: float = 1e-6
-    max_iter: int = 200
+    k: int = field(default=10, metadata=option("eigenpairs"))
+    which: str = field(default="LA", metadata=option("which end of the spectrum", choices=WHICH))
+    tol: float = field(default=1e-6, metadata=option("Lanczos convergence tolerance"))
+    max_iter: int = field(default=200, metadata=option("most Lanczos iterations"))
 
 
 @dataclass(kw_only=True)
 class DensityArgs(CurvatureArgs):
-    probes: int = 4
-    steps: int = 60
+    probes: int = field(default=4, metadata=option("random probe vectors"))
+    steps: int = field(default=60, metadata=option("Lanczos steps per probe"))
 
 
 @dataclass(kw_only=True)
 class TraceArgs(CurvatureArgs):
-    method: str = "hutchpp"
-    products: int = 60
-    confidence: float = 0.95
+    method: str = field(default="hutchpp", metadata=option("estimator", choices=tuple(METHODS)))
+    products: int = field(default=60, metadata=option("Hessian-vector products"))
+    confidence: float = field(default=0.95, metadata=option("level of the confidence interval"))
 
 
 @dataclass(kw_only=True)
 class SeparateArgs(ModelArgs):
     """`hybrid-digits`: the separable-skills experiment over `seeds`; `text`: two text files compared."""
 
-    out: str | os.PathLike
-    task: str = "hybrid-digits"
-    seeds: list[int] = field(default_factory=lambda: [10, 11, 12, 13, 14])
-    t: float = 4.0
-    text_a: str | os.PathLike | None = None
-    text_b: str | os.PathLike | None = None
-    n_texts: int = 8
-    max_length: int = 48
-    layers: str | list[int] | None = "-2,-1"
-    part: str = "mlp"
-    k: int = 5
+    out: str | os.PathLike = field(metadata=option("output folder"))
+    task: str = field(default="hybrid-digits", metadata=option("experiment", choices=TASKS))
+    seeds: list[int] = field(
+        default_factory=lambda: [10, 11, 12, 13, 14],
+        metadata=option("hybrid-digits seeds", parse=int, nargs="+"),
+    )
+    t: float = field(
+        default=4.0,
+        metadata=option("hybrid-digits: perturbation size for unit directions (fixed in advance)"),
+    )
+    text_a: str | os.PathLike | None = field(default=None, metadata=option("--task text: first text file"))
+    text_b: str | os.PathLike | None = field(default=None, metadata=option("--task text: second text file"))
+    n_texts: int = field(default=8, metadata=option("paragraphs read per text file"))
+    max_length: int = field(default=48, metadata=option("tokens per paragraph"))
+    layers: str | list[int] | None = field(default="-2,-1", metadata=option("--task text: decoder layers"))
+    part: str = field(default="mlp", metadata=option("part of each decoder layer", choices=PARTS))
+    k: int = field(default=5, metadata=option("--task text: eigenpairs per set"))
+
+
+def _counts(args: ModelArgs, *names: str) -> None:
+    """Each named field is a positive count (a `HessianArgumentsError` naming its option otherwise)."""
+    for name in names:
+        check_at_least(getattr(args, name), 1, "--" + name.replace("_", "-"), HessianArgumentsError)
 
 
 def _load(args: ModelArgs):
@@ -107,8 +119,9 @@ def _load(args: ModelArgs):
 def curvature(args: CurvatureArgs) -> tuple[CurvatureOperator, dict]:
     """(operator, metadata to save with its results). Checks the options, the text file and the output
     folder, then loads the model."""
-    _check_choice(args.part, PARTS, "--part")
-    _check_choice(args.kind, KINDS, "--kind")
+    check_choice(args.part, PARTS, "--part", HessianArgumentsError)
+    check_choice(args.kind, KINDS, "--kind", HessianArgumentsError)
+    _counts(args, "n_texts", "max_length", "batch_size")
     parse_dtype(args.dtype)
     texts = read_texts(args.text, args.n_texts)
     layers = _layers(args.layers)
@@ -138,7 +151,8 @@ def spectrum(args: SpectrumArgs) -> dict:
     """Top-k eigenpairs by Lanczos: `spectrum.safetensors` + `.json` and `spectrum.png` in `args.out`."""
     from steerlab.hessian.lanczos import lanczos
 
-    _check_choice(args.which, WHICH, "--which")
+    check_choice(args.which, WHICH, "--which", HessianArgumentsError)
+    _counts(args, "k", "max_iter")
     op, meta = curvature(args)
     res = lanczos(
         op.matvec,
@@ -158,6 +172,7 @@ def density(args: DensityArgs) -> dict:
     """Spectral density by stochastic Lanczos quadrature: `density.*` and `density.png` in `args.out`."""
     from steerlab.hessian.density import slq_density
 
+    _counts(args, "probes", "steps")
     op, meta = curvature(args)
     dens = slq_density(
         op.matvec, op.dim, n_probes=args.probes, steps=args.steps, seed=args.seed, progress=args.progress
@@ -168,9 +183,8 @@ def density(args: DensityArgs) -> dict:
 
 def trace(args: TraceArgs) -> dict:
     """Hutchinson / Hutch++ trace with a confidence interval: `trace.json`, `trace_meta.json`."""
-    from steerlab.hessian.trace import METHODS
-
-    _check_choice(args.method, tuple(METHODS), "--method")
+    check_choice(args.method, tuple(METHODS), "--method", HessianArgumentsError)
+    _counts(args, "products")
     op, meta = curvature(args)
     est = METHODS[args.method](
         op.matvec, op.dim, args.products, confidence=args.confidence, seed=args.seed, progress=args.progress
@@ -181,7 +195,7 @@ def trace(args: TraceArgs) -> dict:
 def separate(args: SeparateArgs) -> dict:
     """The hybrid-digits experiment (JSON, figures, report.html) or the two-text-set comparison
     (eigenpairs of each set, `separation.json`) in `args.out`."""
-    _check_choice(args.task, TASKS, "--task")
+    check_choice(args.task, TASKS, "--task", HessianArgumentsError)
     if args.task == "hybrid-digits":
         from steerlab.hessian.hybrid import HybridConfig, run_experiment
         from steerlab.hessian.report import hybrid_report
@@ -193,7 +207,8 @@ def separate(args: SeparateArgs) -> dict:
         return {**result["summary"], "seconds": time.perf_counter() - t0}
     if not (args.text_a and args.text_b):
         raise HessianArgumentsError("--task text needs --text-a and --text-b (one text file each)")
-    _check_choice(args.part, PARTS, "--part")
+    check_choice(args.part, PARTS, "--part", HessianArgumentsError)
+    _counts(args, "n_texts", "max_length", "k")
     parse_dtype(args.dtype)
     texts_a, texts_b = read_texts(args.text_a, args.n_texts), read_texts(args.text_b, args.n_texts)
     layers = _layers(args.layers)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,16 +25,10 @@ from steerlab.hessian.tasks import lm_batches, lm_task
 def read_texts(path: str | os.PathLike, n: int = 16, min_chars: int = 40) -> list[str]:
     """The first `n` paragraphs (blank-line separated; long ones cut to 400 chars) with >= `min_chars`.
 
-    A missing or unreadable file, bytes that are not UTF-8 (the error gives their offset) or a file
-    without such a paragraph is a `DataFormatError` naming the file.
+    A file that `read_text` refuses (missing, unreadable, not UTF-8, blank) or without such a paragraph is
+    a `DataFormatError` naming the file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataFormatError(path, "not a file" if path.exists() else "no such file")
-    try:
-        text = read_text(path)
-    except OSError as error:
-        raise DataFormatError(path, f"cannot be read ({error.strerror})") from None
+    text = read_text(path)
     paras = [p.strip() for p in re.split(r"\n\s*\n", text)]
     out = [p[:400] for p in paras if len(p) >= min_chars]
     if not out:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import argparse
 
-from steerlab.influence.config import FitArgs, ReportArgs, ScoreArgs, SelfArgs, add_arguments, from_namespace
+from steerlab.influence.config import FitArgs, ReportArgs, ScoreArgs, SelfArgs
+from steerlab.options import add_arguments, from_namespace
 
 __all__ = ["add_subcommands"]
 
@@ -65,7 +66,7 @@ def cmd_fit(args) -> None:
 
     fit_args = from_namespace(FitArgs, args)
     main = _start(args)
-    factors = fit_run(args.run, fit_args, progress=main)
+    factors = fit_run(args.run, fit_args, progress=main and not args.quiet)
     if main:
         print(f"factors for {len(factors.modules)} modules in {args.run}")
 
@@ -75,7 +76,7 @@ def cmd_score(args) -> None:
 
     score_args = from_namespace(ScoreArgs, args)
     main = _start(args)
-    outcome = score_run(args.run, score_args, progress=main)
+    outcome = score_run(args.run, score_args, progress=main and not args.quiet)
     if not main:
         return
     if outcome.recall is not None:
@@ -93,7 +94,7 @@ def cmd_self(args) -> None:
 
     self_args = from_namespace(SelfArgs, args)
     main = _start(args)
-    top = self_run(args.run, self_args, progress=main)
+    top = self_run(args.run, self_args, progress=main and not args.quiet)
     if main:
         for row in top:
             print(f"#{row['index']:<6} {row['self_influence']:.4g}  {row['text'][:80]!r}")

@@ -4,13 +4,11 @@ and help come from the fields)."""
 
 from __future__ import annotations
 
-import argparse
-import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 
 from steerlab.errors import UserError
-from steerlab.options import DTYPES, parse_layers
+from steerlab.options import DTYPES, MODEL_HELP, check_at_least, check_choice, option, parse_layers
 
 __all__ = [
     "STRATEGY_CHOICES",
@@ -19,8 +17,6 @@ __all__ = [
     "ReportArgs",
     "ScoreArgs",
     "SelfArgs",
-    "add_arguments",
-    "from_namespace",
 ]
 
 STRATEGY_CHOICES = ("identity", "diagonal", "kfac", "ekfac")
@@ -30,54 +26,43 @@ class InfluenceArgumentError(UserError):
     """An influence argument is out of range or names something that does not exist."""
 
 
-def _opt(help: str, *, saved: bool = True, flag: str | None = None, choices=None, required=False) -> Any:
-    return {"help": help, "saved": saved, "flag": flag, "choices": choices, "required": required}
-
-
-def _at_least(value: int | float | None, low: int | float, option: str) -> None:
-    if value is not None and value < low:
-        raise InfluenceArgumentError(f"{option}: must be at least {low}, got {value}")
-
-
-def _choice(value: str | None, choices, option: str) -> None:
-    if value is not None and value not in choices:
-        raise InfluenceArgumentError(f"{option}: unknown value {value!r}; use one of {', '.join(choices)}")
+_at_least = partial(check_at_least, error=InfluenceArgumentError)
+_choice = partial(check_choice, error=InfluenceArgumentError)
 
 
 @dataclass
 class FitArgs:
     """What a fitted run is made of; every field but `checkpoint_every` is saved in `RUN/config.json`."""
 
-    train: str = field(default="", metadata=_opt("plain-text training corpus (UTF-8)", required=True))
-    model: str = field(
-        default="smollm2-135m",
-        metadata=_opt("embedded name (smollm2-135m, gemma3-270m), .gguf file, local folder or hub id"),
-    )
-    block_size: int = field(default=128, metadata=_opt("tokens per training sequence"))
+    train: str = field(default="", metadata=option("plain-text training corpus (UTF-8)", required=True))
+    model: str = field(default="smollm2-135m", metadata=option(MODEL_HELP))
+    block_size: int = field(default=128, metadata=option("tokens per training sequence"))
     n_blocks: int | None = field(
-        default=None, metadata=_opt("training sequences (default: every full block of the corpus)")
+        default=None, metadata=option("training sequences (default: every full block of the corpus)")
     )
     layers: list[int] | None = field(
-        default=None, metadata=_opt("MLP layers to track, e.g. 24-29 (default: all)")
+        default=None, metadata=option("MLP layers to track, e.g. 24-29 (default: all)")
     )
-    batch_size: int = field(default=8, metadata=_opt("sequences per batch"))
-    model_dtype: str = field(default="float32", metadata=_opt("weights' dtype", choices=sorted(DTYPES)))
-    seed: int = field(default=0, metadata=_opt("seed of the sampled labels (true Fisher)"))
-    empirical: bool = field(default=False, metadata=_opt("empirical Fisher: use the data labels"))
-    samples: int = field(default=1, metadata=_opt("sampled labels per token (true Fisher; more: less noise)"))
+    batch_size: int = field(default=8, metadata=option("sequences per batch"))
+    model_dtype: str = field(default="float32", metadata=option("weights' dtype", choices=sorted(DTYPES)))
+    seed: int = field(default=0, metadata=option("seed of the sampled labels (true Fisher)"))
+    empirical: bool = field(default=False, metadata=option("empirical Fisher: use the data labels"))
+    samples: int = field(
+        default=1, metadata=option("sampled labels per token (true Fisher; more: less noise)")
+    )
     capture_dtype: str | None = field(
-        default=None, metadata=_opt("e.g. bfloat16 activations", choices=sorted(DTYPES))
+        default=None, metadata=option("e.g. bfloat16 activations", choices=sorted(DTYPES))
     )
-    diagonal: bool = field(default=False, metadata=_opt("also fit the diagonal Fisher"))
+    diagonal: bool = field(default=False, metadata=option("also fit the diagonal Fisher"))
     prefix_cache: bool = field(
         default=True,
-        metadata=_opt(
+        metadata=option(
             "recompute the layers below the first tracked one in every pass "
             "(default: cache their output on disk)",
             flag="--no-prefix-cache",
         ),
     )
-    checkpoint_every: int = field(default=8, metadata=_opt("batches between checkpoints", saved=False))
+    checkpoint_every: int = field(default=8, metadata=option("batches between checkpoints", saved=False))
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, str):
@@ -110,22 +95,22 @@ class FitArgs:
 class ScoreArgs:
     """Scoring queries against a fitted run's corpus."""
 
-    queries: str = field(default="", metadata=_opt("jsonl of {prompt, completion}", required=True))
-    strategy: str = field(default="ekfac", metadata=_opt("preconditioner", choices=STRATEGY_CHOICES))
-    damping: float | None = field(default=None, metadata=_opt("default: 0.1 x mean eigenvalue per module"))
+    queries: str = field(default="", metadata=option("jsonl of {prompt, completion}", required=True))
+    strategy: str = field(default="ekfac", metadata=option("preconditioner", choices=STRATEGY_CHOICES))
+    damping: float | None = field(default=None, metadata=option("default: 0.1 x mean eigenvalue per module"))
     rank: int | None = field(
-        default=None, metadata=_opt("compress preconditioned query gradients to this rank")
+        default=None, metadata=option("compress preconditioned query gradients to this rank")
     )
-    top_k: int = field(default=10, metadata=_opt("keep this many highest and lowest sequences per query"))
+    top_k: int = field(default=10, metadata=option("keep this many highest and lowest sequences per query"))
     prefilter: int | None = field(
-        default=None, metadata=_opt("score only this many TF-IDF candidates per query")
+        default=None, metadata=option("score only this many TF-IDF candidates per query")
     )
-    sample_stride: int = field(default=1, metadata=_opt("keep every n-th score for histograms"))
+    sample_stride: int = field(default=1, metadata=option("keep every n-th score for histograms"))
     name: str = field(
         default="scores",
-        metadata=_opt("stage name: score other queries or settings in the same run under another name"),
+        metadata=option("stage name: score other queries or settings in the same run under another name"),
     )
-    checkpoint_every: int = field(default=8, metadata=_opt("batches between checkpoints"))
+    checkpoint_every: int = field(default=8, metadata=option("batches between checkpoints"))
 
     def __post_init__(self) -> None:
         if not str(self.queries):
@@ -144,10 +129,10 @@ class ScoreArgs:
 class SelfArgs:
     """Self-influence of every training sequence of a fitted run."""
 
-    strategy: str = field(default="ekfac", metadata=_opt("preconditioner", choices=STRATEGY_CHOICES))
-    damping: float | None = field(default=None, metadata=_opt("default: 0.1 x mean eigenvalue per module"))
-    top_k: int = field(default=10, metadata=_opt("list this many highest sequences"))
-    checkpoint_every: int = field(default=8, metadata=_opt("batches between checkpoints"))
+    strategy: str = field(default="ekfac", metadata=option("preconditioner", choices=STRATEGY_CHOICES))
+    damping: float | None = field(default=None, metadata=option("default: 0.1 x mean eigenvalue per module"))
+    top_k: int = field(default=10, metadata=option("list this many highest sequences"))
+    checkpoint_every: int = field(default=8, metadata=option("batches between checkpoints"))
 
     def __post_init__(self) -> None:
         _choice(self.strategy, STRATEGY_CHOICES, "--strategy")
@@ -160,10 +145,10 @@ class SelfArgs:
 class ReportArgs:
     """The HTML report of a scored run."""
 
-    out: str | None = field(default=None, metadata=_opt("default: RUN/report.html"))
-    show: int = field(default=3, metadata=_opt("sequences per sign and query"))
-    png: bool = field(default=False, metadata=_opt("also write a static picture per query (for docs)"))
-    name: str = field(default="scores", metadata=_opt("which score stage to report"))
+    out: str | None = field(default=None, metadata=option("default: RUN/report.html"))
+    show: int = field(default=3, metadata=option("sequences per sign and query"))
+    png: bool = field(default=False, metadata=option("also write a static picture per query (for docs)"))
+    name: str = field(default="scores", metadata=option("which score stage to report"))
 
     def __post_init__(self) -> None:
         _at_least(self.show, 1, "--show")
@@ -179,40 +164,3 @@ def _stage_name(name: str) -> None:
 
 def _meta(cls: type, name: str) -> dict:
     return next(f.metadata for f in fields(cls) if f.name == name)
-
-
-def _scalar(hint: Any) -> type:
-    """int for `int | None`, str for `list[int] | None` (parsed by the dataclass), and so on."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    base = args[0]
-    return base if base in (int, float, str, bool) else str
-
-
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One option per field of dataclass `cls` (`--block-size` for `block_size`), default from the field."""
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        meta, kind = dict(f.metadata), _scalar(hints[f.name])
-        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
-        default = None if f.default is MISSING else f.default
-        help_ = meta.get("help") or ""
-        if kind is bool:
-            action = "store_false" if default else "store_true"
-            parser.add_argument(flag, dest=f.name, action=action, help=help_)
-            continue
-        if default is not None and not meta.get("required") and "default" not in help_:
-            help_ = f"{help_} (default: {default})"
-        parser.add_argument(
-            flag,
-            dest=f.name,
-            type=kind,
-            default=None if meta.get("required") else default,
-            required=meta.get("required", False),
-            choices=meta.get("choices"),
-            help=help_,
-        )
-
-
-def from_namespace(cls: type, namespace: argparse.Namespace):
-    """The dataclass `cls` built from parsed options (validated by the dataclass)."""
-    return cls(**{f.name: getattr(namespace, f.name) for f in fields(cls)})
