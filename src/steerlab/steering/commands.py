@@ -121,13 +121,14 @@ def _texts(value: str | os.PathLike | list[str], option: str) -> list[str]:
 def extract(args: ExtractArgs, lm: LoadedModel | None = None):
     """Extract a steering vector (CAA on A/B items, mean difference on paired texts) and save it."""
     from steerlab.steering import caa_items, extract_caa, extract_mean_difference
+    from steerlab.steering.extract import check_system_prompt
 
     ref = _data_ref(args.data, args.split, args.limit)
     dataset = load_dataset(ref, (ABDataset, PairedTexts), "--data", "extraction")
     if isinstance(dataset, ABDataset):
-        caa_items(dataset, balance=args.balance)  # refuses data that balancing would empty, before loading
-    elif args.system_prompt is not None and not args.chat:
-        raise UserError("--system-prompt: paired texts take a system prompt only with --chat")
+        items = caa_items(dataset, balance=args.balance)  # refuses data that balancing would empty, now
+    else:
+        check_system_prompt(args.system_prompt, args.chat)
     out = check_output_file(Path(f"{args.out}.safetensors"), "--out").with_suffix("")
     log.info("extracting from %d items of %s at layers %s", len(dataset), ref.describe(), args.layers)
     lm = lm or args.load()
@@ -138,7 +139,7 @@ def extract(args: ExtractArgs, lm: LoadedModel | None = None):
         source=dataset.source or ref.describe(),
     )
     if isinstance(dataset, ABDataset):
-        vector = extract_caa(lm, dataset, args.layers, balance=args.balance, **common)
+        vector = extract_caa(lm, items, args.layers, balance=False, unbalanced=dataset, **common)
     else:
         vector = extract_mean_difference(lm, dataset, args.layers, read=args.read, chat=args.chat, **common)
     vector.save(out)
@@ -255,6 +256,8 @@ def generate(args: GenerateArgs, lm: LoadedModel | None = None) -> dict:
         vector, layer = _vector_and_layer(args)
         multiplier = _multiplier(vector, layer, args)
     lm = lm or args.load()
+    if vector is not None:
+        vector.check_compatible(lm.model)
     kwargs = dict(
         max_new_tokens=args.max_new_tokens,
         chat=args.chat,
@@ -264,7 +267,6 @@ def generate(args: GenerateArgs, lm: LoadedModel | None = None) -> dict:
     log.info("generating for %d prompt(s), unsteered", len(prompts))
     out: dict = {"prompts": prompts, "unsteered": run_generation(lm, prompts, **kwargs)}
     if vector is not None:
-        vector.check_compatible(lm.model)
         log.info("generating steered at layer %d, multiplier %.4g", layer, multiplier)
         with vector.apply(lm, layer=layer, multiplier=multiplier, positions=positions):
             out["steered"] = run_generation(lm, prompts, **kwargs)

@@ -18,8 +18,9 @@ from steerlab.data.sources import DataRef, load_dataset, load_word_lists
 from steerlab.errors import UserError
 from steerlab.evaluate import bootstrap_ci, generate, prepare_neutral, separability
 from steerlab.hooks import Positions
-from steerlab.io import write_json
-from steerlab.models import LoadedModel, load_model
+from steerlab.io import check_output_folder, write_json
+from steerlab.models import LoadedModel
+from steerlab.options import ModelArgs
 from steerlab.steering import extract_mean_difference
 from steerlab.steering.extract import text_read_spec
 from steerlab.steering.metrics import behaviour_metric
@@ -28,11 +29,18 @@ from steerlab.steering.sweep import Grid, choose_setting, sweep, write_csv
 DEFAULT_LAYERS = (6, 8, 10, 12, 14, 16, 18, 20)
 DEFAULT_FRACTIONS = (-0.1, -0.07, -0.04, 0.04, 0.07, 0.1)
 SENTIMENT = "sentiment (p of a positive vs negative next word on neutral sentence starts)"
+SENTIMENT_SOURCES = ("builtin:sentiment", "builtin:sentiment-prompts", "builtin:sentiment-words")
+
+
+def _source(data: DataRef | str | dict) -> object:
+    """What a data field names (a spec string, path or dataset), whether given bare or as a DataRef."""
+    return data.source if isinstance(data, DataRef) else data
 
 
 @dataclass
-class DemoConfig:
-    model: str = "smollm2-135m"
+class DemoConfig(ModelArgs):
+    """The demo's recipe and data; the model options (model, device, dtype, progress) are `ModelArgs`'."""
+
     layers: tuple[int, ...] = DEFAULT_LAYERS
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS
     positions: str = "all"
@@ -40,22 +48,26 @@ class DemoConfig:
     n_generations: int = 4
     max_new_tokens: int = 32
     seed: int = 0
-    progress: bool = True
     extra: dict = field(default_factory=dict)
     pairs: DataRef | str = "builtin:sentiment"
     prompts: DataRef | str = "builtin:sentiment-prompts"
     words: dict[str, list[str]] | str = "builtin:sentiment-words"
 
-    def behaviour(self, pairs: PairedTexts, prompts: PromptSet) -> str:
-        """What the demo measures, in words."""
-        if (self.pairs, self.prompts, self.words) == (DemoConfig.pairs, DemoConfig.prompts, DemoConfig.words):
+    def behaviour(self, pairs: PairedTexts, prompts: PromptSet, words: dict[str, list[str]]) -> str:
+        """What the demo measures, in words (the built-in sentiment data however it was named)."""
+        pairs_source, prompts_source, words_source = SENTIMENT_SOURCES
+        builtin_words = _source(self.words) == words_source or words == load_word_lists(words_source, "words")
+        if (_source(self.pairs), _source(self.prompts)) == (pairs_source, prompts_source) and builtin_words:
             return SENTIMENT
         return f"{pairs.name} (p of a positive vs negative next word on {prompts.name})"
 
 
 def run_demo(out_dir: str | Path, config: DemoConfig | None = None, lm: LoadedModel | None = None) -> dict:
-    """Run the whole demo, write its files into `out_dir` and return the summary dict."""
+    """Run the whole demo, write its files into `out_dir` and return the summary dict.
+
+    The data and `out_dir` (the `--out` folder) are checked before the model loads."""
     config = config or DemoConfig()
+    out = check_output_folder(out_dir, "--out")
     pairs = load_dataset(config.pairs, (PairedTexts,), "contrast", "the demo")
     prompts = load_dataset(config.prompts, (PromptSet,), "evaluation", "the demo")
     words = config.words if isinstance(config.words, dict) else load_word_lists(config.words, "words")
@@ -67,10 +79,9 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, lm: LoadedMo
             f"the demo holds out a quarter of the pairs and halves the prompts; {pairs.name} has "
             f"{len(pairs)} pairs and {prompts.name} {len(prompts)} prompts (give at least 4 and 2)"
         )
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    lm = lm or load_model(config.model)
+    lm = lm or config.load()
     vector = extract_mean_difference(lm, pairs_train, config.layers, read="last", progress=config.progress)
     vector.save(out / "vector")
 
@@ -140,7 +151,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, lm: LoadedMo
     residual = vector.residual_norm(layer)
     summary = {
         "model": lm.info.name,
-        "behaviour": config.behaviour(pairs, prompts),
+        "behaviour": config.behaviour(pairs, prompts, words),
         "layer": layer,
         "fraction_of_residual_norm": choice.fraction,
         "multiplier": m,

@@ -29,7 +29,7 @@ from steerlab.data.templating import prompt_metadata
 from steerlab.errors import UserError
 from steerlab.hooks import run_to_layers
 from steerlab.models import LoadedModel, resolve_layer
-from steerlab.steering.vector import SteeringVector
+from steerlab.steering.vector import SteeringVector, tensor_problem
 
 
 @dataclass
@@ -120,16 +120,15 @@ def difference_vector(
     pos = mean_activations(lm, positive, layers, batch_size, progress, desc="positive")
     neg = mean_activations(lm, negative, layers, batch_size, progress, desc="negative")
     vectors = {layer: (pos.mean[layer] - neg.mean[layer]).float().cpu() for layer in pos.mean}
-    for layer, vec in vectors.items():
-        if not bool(torch.isfinite(vec).all()):
-            raise UserError(
-                f"{method}: the activations at layer {layer} hold NaN or infinite values (the model overflows "
-                f"in {lm.dtype}; try float32)"
-            )
-        if not bool(vec.any()):
-            raise UserError(
-                f"{method}: the positive and negative examples give the same mean activation at layer {layer}"
-            )
+    problem = tensor_problem(vectors)
+    if problem:
+        overflow = not all(bool(torch.isfinite(vec).all()) for vec in vectors.values())
+        why = (
+            f"the model overflows in {lm.dtype}; try float32"
+            if overflow
+            else "the positive and negative examples give the same mean activation"
+        )
+        raise UserError(f"{method}: {problem} ({why})")
     return SteeringVector(vectors, _metadata(lm, method, pos, neg, vectors, **metadata))
 
 
@@ -157,6 +156,12 @@ def caa_items(dataset: ABDataset, *, balance: bool = True, seed: int = 0) -> ABD
     return dataset.balance_letters(seed=seed) if balance else dataset
 
 
+def check_system_prompt(system_prompt: str | None, chat: bool) -> None:
+    """Free texts take a system prompt only inside the chat template; a `UserError` otherwise."""
+    if system_prompt is not None and not chat:
+        raise UserError("--system-prompt: paired texts take a system prompt only with --chat (chat=True)")
+
+
 def _dataset_metadata(dataset, source: str | None, **extra) -> dict:
     return {
         "name": dataset.name,
@@ -178,14 +183,17 @@ def extract_caa(
     batch_size: int = 8,
     progress: bool = True,
     source: str | None = None,
+    unbalanced: ABDataset | None = None,
 ) -> SteeringVector:
     """Contrastive Activation Addition: mean difference at the answer letter of A/B pairs.
 
     With `balance=True` (default) the answer letters are balanced first, so the A-versus-B letter
     direction cancels instead of leaking into the vector. `source` (default: the file the dataset was
     loaded from) is recorded in the metadata with the prompt format and the system prompt used.
+    unbalanced: the data before balancing, when `dataset` is already `caa_items(unbalanced)` (pass
+    `balance=False`), so that the metadata records the counts before balancing.
     """
-    counts_before = dataset.letter_counts()
+    before = dataset if unbalanced is None else unbalanced
     used = caa_items(dataset, balance=balance, seed=seed)
     positive, negative = ab_read_specs(lm, used, system_prompt)
     return difference_vector(
@@ -199,8 +207,8 @@ def extract_caa(
         dataset=_dataset_metadata(
             used,
             source,
-            size_before_balancing=len(dataset),
-            letter_counts_before_balancing=counts_before,
+            size_before_balancing=len(before),
+            letter_counts_before_balancing=before.letter_counts(),
             letter_counts=used.letter_counts(),
         ),
         **prompt_metadata(lm.tokenizer, system_prompt),
@@ -238,8 +246,7 @@ def extract_mean_difference(
     With `chat=True` each text is a user turn of the chat template (with `system_prompt`, which needs
     it). `source` (default: the file the texts were loaded from) is recorded in the metadata.
     """
-    if system_prompt is not None and not chat:
-        raise UserError("a system prompt applies only to chat-formatted texts (chat=True, --chat)")
+    check_system_prompt(system_prompt, chat)
     positive = [text_read_spec(lm, t, read, system_prompt, chat) for t in texts.positive]
     negative = [text_read_spec(lm, t, read, system_prompt, chat) for t in texts.negative]
     return difference_vector(

@@ -66,10 +66,7 @@ class Grid:
                     (layer, f, vector.multiplier_for_fraction(layer, f)) for f in self.fractions if f != 0
                 ]
                 continue
-            residual = vector.residual_norm(layer)
-            for m in (m for m in self.multipliers if m != 0):
-                fraction = None if residual is None else m * vector.norm(layer) / residual
-                out.append((layer, fraction, m))
+            out += [(layer, vector.signed_fraction(layer, m), m) for m in self.multipliers if m != 0]
         return out
 
 

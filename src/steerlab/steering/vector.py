@@ -25,7 +25,15 @@ class VectorError(UserError):
 
 
 class InvalidVectorError(VectorError):
-    """A vector holds NaN, infinite or all-zero values, or its metadata disagrees with its tensors."""
+    """A vector holds NaN, infinite or all-zero values, or its metadata disagrees with its tensors.
+
+    `problem` is the message without its prefix; `in_metadata` says whether the metadata is at fault.
+    """
+
+    def __init__(self, prefix: str, problem: str, *, in_metadata: bool = False) -> None:
+        super().__init__(f"{prefix}: {problem}")
+        self.problem = problem
+        self.in_metadata = in_metadata
 
 
 class LayerChoiceError(VectorError):
@@ -105,9 +113,12 @@ class SteeringVector:
     metadata: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        problem = tensor_problem(self.vectors) or metadata_problem(self.vectors, self.metadata)
+        problem = tensor_problem(self.vectors)
         if problem:
-            raise InvalidVectorError(f"steering vector: {problem}")
+            raise InvalidVectorError("steering vector", problem)
+        problem = metadata_problem(self.vectors, self.metadata)
+        if problem:
+            raise InvalidVectorError("steering vector", problem, in_metadata=True)
 
     @property
     def layers(self) -> list[int]:
@@ -170,13 +181,19 @@ class SteeringVector:
             )
         norm = self.norm(key)
         if not norm > 0:
-            raise InvalidVectorError(f"steering vector: layer {key}: the vector is all zeros")
+            raise InvalidVectorError("steering vector", f"layer {key}: the vector is all zeros")
         return fraction * residual / norm
+
+    def signed_fraction(self, layer: int, multiplier: float) -> float | None:
+        """The signed fraction of the recorded residual norm at `layer` that `multiplier` adds,
+        multiplier x |v| / residual norm (None when none is recorded); inverse of `multiplier_for_fraction`."""
+        residual = self.residual_norm(layer)
+        return None if residual is None else multiplier * self.norm(layer) / residual
 
     def fraction_of_residual(self, layer: int, multiplier: float) -> float | None:
         """|multiplier| x |v| over the recorded residual norm at `layer` (None when none is recorded)."""
-        residual = self.residual_norm(layer)
-        return None if residual is None else abs(multiplier) * self.norm(layer) / residual
+        fraction = self.signed_fraction(layer, multiplier)
+        return None if fraction is None else abs(fraction)
 
     def check_compatible(self, model) -> None:
         """Raise a `VectorError` unless the vector's width and stored layers fit `model`."""
@@ -185,8 +202,9 @@ class SteeringVector:
         if width != self.hidden_size:
             source = (self.metadata.get("model") or {}).get("name", "another model")
             raise InvalidVectorError(
-                f"steering vector has width {self.hidden_size} (extracted from {source}) but this model's "
-                f"residual stream has width {width}"
+                "steering vector",
+                f"width {self.hidden_size} (extracted from {source}) but this model's residual stream has "
+                f"width {width}",
             )
         n = num_layers(module)
         outside = [layer for layer in self.layers if not -n <= layer < n]
@@ -205,13 +223,10 @@ class SteeringVector:
         """Context manager adding `multiplier x` the vector at `layer` (default: every stored layer).
 
         Warns (`StrongSteeringWarning`) when the added norm is over `STRONG_STEERING_RATIO` times the
-        residual norm recorded at extraction.
+        residual norm recorded at extraction. The tensors were checked at construction, not again here.
         """
         if not math.isfinite(multiplier):
             raise VectorError(f"multiplier {multiplier} is not a finite number")
-        problem = tensor_problem(self.vectors)
-        if problem:
-            raise InvalidVectorError(f"steering vector: {problem}")
         self.check_compatible(model)
         module = as_module(model)
         n = num_layers(module)
@@ -261,13 +276,11 @@ class SteeringVector:
             if prefix != "layer" or not index.lstrip("-").isdigit():
                 raise ResultFileError(f"{tensor_path}: unexpected tensor {key!r} (expected 'layer.<index>')")
             vectors[int(index)] = value
-        problem = tensor_problem(vectors)
-        if problem:
-            raise InvalidVectorError(f"{tensor_path}: {problem}")
-        problem = metadata_problem(vectors, metadata)
-        if problem:
-            raise InvalidVectorError(f"{meta_path}: {problem}")
-        return cls(vectors, metadata)
+        try:
+            return cls(vectors, metadata)
+        except InvalidVectorError as error:
+            where = meta_path if error.in_metadata else tensor_path
+            raise InvalidVectorError(str(where), error.problem, in_metadata=error.in_metadata) from None
 
     def random_like(self, seed: int = 0) -> SteeringVector:
         """A control: random directions with the same per-layer norms."""
