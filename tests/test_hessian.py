@@ -288,3 +288,22 @@ def test_tiny_llama_eager_top_eigenpairs():
     gop = CurvatureOperator(model, lm_task(), batches, params, kind="ggn")
     u = torch.randn(op.dim, dtype=torch.float64)
     assert gop.quadratic(u) > 0
+
+
+def test_part_without_layers_selects_that_part_of_every_decoder_layer():
+    from steerlab.hessian.lm import layer_params
+
+    model = tiny_model("llama")
+    n = model.config.num_hidden_layers
+    chosen = layer_params(model, None, "attention")
+    expected = {
+        name
+        for name, _ in model.named_parameters()
+        if ".self_attn." in name and name.startswith("model.layers.")
+    }
+    assert set(chosen) == expected
+    assert {int(name.split(".")[2]) for name in chosen} == set(range(n))
+    assert set(layer_params(model, None, "mlp")) == {
+        name for name, _ in model.named_parameters() if ".mlp." in name
+    }
+    assert set(layer_params(model, None, "mlp")) == set(layer_params(model, list(range(n)), "mlp"))

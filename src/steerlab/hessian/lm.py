@@ -47,14 +47,15 @@ def layer_params(
     exclude: str | list[str] | None = None,
 ) -> dict[str, nn.Parameter]:
     """Parameters of the MLP / attention / whole block of the given decoder layers (negative indices
-    allowed; None: the whole model), narrowed by `include` / `exclude` regexes as in `select_params`."""
+    allowed; None: every decoder layer), narrowed by `include` / `exclude` regexes as in `select_params`."""
     from steerlab.models import attention, block, mlp
+    from steerlab.models.architectures import num_layers
 
-    if layers is None:
-        return select_params(model, include, exclude)
     getter = {"mlp": mlp, "attention": attention, "block": block}.get(part)
     if getter is None:
         raise ParameterSelectionError(f"part must be one of {', '.join(PARTS)}, not {part!r}")
+    if layers is None:
+        layers = list(range(num_layers(model)))
     try:
         modules = [getter(model, layer) for layer in layers]
     except IndexError as error:
