@@ -116,7 +116,7 @@ def write_json(path: str | Path, obj: Any, sort_keys: bool = False) -> None:
 
 
 def parse_json(text: str, fail: Callable[[str, int], Exception]) -> Any:
-    """`json.loads(text)`; malformed text raises `fail(message, line)` (the caller's error naming the file)."""
+    """`json.loads(text)`; malformed text raises `fail(message, line)`, the caller's error naming the file."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:

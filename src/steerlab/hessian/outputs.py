@@ -1,5 +1,5 @@
-"""Where hessian results go: one writer per kind of result (safetensors + JSON, plots), every file written atomically. Each writer returns the one-line summary
-the command prints."""
+"""Where hessian results go: one writer per kind of result (safetensors + JSON, plots), every file
+written atomically. Each writer returns the one-line summary the command prints."""
 
 from __future__ import annotations
 

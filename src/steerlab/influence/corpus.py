@@ -15,6 +15,7 @@ import hashlib
 import io
 import logging
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,7 +101,9 @@ def check_corpus(path: str | Path, option: str = "--train") -> Path:
         raise InfluenceArgumentError(f"{option}: no such file: {path}")
     if not path.is_file():
         raise InfluenceArgumentError(f"{option}: not a file: {path}")
-    if not next(read_text_chunks(path), "").strip():
+    with closing(read_text_chunks(path)) as chunks:
+        first = next(chunks, "")
+    if not first.strip():
         raise DataFormatError(path, "the corpus is empty")
     return path
 

@@ -126,7 +126,8 @@ def per_example_gradients(a: torch.Tensor, ds: torch.Tensor) -> torch.Tensor:
 def lambda_update(
     acc: Accumulator, captured: Captured, eigen: Factors, n_sequences: int, diagonal: bool
 ) -> None:
-    """Add one batch's sum of squared per-sequence gradients in the K-FAC eigenbasis (and plain, if `diagonal`)."""
+    """Add one batch's sum of squared per-sequence gradients in the K-FAC eigenbasis (and plain, if
+    `diagonal`)."""
     for name, a in captured.inputs.items():
         ds = captured.grads[name]
         dt = _compute_dtype(a)

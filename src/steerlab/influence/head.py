@@ -2,9 +2,10 @@
 
 For a plain head (logits = h Wᵀ + b; `steerlab.models.architectures.plain_head` says which heads are)
 the summed next-token cross-entropy and its gradient with respect to the head's input, Wᵀ(p − onehot(y))
-per token, are computed a chunk of tokens at a time, for labelled tokens only: the [tokens × vocabulary] logits never exist whole, and no second pass over them (autograd's
-log-softmax backward, zero-filled gradient buffers) is needed. With labels sampled from the model (the
-true Fisher) the data-label gradient comes for free: the two differ by W[y] − W[ỹ] per token.
+per token, are computed a chunk of tokens at a time, for labelled tokens only: the [tokens × vocabulary]
+logits never exist whole, and no second pass over them (autograd's log-softmax backward, zero-filled
+gradient buffers) is needed. With labels sampled from the model (the true Fisher) the data-label
+gradient comes for free: the two differ by W[y] − W[ỹ] per token.
 """
 
 from __future__ import annotations

@@ -185,8 +185,8 @@ class SteeringVector:
         return fraction * residual / norm
 
     def signed_fraction(self, layer: int, multiplier: float) -> float | None:
-        """The signed fraction of the recorded residual norm at `layer` that `multiplier` adds,
-        multiplier x |v| / residual norm (None when none is recorded); inverse of `multiplier_for_fraction`."""
+        """multiplier x |v| / the recorded residual norm at `layer`: the signed fraction that `multiplier`
+        adds (None when no residual norm is recorded); the inverse of `multiplier_for_fraction`."""
         residual = self.residual_norm(layer)
         return None if residual is None else multiplier * self.norm(layer) / residual
 
@@ -262,7 +262,8 @@ class SteeringVector:
 
     @classmethod
     def load(cls, path: str | Path) -> SteeringVector:
-        """Read a saved vector; errors name the file and what is wrong (`ResultFileError`, `InvalidVectorError`)."""
+        """Read a saved vector; errors name the file and what is wrong (`ResultFileError`,
+        `InvalidVectorError`)."""
         tensor_path, meta_path = result_paths(path)
         if tensor_path.is_file() and not meta_path.is_file():
             raise ResultFileError(
