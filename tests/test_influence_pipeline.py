@@ -182,7 +182,7 @@ def test_two_gloo_processes_equal_one(tmp_path):
     for k, v in factors.tensors.items():
         if "/Q" in k:  # eigenvectors: compare up to sign through the projector of each vector
             v, g = v * v[0:1].sign(), got[k] * got[k][0:1].sign()
-            assert torch.allclose(g.abs(), v.abs(), atol=1e-8), k
+            assert torch.allclose(g, v, atol=1e-8), k
         else:
             assert torch.allclose(got[k], v, rtol=1e-10, atol=1e-14), k
     scores = load_tensors(multi / "scores" / "result.safetensors")[0]
@@ -302,3 +302,55 @@ def test_results_are_result_files_with_a_header(tmp_path):
 
 if __name__ == "__main__":
     _worker()
+
+
+class ModelLoaded(Exception):
+    """Raised instead of loading a model, to prove that validation came first."""
+
+
+def test_a_run_folder_that_cannot_be_written_fails_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    from steerlab.cli import main
+    from steerlab.errors import UserError
+    from steerlab.influence.config import FitArgs, ScoreArgs, SelfArgs
+    from steerlab.influence.runs import fit_run, score_run, self_run
+
+    def refuse(*args, **kwargs):
+        raise ModelLoaded
+
+    monkeypatch.setattr("steerlab.models.load_model", refuse)
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the run's parent folder should be")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some training text\n" * 50)
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text('{"prompt": "a", "completion": "b"}\n')
+    run = blocked / "run"
+    calls = [
+        lambda: fit_run(run, FitArgs(train=str(corpus))),
+        lambda: score_run(run, ScoreArgs(queries=str(queries))),
+        lambda: self_run(run, SelfArgs()),
+    ]
+    for call in calls:
+        with pytest.raises(UserError, match=f"--run {run}: {blocked} is not a folder"):
+            call()
+    assert main(["influence", "fit", "--run", str(run), "--train", str(corpus)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"steerlab: error: --run {run}: {blocked} is not a folder"
+    with pytest.raises(ModelLoaded):  # a writable run folder: the next step is loading the model
+        fit_run(tmp_path / "run", FitArgs(train=str(corpus)))
+
+
+def test_a_run_model_loads_directly_in_its_dtype(monkeypatch):
+    from steerlab.influence.config import FitArgs
+    from steerlab.influence.runs import load_run_model
+
+    seen = {}
+
+    def record(name, **kwargs):
+        seen.update(kwargs, name=name)
+        raise ModelLoaded
+
+    monkeypatch.setattr("steerlab.models.load_model", record)
+    with pytest.raises(ModelLoaded):
+        load_run_model(FitArgs(train="corpus.txt", model="tiny", model_dtype="bfloat16"))
+    assert seen == {"name": "tiny", "dtype": torch.bfloat16}

@@ -25,7 +25,15 @@ from steerlab.influence.corpus import check_corpus, prefix_sha256, read_blocks
 from steerlab.influence.pipeline import SCORES, BlockBatches
 from steerlab.influence.queries import query_batches, read_queries, same_queries, tokenize_queries
 from steerlab.influence.stages import StageArgumentsError, differences
-from steerlab.io import check_output_file, load_result, load_tensors, read_json, save_tensors, write_json
+from steerlab.io import (
+    check_output_file,
+    check_output_folder,
+    load_result,
+    load_tensors,
+    read_json,
+    save_tensors,
+    write_json,
+)
 from steerlab.options import DTYPES
 
 __all__ = [
@@ -80,7 +88,7 @@ def read_config(run_dir: str | Path) -> FitArgs:
     return FitArgs.from_saved(read_json(path))
 
 
-def _corpus_moved(run: Path, train: str) -> bool:
+def _same_corpus_bytes(run: Path, train: str) -> bool:
     """Whether `train` starts with the very bytes the run's blocks were read from."""
     path = _tokens_path(run)
     if not path.exists():
@@ -96,7 +104,7 @@ def _check_config(run: Path, args: FitArgs) -> None:
         return
     saved, requested = read_config(run).saved(), args.saved()
     changed = {k for k in saved if saved[k] != requested[k]}
-    if changed == {"train"} and _corpus_moved(run, args.train):
+    if changed == {"train"} and _same_corpus_bytes(run, args.train):
         return
     if changed:
         diffs = differences(saved, requested)
@@ -107,11 +115,11 @@ def _check_config(run: Path, args: FitArgs) -> None:
 
 
 def load_run_model(args: FitArgs):
-    """(model in `args.model_dtype`, eval mode; tokenizer; model identity)."""
+    """(model loaded in `args.model_dtype`, eval mode; tokenizer; model identity)."""
     from steerlab.models import load_model
 
-    loaded = load_model(args.model)
-    return loaded.model.to(DTYPES[args.model_dtype]).eval(), loaded.tokenizer, loaded.info.to_dict()
+    loaded = load_model(args.model, dtype=DTYPES[args.model_dtype])
+    return loaded.model.eval(), loaded.tokenizer, loaded.info.to_dict()
 
 
 def _pad_id(tokenizer) -> int:
@@ -165,7 +173,7 @@ def fit_run(run_dir: str | Path, args: FitArgs, *, progress: bool = False):
     been read: a failed fit leaves nothing that refuses the corrected command."""
     from steerlab.influence.pipeline import fit
 
-    run = Path(run_dir)
+    run = check_output_folder(run_dir, "--run")
     args = replace(args, train=str(Path(args.train).resolve()))
     _check_config(run, args)
     if not _has_tokens(run):
@@ -228,7 +236,7 @@ def score_run(run_dir: str | Path, args: ScoreArgs, *, progress: bool = False) -
     from steerlab.influence.pipeline import score
     from steerlab.influence.topk import tfidf_candidates
 
-    run = Path(run_dir)
+    run = check_output_folder(run_dir, "--run")
     config = read_config(run)
     requested = read_queries(args.queries)
     _check_queries(run, args, requested)
@@ -275,7 +283,7 @@ def self_run(run_dir: str | Path, args: SelfArgs, *, progress: bool = False) -> 
     {index, self_influence, text}, also written to `run/self/top.json`."""
     from steerlab.influence.pipeline import self_influence
 
-    opened = open_run(run_dir)
+    opened = open_run(check_output_folder(run_dir, "--run"))
     result = self_influence(
         opened.path,
         opened.model,
