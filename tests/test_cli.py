@@ -471,7 +471,9 @@ def test_demo_takes_an_experiment_and_checks_its_data_before_loading(tmp_path, m
         capsys, ["demo", "--experiment", str(experiment)]
     )
     monkeypatch.undo()
-    monkeypatch.setattr(demo, "load_model", lambda name: (_ for _ in ()).throw(ModelLoaded()))
+    monkeypatch.setattr(
+        "steerlab.models.load_model", lambda *args, **kwargs: (_ for _ in ()).throw(ModelLoaded())
+    )
     wrong = demo.DemoConfig(pairs="builtin:sentiment-prompts")
     with pytest.raises(
         UserError, match="contrast: builtin:sentiment-prompts holds prompts; the demo needs paired texts"
@@ -483,3 +485,25 @@ def test_demo_takes_an_experiment_and_checks_its_data_before_loading(tmp_path, m
         demo.run_demo(tmp_path / "out", few)
     with pytest.raises(ModelLoaded):
         demo.run_demo(tmp_path / "out", demo.DemoConfig(words={"positive": ["good"], "negative": ["bad"]}))
+
+
+def test_value_checkers_name_the_option():
+    from steerlab.influence.config import InfluenceArgumentError
+    from steerlab.options import check_at_least, check_choice
+
+    assert check_choice("a", ("a", "b"), "--x") == "a" and check_choice(None, ("a",), "--x") is None
+    with pytest.raises(UserError, match=r"^--x: 'c' is not one of a, b$"):
+        check_choice("c", ("a", "b"), "--x")
+    assert check_at_least(2, 2, "--n") == 2 and check_at_least(None, 1, "--n") is None
+    with pytest.raises(InfluenceArgumentError, match=r"^--n: must be at least 2, got 1$"):
+        check_at_least(1, 2, "--n", InfluenceArgumentError)
+
+
+def test_every_help_prints(capsys):
+    parser = build_parser()
+    commands = [[], ["extract"], ["evaluate"], ["sweep"], ["generate"], ["demo"], ["hessian", "trace"]]
+    commands += [["influence", name] for name in ("fit", "score", "self", "report")]
+    for command in commands:
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args([*command, "--help"])
+        assert exit_.value.code == 0 and "usage: steerlab" in capsys.readouterr().out

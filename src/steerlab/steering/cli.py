@@ -11,12 +11,13 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from steerlab.errors import UserError
-from steerlab.options import add_model_arguments, parse_floats, parse_layers
+from steerlab.options import add_model_arguments, field_default, parse_floats, parse_layers
 from steerlab.steering.commands import (
     DEFAULT_FRACTION,
     EvaluateArgs,
     ExtractArgs,
     GenerateArgs,
+    SteerArgs,
     SweepArgs,
 )
 from steerlab.steering.demo import DemoConfig
@@ -68,11 +69,6 @@ EXPERIMENT_KEYS = {
 }
 # Options that replace each other: one given on the command line hides the experiment's others.
 ALTERNATIVES = (("multiplier", "fraction"), ("multipliers", "fractions"))
-
-
-def _default(cls, name: str):
-    spec = next(f for f in fields(cls) if f.name == name)
-    return spec.default_factory() if spec.default_factory is not MISSING else spec.default
 
 
 def _experiment(ns: argparse.Namespace):
@@ -203,7 +199,8 @@ def _steer_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--positions",
         default=None,
-        help="all | decode | from:K | at:I,J (default all; position 0 excluded)",
+        help=f"all | decode | from:K | at:I,J (default {field_default(SteerArgs, 'positions')}; "
+        "position 0 excluded)",
     )
 
 
@@ -222,7 +219,7 @@ def _metric_args(parser: argparse.ArgumentParser, cls) -> None:
     parser.add_argument(
         "--neutral",
         default=None,
-        help=f"neutral texts for perplexity and KL: a file, one per line (default {_default(cls, 'neutral')})",
+        help=f"neutral texts for perplexity and KL: a file, one per line (default {field_default(cls, 'neutral')})",
     )
     parser.add_argument("--system-prompt", default=None, help="A/B items: system prompt of the chat template")
     parser.add_argument("--limit", type=int, default=None, help="score at most this many items")
@@ -250,7 +247,7 @@ def add_subcommands(sub) -> None:
         "--read",
         choices=["last", "mean"],
         default=None,
-        help=f"paired texts: last token or mean over positions (default {_default(ExtractArgs, 'read')})",
+        help=f"paired texts: last token or mean over positions (default {field_default(ExtractArgs, 'read')})",
     )
     p.add_argument(
         "--chat", action="store_true", default=None, help="paired texts: wrap each text in the chat template"
@@ -264,7 +261,7 @@ def add_subcommands(sub) -> None:
         help="A/B: do not balance answer letters (not recommended)",
     )
     p.add_argument(
-        "--batch-size", type=int, default=None, help=f"default {_default(ExtractArgs, 'batch_size')}"
+        "--batch-size", type=int, default=None, help=f"default {field_default(ExtractArgs, 'batch_size')}"
     )
     p.set_defaults(func=cmd_extract)
 
@@ -281,21 +278,25 @@ def add_subcommands(sub) -> None:
     _metric_args(p, SweepArgs)
     p.add_argument("--layers", default=None, help="default: every layer stored in the vector")
     group = p.add_mutually_exclusive_group()
-    fractions = ",".join(f"{f:g}" for f in _default(SweepArgs, "fractions"))
+    fractions = ",".join(f"{f:g}" for f in field_default(SweepArgs, "fractions"))
     group.add_argument(
         "--fractions", default=None, help=f"signed fractions of the residual norm (default {fractions})"
     )
     group.add_argument("--multipliers", default=None, help="raw signed multipliers m (adds m·v), e.g. -4,4")
-    p.add_argument("--positions", default=None, help="all | decode | from:K | at:I,J (default all)")
+    p.add_argument(
+        "--positions",
+        default=None,
+        help=f"all | decode | from:K | at:I,J (default {field_default(SweepArgs, 'positions')})",
+    )
     p.add_argument(
         "--split",
         default=None,
-        help=f"label written in the split column (default {_default(SweepArgs, 'split')})",
+        help=f"label written in the split column (default {field_default(SweepArgs, 'split')})",
     )
     p.add_argument(
         "--out",
         default=None,
-        help=f"CSV path; the plot goes beside it (default {_default(SweepArgs, 'out')})",
+        help=f"CSV path; the plot goes beside it (default {field_default(SweepArgs, 'out')})",
     )
     p.set_defaults(func=cmd_sweep)
 
@@ -305,7 +306,10 @@ def add_subcommands(sub) -> None:
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
     p.add_argument("--prompts-file", default=None, help="a file of prompts, one per line")
     p.add_argument(
-        "--max-new-tokens", type=int, default=None, help=f"default {_default(GenerateArgs, 'max_new_tokens')}"
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help=f"default {field_default(GenerateArgs, 'max_new_tokens')}",
     )
     p.add_argument(
         "--no-chat",
@@ -325,7 +329,7 @@ def add_subcommands(sub) -> None:
         help="run the demo's recipe on an experiment's paired texts (contrast), prompts (evaluation), words",
     )
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--out", default="results/demo")
+    p.add_argument("--out", default="results/demo", help="output folder (default results/demo)")
     p.add_argument("--layers", default=None, help="layers to sweep (default 6,8,...,20)")
     p.add_argument("--fractions", default=None, help="signed fractions of the residual norm")
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
