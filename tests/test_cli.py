@@ -507,3 +507,45 @@ def test_every_help_prints(capsys):
         with pytest.raises(SystemExit) as exit_:
             parser.parse_args([*command, "--help"])
         assert exit_.value.code == 0 and "usage: steerlab" in capsys.readouterr().out
+
+
+def test_demo_checks_its_out_folder_before_loading(no_model, tmp_path, capsys):
+    from steerlab.steering.demo import DemoConfig, run_demo
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the output folder's parent should be")
+    with pytest.raises(UserError, match=f"--out {blocked / 'out'}: {blocked} is not a folder"):
+        run_demo(blocked / "out", DemoConfig())
+    line = one_line_error(capsys, ["demo", "--out", str(blocked / "out")])
+    assert line == f"steerlab: error: --out {blocked / 'out'}: {blocked} is not a folder"
+
+
+def test_demo_loads_its_model_with_the_model_options(tmp_path, monkeypatch):
+    from steerlab.steering import demo
+
+    seen = {}
+
+    def record(name, **kwargs):
+        seen.update(kwargs, name=name)
+        raise ModelLoaded
+
+    monkeypatch.setattr("steerlab.models.load_model", record)
+    with pytest.raises(ModelLoaded):
+        demo.run_demo(tmp_path / "out", demo.DemoConfig(model="tiny", dtype="bfloat16", device="cpu"))
+    assert (seen["name"], seen["dtype"], seen["device"]) == ("tiny", torch.bfloat16, "cpu")
+    with pytest.raises(ModelLoaded):
+        main(["-q", "demo", "--out", str(tmp_path / "out"), "--model", "other"])
+    assert (seen["name"], seen["dtype"]) == ("other", None)
+
+
+def test_generate_checks_the_vector_width_before_generating(tiny, tmp_path, monkeypatch, capsys):
+    import steerlab.evaluate
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated before checking the vector")
+
+    monkeypatch.setattr(steerlab.evaluate, "generate", no_generation)
+    SteeringVector({1: torch.ones(16)}).save(tmp_path / "narrow")
+    argv = ["generate", "--model", tiny, "--vector", str(tmp_path / "narrow"), "--multiplier", "1"]
+    line = one_line_error(capsys, ["-q", *argv, "--prompt", "Hi"])
+    assert "steering vector: width 16" in line and "residual stream has width 32" in line
