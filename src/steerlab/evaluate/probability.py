@@ -70,11 +70,6 @@ class ABScores:
     p_first: torch.Tensor
     chance: torch.Tensor
 
-    @property
-    def mean_chance(self) -> float:
-        """The chance level of the mean p_matching (0.5 when every item offers two options)."""
-        return float(self.chance.mean())
-
 
 def ab_scores(lm: LoadedModel, prompts: ABPrompts, batch_size: int = 16, progress: bool = False) -> ABScores:
     """Score every prepared A/B prompt under the hooks currently in place."""
