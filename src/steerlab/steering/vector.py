@@ -265,11 +265,6 @@ class SteeringVector:
         """Read a saved vector; errors name the file and what is wrong (`ResultFileError`,
         `InvalidVectorError`)."""
         tensor_path, meta_path = result_paths(path)
-        if tensor_path.is_file() and not meta_path.is_file():
-            raise ResultFileError(
-                f"{meta_path}: no such file; a steering vector is saved as {tensor_path.name} plus this "
-                "metadata file (its model, layers and residual norms)"
-            )
         tensors, metadata = load_result(path, kind="SteeringVector")
         vectors = {}
         for key, value in tensors.items():
