@@ -105,7 +105,7 @@ def test_argparse_defaults_come_from_the_dataclasses():
 @pytest.mark.parametrize("quiet", [False, True])
 def test_influence_commands_honour_quiet(monkeypatch, tmp_path, corpus, quiet):
     """-q used to leave the progress bars of fit, score and self on."""
-    import steerlab.influence.runs as runs
+    import steerlab.influence.commands as commands
 
     seen = {}
 
@@ -117,7 +117,7 @@ def test_influence_commands_honour_quiet(monkeypatch, tmp_path, corpus, quiet):
         return run
 
     for name in ("fit_run", "score_run", "self_run"):
-        monkeypatch.setattr(runs, name, stage(name))
+        monkeypatch.setattr(commands, name, stage(name))
     queries = _queries(tmp_path / "q.jsonl", [{"prompt": "a", "completion": "b"}])
     run = str(tmp_path / "run")
     flags = ["-q"] if quiet else []

@@ -311,8 +311,8 @@ class ModelLoaded(Exception):
 def test_a_run_folder_that_cannot_be_written_fails_before_the_model_loads(tmp_path, monkeypatch, capsys):
     from steerlab.cli import main
     from steerlab.errors import UserError
+    from steerlab.influence.commands import fit_run, score_run, self_run
     from steerlab.influence.config import FitArgs, ScoreArgs, SelfArgs
-    from steerlab.influence.runs import fit_run, score_run, self_run
 
     def refuse(*args, **kwargs):
         raise ModelLoaded
@@ -341,8 +341,8 @@ def test_a_run_folder_that_cannot_be_written_fails_before_the_model_loads(tmp_pa
 
 
 def test_a_run_model_loads_directly_in_its_dtype(monkeypatch):
+    from steerlab.influence.commands import load_run_model
     from steerlab.influence.config import FitArgs
-    from steerlab.influence.runs import load_run_model
 
     seen = {}
 

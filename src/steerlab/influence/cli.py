@@ -8,7 +8,7 @@
 
 queries.jsonl: one {"prompt": ..., "completion": ...} (or {"prompt_ids": [...], "completion_ids": [...]})
 per line. The commands parse their options into the dataclasses of `influence.config` and call
-`influence.runs`; under `torchrun`, fit, score and self shard their batches across processes.
+`influence.commands`; under `torchrun`, fit, score and self shard their batches across processes.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _start(args) -> bool:
 
 
 def cmd_fit(args) -> None:
-    from steerlab.influence.runs import fit_run
+    from steerlab.influence.commands import fit_run
 
     fit_args = from_namespace(FitArgs, args)
     main = _start(args)
@@ -72,7 +72,7 @@ def cmd_fit(args) -> None:
 
 
 def cmd_score(args) -> None:
-    from steerlab.influence.runs import score_run
+    from steerlab.influence.commands import score_run
 
     score_args = from_namespace(ScoreArgs, args)
     main = _start(args)
@@ -90,7 +90,7 @@ def cmd_score(args) -> None:
 
 
 def cmd_self(args) -> None:
-    from steerlab.influence.runs import self_run
+    from steerlab.influence.commands import self_run
 
     self_args = from_namespace(SelfArgs, args)
     main = _start(args)
@@ -101,6 +101,6 @@ def cmd_self(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from steerlab.influence.runs import report_run
+    from steerlab.influence.commands import report_run
 
     print(f"report: {report_run(args.run, from_namespace(ReportArgs, args))}")
