@@ -549,3 +549,8 @@ def test_generate_checks_the_vector_width_before_generating(tiny, tmp_path, monk
     argv = ["generate", "--model", tiny, "--vector", str(tmp_path / "narrow"), "--multiplier", "1"]
     line = one_line_error(capsys, ["-q", *argv, "--prompt", "Hi"])
     assert "steering vector: width 16" in line and "residual stream has width 32" in line
+
+
+def test_demo_takes_the_model_options_of_every_command():
+    args = build_parser().parse_args(["demo", "--device", "cpu", "--dtype", "bfloat16", "--model", "m"])
+    assert (args.device, args.dtype, args.model) == ("cpu", "bfloat16", "m")

@@ -321,16 +321,13 @@ def add_subcommands(sub) -> None:
     p.add_argument("--system-prompt", default=None)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo", help="the end-to-end sentiment steering demo on the embedded model (offline)")
-    p.add_argument(
-        "--experiment",
-        default=None,
-        metavar="FILE",
-        help="run the demo's recipe on an experiment's paired texts (contrast), prompts (evaluation), words",
+    p = sub.add_parser(
+        "demo",
+        help="the end-to-end sentiment steering demo on the embedded model (offline); with --experiment, "
+        "the demo's recipe on its paired texts (contrast), prompts (evaluation) and words",
     )
-    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    _common(p)
     p.add_argument("--out", default="results/demo", help="output folder (default results/demo)")
     p.add_argument("--layers", default=None, help="layers to sweep (default 6,8,...,20)")
     p.add_argument("--fractions", default=None, help="signed fractions of the residual norm")
-    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     p.set_defaults(func=cmd_demo)
