@@ -146,11 +146,20 @@ def extract(args: ExtractArgs, lm: LoadedModel | None = None):
     return vector
 
 
-def _vector_and_layer(args: SteerArgs):
-    """The stored vector and the stored layer to steer (default: the vector's only layer), before loading."""
+def _load_vector(path):
+    """`SteeringVector.load`, its errors prefixed with the option that named the file."""
+    from steerlab.io import ResultFileError
     from steerlab.steering import SteeringVector
 
-    vector = SteeringVector.load(args.vector)
+    try:
+        return SteeringVector.load(path)
+    except ResultFileError as error:
+        raise ResultFileError(f"--vector: {error}") from None
+
+
+def _vector_and_layer(args: SteerArgs):
+    """The stored vector and the stored layer to steer (default: the vector's only layer), before loading."""
+    vector = _load_vector(args.vector)
     if args.layer is not None:
         return vector, vector.stored_layer(args.layer)
     if len(vector.layers) != 1:
@@ -202,12 +211,12 @@ def sweep(args: SweepArgs, lm: LoadedModel | None = None) -> list[dict]:
     from steerlab.evaluate import prepare_neutral
     from steerlab.hooks import Positions
     from steerlab.report.figures import save_png
-    from steerlab.steering import SteeringVector, plots
+    from steerlab.steering import plots
     from steerlab.steering.metrics import behaviour_metric
     from steerlab.steering.sweep import Grid, write_csv
     from steerlab.steering.sweep import sweep as run_grid
 
-    vector = SteeringVector.load(args.vector)
+    vector = _load_vector(args.vector)
     layers = [vector.stored_layer(layer) for layer in args.layers] if args.layers else vector.layers
     if args.multipliers is not None:
         grid = Grid(layers, multipliers=args.multipliers)
