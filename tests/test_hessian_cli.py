@@ -121,7 +121,7 @@ def test_missing_text_file_is_refused_before_the_model_loads(no_model, tmp_path,
         line = one_line_error(capsys, [cmd, "--text", str(missing), "--out", str(tmp_path / "o")])
         assert str(missing) in line and "no such file" in line
     line = one_line_error(capsys, ["spectrum", "--text", str(tmp_path), "--out", str(tmp_path / "o")])
-    assert f"{tmp_path}: not a file" in line
+    assert f"--text: not a file: {tmp_path}" in line
 
 
 def test_undecodable_text_is_an_error_naming_file_and_byte(no_model, tmp_path, capsys):

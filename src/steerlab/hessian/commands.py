@@ -123,7 +123,7 @@ def curvature(args: CurvatureArgs) -> tuple[CurvatureOperator, dict]:
     check_choice(args.kind, KINDS, "--kind", HessianArgumentsError)
     _counts(args, "n_texts", "max_length", "batch_size")
     parse_dtype(args.dtype)
-    texts = read_texts(args.text, args.n_texts)
+    texts = read_texts(args.text, args.n_texts, option="--text")
     layers = _layers(args.layers)
     check_output_folder(args.out)
     op, meta = text_curvature(
@@ -210,7 +210,8 @@ def separate(args: SeparateArgs) -> dict:
     check_choice(args.part, PARTS, "--part", HessianArgumentsError)
     _counts(args, "n_texts", "max_length", "k")
     parse_dtype(args.dtype)
-    texts_a, texts_b = read_texts(args.text_a, args.n_texts), read_texts(args.text_b, args.n_texts)
+    texts_a = read_texts(args.text_a, args.n_texts, option="--text-a")
+    texts_b = read_texts(args.text_b, args.n_texts, option="--text-b")
     layers = _layers(args.layers)
     check_output_folder(args.out)
     loaded = _load(args)

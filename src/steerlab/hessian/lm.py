@@ -22,13 +22,15 @@ from steerlab.hessian.subspace import (
 from steerlab.hessian.tasks import lm_batches, lm_task
 
 
-def read_texts(path: str | os.PathLike, n: int = 16, min_chars: int = 40) -> list[str]:
+def read_texts(
+    path: str | os.PathLike, n: int = 16, min_chars: int = 40, option: str | None = None
+) -> list[str]:
     """The first `n` paragraphs (blank-line separated; long ones cut to 400 chars) with >= `min_chars`.
 
     A file that `read_text` refuses (missing, unreadable, not UTF-8, blank) or without such a paragraph is
-    a `DataFormatError` naming the file.
+    a `DataFormatError` naming the file (and `option`, e.g. "--text", for a missing file).
     """
-    text = read_text(path)
+    text = read_text(path, option)
     paras = [p.strip() for p in re.split(r"\n\s*\n", text)]
     out = [p[:400] for p in paras if len(p) >= min_chars]
     if not out:
