@@ -1,6 +1,7 @@
 """Activation steering: extracting vectors from contrastive data and applying them."""
 
 from steerlab.steering.extract import caa_items, extract_caa, extract_mean_difference, mean_activations
+from steerlab.steering.methods import extract_pca_center, extract_pca_diff, extract_probe
 from steerlab.steering.vector import (
     STRONG_STEERING_RATIO,
     InvalidVectorError,
@@ -20,5 +21,8 @@ __all__ = [
     "caa_items",
     "extract_caa",
     "extract_mean_difference",
+    "extract_pca_center",
+    "extract_pca_diff",
+    "extract_probe",
     "mean_activations",
 ]

@@ -278,6 +278,66 @@ class SteeringVector:
             where = meta_path if error.in_metadata else tensor_path
             raise InvalidVectorError(str(where), error.problem, in_metadata=error.in_metadata) from None
 
+    # --- arithmetic: each result is a new vector; residual norms are kept from `self` -----------------
+
+    def _derived(self, vectors: dict[int, torch.Tensor], method: str, **params) -> SteeringVector:
+        metadata = {**self.metadata, "method": method, "operands": [self.metadata.get("method")], **params}
+        metadata["layers"] = sorted(vectors)
+        metadata["norms"] = {str(layer): float(vec.double().norm()) for layer, vec in vectors.items()}
+        if "residual_norms" in self.metadata:
+            metadata["residual_norms"] = {
+                str(layer): self.metadata["residual_norms"][str(layer)] for layer in vectors
+            }
+        return SteeringVector(vectors, metadata)
+
+    def _paired(self, other: SteeringVector, what: str) -> None:
+        if other.layers != self.layers or other.hidden_size != self.hidden_size:
+            raise VectorError(
+                f"cannot {what} vectors of layers {self.layers} (width {self.hidden_size}) and "
+                f"{other.layers} (width {other.hidden_size}): they must store the same layers and width"
+            )
+
+    def _combine(self, other: SteeringVector, sign: float, method: str) -> SteeringVector:
+        self._paired(other, method)
+        vectors = {
+            layer: (vec.double() + sign * other.vectors[layer].double()).float()
+            for layer, vec in self.vectors.items()
+        }
+        result = self._derived(vectors, method)
+        result.metadata["operands"].append(other.metadata.get("method"))
+        return result
+
+    def __add__(self, other: SteeringVector) -> SteeringVector:
+        """Per-layer sum (same layers and width); metadata from `self`, method "sum"."""
+        return self._combine(other, 1.0, "sum")
+
+    def __sub__(self, other: SteeringVector) -> SteeringVector:
+        """Per-layer difference (same layers and width); metadata from `self`, method "difference"."""
+        return self._combine(other, -1.0, "difference")
+
+    def scaled(self, factor: float) -> SteeringVector:
+        """`factor` x the vector at every layer."""
+        if not math.isfinite(factor) or factor == 0:
+            raise VectorError(f"scale factor {factor} must be a finite non-zero number")
+        vectors = {layer: (vec.double() * factor).float() for layer, vec in self.vectors.items()}
+        return self._derived(vectors, "scaled", factor=factor)
+
+    def normalised(self) -> SteeringVector:
+        """The vector with unit norm at every layer."""
+        vectors = {layer: (vec.double() / vec.double().norm()).float() for layer, vec in self.vectors.items()}
+        return self._derived(vectors, "normalised")
+
+    def orthogonalised(self, other: SteeringVector) -> SteeringVector:
+        """Per layer, the vector minus its projection on `other` (v - (v.u / u.u) u)."""
+        self._paired(other, "orthogonalise")
+        vectors = {}
+        for layer, vec in self.vectors.items():
+            v, u = vec.double(), other.vectors[layer].double()
+            vectors[layer] = (v - (v @ u) / (u @ u) * u).float()
+        result = self._derived(vectors, "orthogonalised")
+        result.metadata["operands"].append(other.metadata.get("method"))
+        return result
+
     def random_like(self, seed: int = 0) -> SteeringVector:
         """A control: random directions with the same per-layer norms."""
         generator = torch.Generator().manual_seed(seed)
