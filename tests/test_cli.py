@@ -10,6 +10,7 @@ import torch
 from conftest import char_tokenizer, tiny_model
 from steerlab.cli import build_parser, main
 from steerlab.data import DataRef, PairedTexts
+from steerlab.data.sources import load_dataset
 from steerlab.errors import UserError
 from steerlab.steering import SteeringVector
 
@@ -383,6 +384,32 @@ def test_extract_split_and_limit(tiny, tmp_path):
     assert json.loads(path.with_suffix(".json").read_text())["dataset"]["size"] == 5
     assert main([*argv, "--split", "test", "--out", str(path)]) == 0
     assert json.loads(path.with_suffix(".json").read_text())["dataset"]["size"] == 11  # 20% of 54
+
+
+@pytest.mark.parametrize("method", ["pca-diff", "pca-center", "probe"])
+def test_extract_method_option(tiny, tmp_path, method):
+    from steerlab.models import load_model
+    from steerlab.steering.methods import extract_pca_center, extract_pca_diff, extract_probe
+
+    path = tmp_path / "v"
+    argv = ["-q", "extract", "--model", tiny, "--data", "builtin:sentiment", "--layers", "1,2"]
+    assert main([*argv, "--method", method, "--limit", "8", "--out", str(path)]) == 0
+    saved = SteeringVector.load(path)
+    assert saved.metadata["method"] == method and saved.metadata["dataset"]["size"] == 8
+    library = {"pca-diff": extract_pca_diff, "pca-center": extract_pca_center, "probe": extract_probe}[method]
+    texts = load_dataset(DataRef("builtin:sentiment", limit=8), (PairedTexts,), "--data", "test")
+    expected = library(load_model(tiny), texts, [1, 2], progress=False)
+    for layer in (1, 2):
+        torch.testing.assert_close(saved.vectors[layer], expected.vectors[layer])
+
+
+def test_extract_method_defaults_to_mean_difference_and_refuses_unknown_ones(tiny, tmp_path):
+    path = tmp_path / "v"
+    argv = ["-q", "extract", "--model", tiny, "--data", "builtin:sentiment", "--layers", "1", "--limit", "4"]
+    assert main([*argv, "--out", str(path)]) == 0
+    assert json.loads(path.with_suffix(".json").read_text())["method"] == "mean-difference-last"
+    with pytest.raises(SystemExit):
+        main([*argv, "--method", "svd", "--out", str(path)])
 
 
 # --- experiment files ---------------------------------------------------------------------------------

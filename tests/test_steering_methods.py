@@ -1,4 +1,5 @@
 import importlib
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -6,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from steerlab.data import PairedTexts, encode
+from steerlab.data import ABDataset, ABItem, PairedTexts, encode, format_prompt, locate_answers
 from steerlab.errors import UserError
 from steerlab.steering import (
     SteeringVector,
     VectorError,
+    caa_items,
     extract_mean_difference,
     extract_pca_center,
     extract_pca_diff,
@@ -230,3 +232,47 @@ def test_pca_agrees_with_repeng(tiny_lm, repeng_extract, method, extract):
         cosine = _cos(ours.vectors[layer].numpy(), theirs[layer])
         print(f"repeng {method} layer {layer}: cosine {cosine:.6f}")
         assert cosine >= 0.99
+
+
+def test_pca_diff_on_ab_items_reads_the_answer_letter(tiny_lm):
+    items = []
+    for i in range(6):
+        match, other = ("(A)", "(B)") if i % 2 == 0 else ("(B)", "(A)")
+        items.append(ABItem(f"Is {i} even?\n\nChoices:\n (A) yes\n (B) no", match, other))
+    dataset = ABDataset(items, name="toy")
+    vector = extract_pca_diff(tiny_lm, dataset, [2], progress=False)
+    assert vector.metadata["read"] == "answer-letter"
+    assert vector.metadata["dataset"]["letter_counts"] == {"(A)": 3, "(B)": 3}
+    diffs = []
+    for item in caa_items(dataset):
+        prompt = format_prompt(tiny_lm.tokenizer, item.question)
+        where = locate_answers(tiny_lm.tokenizer, prompt, [item.matching, item.not_matching])
+        with torch.no_grad():
+            pos, neg = (
+                tiny_lm.model(torch.tensor([ids]), output_hidden_states=True).hidden_states[3][
+                    0, where.position
+                ]
+                for ids in where.option_ids
+            )
+        diffs.append((pos - neg).numpy())
+    assert abs(_cos(vector.vectors[2].numpy(), _first_pc(np.stack(diffs)))) > 1 - 1e-6
+
+
+def test_extract_command_refuses_an_unknown_method_and_a_missing_sklearn_before_loading(
+    tmp_path, monkeypatch
+):
+    from steerlab.steering.commands import ExtractArgs, extract
+
+    def args(method: str) -> ExtractArgs:
+        return ExtractArgs(
+            model="no-such-model", data="builtin:sentiment", layers=[1], out=tmp_path / "v", method=method
+        )
+
+    with pytest.raises(UserError, match="--method: expected one of mean-diff, pca-diff, pca-center, probe"):
+        extract(args("svd"))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a)
+    )
+    with pytest.raises(UserError, match="--method probe: needs scikit-learn"):
+        extract(args("probe"))

@@ -14,6 +14,7 @@ from steerlab.errors import UserError
 from steerlab.options import add_model_arguments, field_default, parse_floats, parse_layers
 from steerlab.steering.commands import (
     DEFAULT_FRACTION,
+    METHODS,
     EvaluateArgs,
     ExtractArgs,
     GenerateArgs,
@@ -243,6 +244,13 @@ def add_subcommands(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="use at most this many items (after --split)")
     p.add_argument("--layers", default=None, help="comma-separated layers or ranges, e.g. 10,12,-4 or 10-14")
     p.add_argument("--out", default=None, help="output path (writes .safetensors and .json)")
+    p.add_argument(
+        "--method",
+        choices=list(METHODS),
+        default=None,
+        help="mean-diff (CAA / mean difference), pca-diff, pca-center or probe "
+        f"(default {field_default(ExtractArgs, 'method')})",
+    )
     p.add_argument(
         "--read",
         choices=["last", "mean"],

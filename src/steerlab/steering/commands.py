@@ -25,6 +25,8 @@ DEFAULT_FRACTION = 0.1
 SENTIMENT_PROMPTS = "builtin:sentiment-prompts"
 SENTIMENT_WORDS = "builtin:sentiment-words"
 NEUTRAL_TEXT = "builtin:neutral-text"
+METHODS = ("mean-diff", "pca-diff", "pca-center", "probe")
+"""The extraction methods of `extract` (`--method`)."""
 
 DataSpec = DataRef | str | os.PathLike | Dataset
 Words = dict[str, list[str]] | str | os.PathLike
@@ -35,6 +37,7 @@ class ExtractArgs(ModelArgs):
     data: DataSpec
     layers: list[int]
     out: str | os.PathLike
+    method: str = "mean-diff"
     read: str = "last"
     chat: bool = False
     system_prompt: str | None = None
@@ -119,10 +122,16 @@ def _texts(value: str | os.PathLike | list[str], option: str) -> list[str]:
 
 
 def extract(args: ExtractArgs, lm: LoadedModel | None = None):
-    """Extract a steering vector (CAA on A/B items, mean difference on paired texts) and save it."""
+    """Extract a steering vector and save it: `method` "mean-diff" (CAA on A/B items, mean difference on
+    paired texts), "pca-diff", "pca-center" or "probe"."""
     from steerlab.steering import caa_items, extract_caa, extract_mean_difference
     from steerlab.steering.extract import check_system_prompt
+    from steerlab.steering.methods import extract_pca_center, extract_pca_diff, extract_probe, require_sklearn
 
+    if args.method not in METHODS:
+        raise UserError(f"--method: expected one of {', '.join(METHODS)}, got {args.method!r}")
+    if args.method == "probe":
+        require_sklearn()
     ref = _data_ref(args.data, args.split, args.limit)
     dataset = load_dataset(ref, (ABDataset, PairedTexts), "--data", "extraction")
     if isinstance(dataset, ABDataset):
@@ -138,7 +147,13 @@ def extract(args: ExtractArgs, lm: LoadedModel | None = None):
         progress=args.progress,
         source=dataset.source or ref.describe(),
     )
-    if isinstance(dataset, ABDataset):
+    if args.method != "mean-diff":
+        extractor = {"pca-diff": extract_pca_diff, "pca-center": extract_pca_center, "probe": extract_probe}
+        data = items if isinstance(dataset, ABDataset) else dataset
+        vector = extractor[args.method](
+            lm, data, args.layers, read=args.read, chat=args.chat, balance=False, **common
+        )
+    elif isinstance(dataset, ABDataset):
         vector = extract_caa(lm, items, args.layers, balance=False, unbalanced=dataset, **common)
     else:
         vector = extract_mean_difference(lm, dataset, args.layers, read=args.read, chat=args.chat, **common)

@@ -9,6 +9,7 @@ what it means for a CAA vector; residual norms are recorded as for mean-differen
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 
 import torch
@@ -72,11 +73,18 @@ def oriented(direction: torch.Tensor, positive: torch.Tensor, negative: torch.Te
     return -direction if float((positive.mean(0) - negative.mean(0)) @ direction) < 0 else direction
 
 
+def require_sklearn() -> None:
+    """A `UserError` when scikit-learn, which the probe needs, is not installed."""
+    if importlib.util.find_spec("sklearn") is None:
+        raise UserError("--method probe: needs scikit-learn (pip install scikit-learn, or the [dev] extra)")
+
+
 def logistic_direction(x: torch.Tensor, y: torch.Tensor, c: float = 1.0) -> tuple[torch.Tensor, float]:
     """L2 logistic regression on standardised `x`; its weights and bias mapped back to `x`'s basis.
 
     Returns (w, b) with w @ x_i + b the fitted logit of row i (label 1 = positive).
     """
+    require_sklearn()
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
