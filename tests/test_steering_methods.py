@@ -134,7 +134,7 @@ def test_probe_finds_a_planted_direction_and_reports_held_out_accuracy(tiny_lm):
 
 
 def test_too_few_pairs_hold_nothing_out_and_identical_sides_fail(tiny_lm):
-    assert held_out_pairs(3, 0.25, 0) == []
+    assert held_out_pairs(3, 0.25, 0) == [] and len(held_out_pairs(4, 0.9, 0)) == 2
     small = PairedTexts(TEXTS.positive[:3], TEXTS.negative[:3])
     assert extract_probe(tiny_lm, small, [1], progress=False).metadata["held_out_accuracy"] == {"1": None}
     with pytest.raises(UserError, match="pca-diff: .*same activations"):

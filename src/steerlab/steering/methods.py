@@ -101,10 +101,11 @@ def _accuracy(w: torch.Tensor, b: float, x: torch.Tensor, y: torch.Tensor) -> fl
 
 
 def held_out_pairs(n: int, test_fraction: float, seed: int) -> list[int]:
-    """The pair indices held out for the probe's accuracy (seeded; none when fewer than 4 pairs)."""
+    """The pair indices held out for the probe's accuracy (seeded; none with fewer than 4 pairs, and at
+    least 2 pairs are kept for fitting)."""
     if not 0 <= test_fraction < 1:
         raise UserError(f"test_fraction must be in [0, 1), got {test_fraction}")
-    count = int(round(n * test_fraction)) if n >= 4 else 0
+    count = min(int(round(n * test_fraction)), n - 2) if n >= 4 else 0
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return sorted(order[:count])
 
