@@ -214,3 +214,33 @@ def test_a_truncated_file_is_named(tmp_path):
     with pytest.raises(ControlVectorFileError, match="not a readable GGUF file") as caught:
         import_control_vector(path)
     assert str(caught.value).startswith(f"{path}: ")
+
+
+def test_cli_export_and_import(tmp_path, capsys):
+    from steerlab.cli import main
+
+    vector = _vector(layers=(0, 2, 3), model={"model_type": "llama", "num_layers": 4, "hidden_size": 32})
+    vector.save(tmp_path / "vec")
+    out = tmp_path / "vec.gguf"
+    assert main(["vector", "export-gguf", "--vector", str(tmp_path / "vec"), "--out", str(out)]) == 2
+    assert "layer 0: llama.cpp applies no control vector" in capsys.readouterr().err
+    assert not out.exists()
+    argv = ["vector", "export-gguf", "--vector", str(tmp_path / "vec"), "--layers", "2,-1", "--out", str(out)]
+    assert main(argv) == 0
+    assert "direction.N for layers [2, 3]" in capsys.readouterr().out
+    assert main(["vector", "import-gguf", "--gguf", str(out), "--out", str(tmp_path / "back")]) == 0
+    back = SteeringVector.load(tmp_path / "back")
+    assert back.layers == [2, 3]
+    for layer in (2, 3):
+        assert torch.equal(back.vectors[layer], vector.vectors[layer])
+    assert back.metadata["source"]["model_hint"] == "llama"
+
+    assert (
+        main(["vector", "import-gguf", "--gguf", str(tmp_path / "vec.json"), "--out", str(tmp_path / "x")])
+        == 2
+    )
+    assert capsys.readouterr().err.startswith(
+        f"steerlab: error: --gguf: {tmp_path / 'vec.json'}: not a readable"
+    )
+    assert main(["vector", "export-gguf", "--vector", str(tmp_path / "none"), "--out", str(out)]) == 2
+    assert "--vector: " in capsys.readouterr().err

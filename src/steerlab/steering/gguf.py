@@ -49,7 +49,7 @@ def _llama_layers(vector: SteeringVector, layers: Iterable[int] | None) -> dict[
         if layer == 0:
             raise LayerChoiceError(
                 "layer 0: llama.cpp applies no control vector after block 0 (it does not read direction.0); "
-                f"export the other layers (layers=...) of {vector.layers}"
+                f"export only the other layers of {vector.layers}"
             )
         out[layer] = key
     return out
