@@ -531,6 +531,7 @@ def test_every_help_prints(capsys):
     parser = build_parser()
     commands = [[], ["extract"], ["evaluate"], ["sweep"], ["generate"], ["demo"], ["hessian", "trace"]]
     commands += [["influence", name] for name in ("fit", "score", "self", "report")]
+    commands += [["vector"], ["vector", "export-gguf"], ["vector", "import-gguf"]]
     for command in commands:
         with pytest.raises(SystemExit) as exit_:
             parser.parse_args([*command, "--help"])

@@ -1,6 +1,7 @@
 """Activation steering: extracting vectors from contrastive data and applying them."""
 
 from steerlab.steering.extract import caa_items, extract_caa, extract_mean_difference, mean_activations
+from steerlab.steering.gguf import ControlVectorFileError, export_control_vector, import_control_vector
 from steerlab.steering.methods import extract_pca_center, extract_pca_diff, extract_probe
 from steerlab.steering.vector import (
     STRONG_STEERING_RATIO,
@@ -13,16 +14,19 @@ from steerlab.steering.vector import (
 
 __all__ = [
     "STRONG_STEERING_RATIO",
+    "ControlVectorFileError",
     "InvalidVectorError",
     "LayerChoiceError",
     "SteeringVector",
     "StrongSteeringWarning",
     "VectorError",
     "caa_items",
+    "export_control_vector",
     "extract_caa",
     "extract_mean_difference",
     "extract_pca_center",
     "extract_pca_diff",
     "extract_probe",
+    "import_control_vector",
     "mean_activations",
 ]

@@ -1,4 +1,4 @@
-"""`steerlab extract|evaluate|sweep|generate|demo`: argparse over `steering.commands`.
+"""`steerlab extract|evaluate|sweep|generate|demo|vector`: argparse over `steering.commands`.
 
 An option given on the command line wins over the `--experiment` file, which wins over the defaults of
 the command's argument dataclass.
@@ -166,6 +166,32 @@ def cmd_demo(ns: argparse.Namespace) -> None:
     _parse_lists(ns)
     summary = run_demo(ns.out, _options(DemoConfig, ns, experiment))
     print(terminal_summary(summary, ns.out))
+
+
+def cmd_export_gguf(ns: argparse.Namespace) -> None:
+    from steerlab.io import check_output_file
+    from steerlab.steering.commands import _load_vector
+    from steerlab.steering.gguf import export_control_vector, import_control_vector
+
+    out = check_output_file(ns.out, "--out")
+    vector = _load_vector(ns.vector)
+    export_control_vector(vector, out, model_hint=ns.model_hint, layers=parse_layers(ns.layers))
+    written = import_control_vector(out).layers
+    print(f"wrote {out}: direction.N for layers {written} (llama.cpp: --control-vector-scaled {out} M)")
+
+
+def cmd_import_gguf(ns: argparse.Namespace) -> None:
+    from steerlab.io import ResultFileError, check_output_file, result_paths
+    from steerlab.steering.gguf import import_control_vector
+
+    check_output_file(result_paths(ns.out)[0], "--out")
+    try:
+        vector = import_control_vector(ns.gguf)
+    except ResultFileError as error:
+        raise ResultFileError(f"--gguf: {error}") from None
+    for layer in vector.layers:
+        print(f"layer {layer:3d}  |v| = {vector.norm(layer):9.3f}")
+    print(f"saved {vector.save(ns.out)} (+ .json metadata)")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -339,3 +365,18 @@ def add_subcommands(sub) -> None:
     p.add_argument("--layers", default=None, help="layers to sweep (default 6,8,...,20)")
     p.add_argument("--fractions", default=None, help="signed fractions of the residual norm")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("vector", help="convert steering vectors to and from llama.cpp control vectors (GGUF)")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = actions.add_parser("export-gguf", help="write a vector as a llama.cpp control vector")
+    q.add_argument("--vector", required=True, help="steering vector (.safetensors + .json)")
+    q.add_argument("--out", required=True, help="the .gguf file to write")
+    q.add_argument("--layers", default=None, help="layers to write, e.g. 12,16 (default: every stored layer)")
+    q.add_argument(
+        "--model-hint", default=None, help="model family recorded in the file (default: the vector's)"
+    )
+    q.set_defaults(func=cmd_export_gguf)
+    q = actions.add_parser("import-gguf", help="read a llama.cpp control vector (e.g. from repeng)")
+    q.add_argument("--gguf", required=True, help="the control-vector .gguf file")
+    q.add_argument("--out", required=True, help="output path (writes .safetensors and .json)")
+    q.set_defaults(func=cmd_import_gguf)
