@@ -138,3 +138,14 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def repeng_extract(monkeypatch):
+    """repeng 0.4's `extract` module (a benchmark peer installed with --no-deps by `make setup`)."""
+    import numpy as np
+
+    monkeypatch.setattr(np, "float_", np.float64, raising=False)  # repeng 0.4 annotates with NumPy 1 names
+    return pytest.importorskip(
+        "repeng.extract", reason="repeng 0.4 is not installed (make setup installs it)"
+    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import gguf
@@ -15,9 +14,6 @@ from conftest import tiny_model
 from steerlab.hooks import Positions
 from steerlab.steering import InvalidVectorError, LayerChoiceError, SteeringVector, VectorError
 from steerlab.steering.gguf import ControlVectorFileError, export_control_vector, import_control_vector
-
-# repeng 0.4.0's source folder (holding repeng/extract.py); the tests that run repeng itself skip without it.
-REPENG_SRC = Path(os.environ.get("REPENG_SRC", "/tmp/repeng/x"))
 
 
 def _vector(layers=(1, 3), width: int = 32, seed: int = 0, **metadata) -> SteeringVector:
@@ -37,17 +33,6 @@ def _write_like_repeng(path: Path, directions: dict[int, np.ndarray], model_hint
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-
-
-@pytest.fixture
-def repeng(monkeypatch):
-    """repeng's `extract` module, imported from REPENG_SRC."""
-    if not (REPENG_SRC / "repeng" / "extract.py").is_file():
-        pytest.skip(f"repeng's source is not at {REPENG_SRC} (set REPENG_SRC to the folder holding repeng/)")
-    monkeypatch.syspath_prepend(str(REPENG_SRC))
-    # repeng 0.4.0 annotates with np.float_, which NumPy 2 removed
-    monkeypatch.setattr(np, "float_", np.float64, raising=False)
-    return pytest.importorskip("repeng.extract", reason="repeng's dependencies are not installed")
 
 
 def test_round_trip_gives_identical_tensors_and_layers(tmp_path):
@@ -110,7 +95,8 @@ def test_a_file_in_repengs_layout_loads(tmp_path):
     assert vector.norm(5) == pytest.approx(float(np.linalg.norm(directions[5])))
 
 
-def test_repengs_own_exporter_and_importer(repeng, tmp_path):
+def test_repengs_own_exporter_and_importer(repeng_extract, tmp_path):
+    repeng = repeng_extract
     generator = np.random.default_rng(0)
     directions = {layer: generator.standard_normal(16).astype(np.float32) for layer in (6, 1, 3)}
     repeng.ControlVector("llama", directions).export_gguf(str(tmp_path / "repeng.gguf"))
@@ -127,8 +113,9 @@ def test_repengs_own_exporter_and_importer(repeng, tmp_path):
         np.testing.assert_array_equal(back.directions[layer], direction)
 
 
-def test_repeng_and_steerlab_steer_the_same_block(repeng, tmp_path):
+def test_repeng_and_steerlab_steer_the_same_block(repeng_extract, tmp_path):
     """repeng adds direction N to the output of block N (like llama.cpp); steerlab's layer N is the same."""
+    repeng = repeng_extract
     from repeng.control import ControlModel
 
     model = tiny_model("llama")

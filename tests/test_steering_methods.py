@@ -1,7 +1,5 @@
 import importlib
 import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +18,6 @@ from steerlab.steering import (
 )
 from steerlab.steering.methods import held_out_pairs, logistic_direction, pca_direction
 
-REPENG = Path("/tmp/repeng/x")
 LAYERS = [1, 2]  # not the last: its output_hidden_states entry is after the final norm
 TEXTS = PairedTexts(
     [f"good {w} day" for w in ("sunny", "fine", "warm", "bright", "long", "calm", "happy", "lucky")],
@@ -206,17 +203,6 @@ def test_arithmetic_on_extracted_vectors_saves_and_loads(tiny_lm, tmp_path):
 
 
 # --- agreement with repeng 0.4 --------------------------------------------------------------------------
-
-
-@pytest.fixture
-def repeng_extract(monkeypatch):
-    if not (REPENG / "repeng" / "extract.py").is_file():
-        pytest.skip(f"repeng 0.4 source not found at {REPENG}")
-    monkeypatch.setattr(np, "float_", np.float64, raising=False)  # repeng 0.4 annotates with NumPy 1 names
-    monkeypatch.syspath_prepend(str(REPENG))
-    for name in [m for m in sys.modules if m == "repeng" or m.startswith("repeng.")]:
-        monkeypatch.delitem(sys.modules, name)
-    return importlib.import_module("repeng.extract")
 
 
 @pytest.mark.parametrize(
