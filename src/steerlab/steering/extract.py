@@ -120,16 +120,21 @@ def difference_vector(
     pos = mean_activations(lm, positive, layers, batch_size, progress, desc="positive")
     neg = mean_activations(lm, negative, layers, batch_size, progress, desc="negative")
     vectors = {layer: (pos.mean[layer] - neg.mean[layer]).float().cpu() for layer in pos.mean}
+    check_extracted(lm, method, vectors)
+    return SteeringVector(vectors, _metadata(lm, method, pos, neg, vectors, **metadata))
+
+
+def check_extracted(lm: LoadedModel, method: str, vectors: dict[int, torch.Tensor]) -> None:
+    """Refuse a non-finite or zero extracted vector, saying why (overflow, or sides that read the same)."""
     problem = tensor_problem(vectors)
     if problem:
         overflow = not all(bool(torch.isfinite(vec).all()) for vec in vectors.values())
         why = (
             f"the model overflows in {lm.dtype}; try float32"
             if overflow
-            else "the positive and negative examples give the same mean activation"
+            else "the positive and negative examples give the same activations"
         )
         raise UserError(f"{method}: {problem} ({why})")
-    return SteeringVector(vectors, _metadata(lm, method, pos, neg, vectors, **metadata))
 
 
 def ab_read_specs(

@@ -26,10 +26,11 @@ from steerlab.steering.extract import (
     _metadata,
     ab_read_specs,
     caa_items,
+    check_extracted,
     check_system_prompt,
     text_read_spec,
 )
-from steerlab.steering.vector import SteeringVector, tensor_problem
+from steerlab.steering.vector import SteeringVector
 
 
 @torch.no_grad()
@@ -144,16 +145,18 @@ def _extract(
     method: str,
     direction_fn,
     *,
-    read: str,
-    system_prompt: str | None,
-    chat: bool,
-    balance: bool,
-    seed: int,
-    batch_size: int,
-    progress: bool,
-    source: str | None,
-    **params,
+    read: str = "last",
+    system_prompt: str | None = None,
+    chat: bool = False,
+    balance: bool = True,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+    source: str | None = None,
+    params: dict | None = None,
 ) -> SteeringVector:
+    """Read every example's activation at `layers`, fit `direction_fn(pos, neg) -> (unit, info)` per
+    layer, orient and scale it; the reading options are those of every method (`extract_pca_diff`)."""
     positive, negative, meta = _read_specs(lm, data, read, system_prompt, chat, balance, seed, source)
     if len(positive) < 2:
         raise UserError(f"{method}: needs at least 2 pairs, got {len(positive)}")
@@ -166,102 +169,45 @@ def _extract(
         vectors[layer] = (unit * scale).float()
         for key, value in info.items():
             extra.setdefault(key, {})[str(layer)] = value
-    problem = tensor_problem(vectors)
-    if problem:
-        overflow = not all(bool(torch.isfinite(vec).all()) for vec in vectors.values())
-        why = (
-            f"the model overflows in {lm.dtype}; try float32"
-            if overflow
-            else "the positive and negative examples give the same activations"
-        )
-        raise UserError(f"{method}: {problem} ({why})")
+    check_extracted(lm, method, vectors)
 
     def means(rows: dict[int, torch.Tensor]) -> LayerMeans:
         norms = {layer: float(x.norm(dim=1).mean()) for layer, x in rows.items()}
         return LayerMeans({layer: x.mean(0) for layer, x in rows.items()}, norms, len(positive))
 
     metadata = _metadata(lm, method, means(pos), means(neg), vectors, **meta)
-    metadata.update(scale="mean-difference-norm", parameters={"seed": seed, **params}, **extra)
+    metadata.update(scale="mean-difference-norm", parameters={"seed": seed, **(params or {})}, **extra)
     return SteeringVector(vectors, metadata)
 
 
 def extract_pca_diff(
-    lm: LoadedModel,
-    data: ABDataset | PairedTexts,
-    layers: Sequence[int],
-    *,
-    read: str = "last",
-    system_prompt: str | None = None,
-    chat: bool = False,
-    balance: bool = True,
-    seed: int = 0,
-    batch_size: int = 8,
-    progress: bool = True,
-    source: str | None = None,
+    lm: LoadedModel, data: ABDataset | PairedTexts, layers: Sequence[int], **reading
 ) -> SteeringVector:
     """First principal component of the paired differences (positive - negative), centred (repeng's
     `pca_diff`); oriented so positives project higher on average, scaled to the mean difference's norm.
 
     `data`: A/B items (read at the answer letter, letters balanced unless `balance=False`) or paired
-    texts (read at the last token or averaged, `read`).
+    texts (read at the last token or averaged, `read`). `reading`: `read` ("last"), `system_prompt`,
+    `chat` (False), `balance` (True), `seed` (0), `batch_size` (8), `progress` (True), `source`.
     """
 
     def direction(pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, dict]:
         return oriented(pca_direction(pos - neg), pos, neg), {}
 
-    return _extract(
-        lm,
-        data,
-        layers,
-        "pca-diff",
-        direction,
-        read=read,
-        system_prompt=system_prompt,
-        chat=chat,
-        balance=balance,
-        seed=seed,
-        batch_size=batch_size,
-        progress=progress,
-        source=source,
-    )
+    return _extract(lm, data, layers, "pca-diff", direction, **reading)
 
 
 def extract_pca_center(
-    lm: LoadedModel,
-    data: ABDataset | PairedTexts,
-    layers: Sequence[int],
-    *,
-    read: str = "last",
-    system_prompt: str | None = None,
-    chat: bool = False,
-    balance: bool = True,
-    seed: int = 0,
-    batch_size: int = 8,
-    progress: bool = True,
-    source: str | None = None,
+    lm: LoadedModel, data: ABDataset | PairedTexts, layers: Sequence[int], **reading
 ) -> SteeringVector:
     """First principal component of all activations after subtracting each pair's mean from its two
-    members (repeng's `pca_center`); oriented and scaled as `extract_pca_diff`."""
+    members (repeng's `pca_center`); oriented, scaled and read as `extract_pca_diff`."""
 
     def direction(pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, dict]:
         centre = (pos + neg) / 2
         return oriented(pca_direction(torch.cat([pos - centre, neg - centre])), pos, neg), {}
 
-    return _extract(
-        lm,
-        data,
-        layers,
-        "pca-center",
-        direction,
-        read=read,
-        system_prompt=system_prompt,
-        chat=chat,
-        balance=balance,
-        seed=seed,
-        batch_size=batch_size,
-        progress=progress,
-        source=source,
-    )
+    return _extract(lm, data, layers, "pca-center", direction, **reading)
 
 
 def extract_probe(
@@ -271,14 +217,8 @@ def extract_probe(
     *,
     c: float = 1.0,
     test_fraction: float = 0.25,
-    read: str = "last",
-    system_prompt: str | None = None,
-    chat: bool = False,
-    balance: bool = True,
     seed: int = 0,
-    batch_size: int = 8,
-    progress: bool = True,
-    source: str | None = None,
+    **reading,
 ) -> SteeringVector:
     """Logistic-regression direction (L2 with inverse strength `c`, on standardised activations, mapped
     back to the residual basis), positives labelled 1; scaled to the mean difference's norm.
@@ -303,20 +243,5 @@ def extract_probe(
         }
         return w / w.norm(), info
 
-    return _extract(
-        lm,
-        data,
-        layers,
-        "probe",
-        direction,
-        read=read,
-        system_prompt=system_prompt,
-        chat=chat,
-        balance=balance,
-        seed=seed,
-        batch_size=batch_size,
-        progress=progress,
-        source=source,
-        c=c,
-        test_fraction=test_fraction,
-    )
+    params = {"c": c, "test_fraction": test_fraction}
+    return _extract(lm, data, layers, "probe", direction, seed=seed, params=params, **reading)
