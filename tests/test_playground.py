@@ -345,3 +345,42 @@ def test_server_refuses_other_hosts_and_paths_outside_results(lab):
     with pytest.raises(urllib.error.HTTPError) as error:
         urllib.request.urlopen(form)
     assert error.value.code == 400 and b"application/json" in error.value.read()
+
+
+@pytest.mark.slow
+def test_embedded_model_extract_and_generate_in_the_page(browser, smollm2, tmp_path):
+    """SmolLM2: extract a vector from an uploaded file of pairs, steer at layer 16, get the library's text."""
+    from steerlab.playground import Playground, running
+
+    pairs = load_builtin("sentiment")[:12]
+    upload = tmp_path / "pairs.json"
+    upload.write_text(json.dumps({"positive": pairs.positive, "negative": pairs.negative}))
+    playground = Playground(smollm2)
+    try:
+        with running(playground) as url:
+            page = browser.new_page()
+            page.goto(url)
+            page.wait_for_selector("body[data-ready=true]")
+            page.click("#extract-box summary")
+            page.select_option("#extract-source", "upload")
+            page.set_input_files("#extract-file", str(upload))
+            page.fill("#extract-layers", "16")
+            page.click("#extract")
+            page.wait_for_function(
+                "() => document.querySelector('#extract-status').textContent.startsWith('extracted')",
+                timeout=120_000,
+            )
+            (entry,) = playground.vectors.values()
+            set_up_generation(page, entry.id, 16, fraction=0.15, max_new_tokens=16)
+            page.click("#generate")
+            page.wait_for_selector("body[data-generation=done]", timeout=120_000)
+            text, ids, _ = read_side(page, "steered")
+            plain = page.get_attribute("#out-unsteered", "data-text")
+            page.close()
+    finally:
+        playground.close()
+    vector = entry.vector
+    assert (text, ids) == library_generation(
+        smollm2, vector, 16, vector.multiplier_for_fraction(16, 0.15), max_new_tokens=16
+    )
+    assert text != plain

@@ -178,8 +178,9 @@ def test_worker_runs_jobs_in_order_and_stops_after_a_hook_leak(tiny_lm):
             future.result(timeout=60)
         assert order == list(range(20))
         leak = worker.submit(lambda: tiny_lm.model.register_forward_hook(lambda *a: None))
-        leak.result(timeout=60)
-        with pytest.raises(HookLeakError, match="left 1 hooks"):
+        with pytest.raises(HookLeakError, match="left 1 hooks"):  # the leaking request fails itself
+            leak.result(timeout=60)
+        with pytest.raises(HookLeakError, match="left 1 hooks"):  # and so does every later one
             worker.submit(lambda: 1).result(timeout=60)
     finally:
         worker.close()

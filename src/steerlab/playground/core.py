@@ -245,12 +245,15 @@ class Playground:
             raise SettingError(f"sides: expected a non-empty list of {', '.join(SIDES)}")
         system = text_field(data, "system_prompt", "") or None
         chat = bool_field(data, "chat", True)
+        max_new_tokens = int_field(data, "max_new_tokens", 48, low=1)
+        if max_new_tokens > MAX_NEW_TOKENS:
+            raise SettingError(f"max_new_tokens: at most {MAX_NEW_TOKENS}, got {max_new_tokens}")
         if system and not chat:
             raise SettingError("system_prompt: only used with the chat template (tick chat)")
         return {
             "setting": self.setting(data.get("setting")),
             "prompt": prompt,
-            "max_new_tokens": int_field(data, "max_new_tokens", 48, low=1),
+            "max_new_tokens": max_new_tokens,
             "chat": chat,
             "system_prompt": system,
             "sides": [s for s in SIDES if s in sides],
@@ -268,8 +271,6 @@ class Playground:
         Emits {"side", "token", "piece"} per token, {"side", "done", "text", "ids"} per side, then
         {"shading": {side: [log p_steered - log p_unsteered per token]}}.
         """
-        if request["max_new_tokens"] > MAX_NEW_TOKENS:
-            raise SettingError(f"max_new_tokens: at most {MAX_NEW_TOKENS}")
         setting: Setting = request["setting"]
         results: dict[str, Generation] = {}
         for side in request["sides"]:

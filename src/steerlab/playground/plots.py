@@ -27,7 +27,7 @@ def heatmap(rows: Sequence[dict], x: str = "fraction"):
     for i in range(len(layers)):
         for j in range(len(strengths)):
             if np.isfinite(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7)
+                ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize=7)
     ax.set_xlabel("signed fraction of the residual norm" if x == "fraction" else "multiplier m")
     ax.set_ylabel("layer")
     ax.set_title("behaviour score (steering vector)")

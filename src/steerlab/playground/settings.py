@@ -9,8 +9,8 @@ is projected out at every layer). Errors are `SettingError`s naming the field.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, ExitStack
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,20 +82,17 @@ class Setting:
     positions_spec: str
     ablated: SteeringVector | None = None
 
-    def intervention(self, lm: LoadedModel) -> AbstractContextManager[None]:
-        """The hooks of this setting, removed when the context exits."""
-        stack = ExitStack()
-        try:
+    @contextmanager
+    def intervention(self, lm: LoadedModel) -> Iterator[None]:
+        """The hooks of this setting: registered when the context is entered, removed when it exits."""
+        with ExitStack() as stack:
             stack.enter_context(
                 self.vector.apply(lm, layer=self.layer, multiplier=self.multiplier, positions=self.positions)
             )
             if self.ablated is not None:
                 direction = self.ablated.vectors[self.ablated.stored_layer(self.layer)]
                 stack.enter_context(ablate(lm, direction, positions=self.positions))
-        except BaseException:
-            stack.close()
-            raise
-        return stack
+            yield
 
     def describe(self) -> dict[str, Any]:
         out = {

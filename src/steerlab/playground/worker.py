@@ -1,7 +1,8 @@
 """One thread that owns the model: jobs run one at a time, in the order they were submitted.
 
-Every job enters and leaves its own hooks inside `run`; after each job the worker checks that the model
-carries exactly the hooks it had at the start, so an intervention can never outlive its request.
+Every job enters and leaves its own hooks; after each job, before its request completes, the worker
+checks that the model carries exactly the hooks it had at the start, so an intervention can never
+outlive its request. The model must not be used outside the worker while it serves.
 """
 
 from __future__ import annotations
@@ -64,13 +65,17 @@ class ModelWorker:
             if self.failure is not None:
                 future.set_exception(self.failure)
                 continue
+            error: BaseException | None = None
             try:
                 result = fn(*args, **kwargs)
-            except BaseException as error:  # noqa: BLE001 - handed to the waiting request
+            except BaseException as raised:  # noqa: BLE001 - handed to the waiting request
+                error = raised
+            leaked = hook_count(self.model) - self.baseline_hooks
+            if leaked:  # checked before the request completes, so it never sees a leaked hook's output
+                log.error("a job left %d hooks on the model; no further job will run", leaked)
+                self.failure = HookLeakError(f"a job left {leaked} hooks on the model; restart the server")
+                error = self.failure
+            if error is not None:
                 future.set_exception(error)
             else:
                 future.set_result(result)
-            leaked = hook_count(self.model) - self.baseline_hooks
-            if leaked:
-                log.error("a job left %d hooks on the model; no further job will run", leaked)
-                self.failure = HookLeakError(f"a job left {leaked} hooks on the model; restart the server")

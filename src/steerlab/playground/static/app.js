@@ -267,7 +267,9 @@ function renderTable(table, header, rows) {
   for (const h of header) head.append(el("th", h));
   const body = rows.map((row) => {
     const tr = el("tr");
-    for (const cell of row) tr.append(el("td", typeof cell === "number" ? fmt(cell, 4) : cell));
+    for (const cell of row) {
+      tr.append(el("td", typeof cell === "number" && !Number.isInteger(cell) ? fmt(cell, 4) : cell));
+    }
     return tr;
   });
   table.replaceChildren(head, ...body);
@@ -390,6 +392,8 @@ function showTab(name) {
 document.addEventListener("DOMContentLoaded", () => {
   for (const button of document.querySelectorAll(".tab")) button.addEventListener("click", () => showTab(button.dataset.tab));
   $("vector").addEventListener("change", vectorChanged);
+  $("op").addEventListener("change", () => { $("second").disabled = $("op").value === "none"; });
+  $("second").disabled = true;
   $("layer").addEventListener("change", layerChanged);
   $("fraction").addEventListener("input", () => { state.strengthMode = "fraction"; syncStrength(); });
   $("multiplier").addEventListener("input", () => { state.strengthMode = "multiplier"; syncStrength(); });
