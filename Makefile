@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/hessian_exact.py --img docs/img
 	$(PY) benchmarks/hessian_hybrid.py --out results/hessian_hybrid
 	$(PY) benchmarks/influence_lds.py
+	$(PY) benchmarks/playground.py
 	# benchmarks/influence.py (ours vs Kronfluence on SmolLM2) takes ~30 min on 2 cores: run it by hand.
 
 lint: $(STAMP)

@@ -40,6 +40,13 @@ class ServeArgs(ModelArgs):
 
 def serve(args: ServeArgs, lm: LoadedModel | None = None) -> None:
     """Load the model (unless given), then serve the playground until interrupted."""
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as error:
+        raise UserError(
+            f"steerlab serve needs the serve extra ({error}): pip install 'steerlab[serve]'"
+        ) from None
     from steerlab.playground.core import Playground
     from steerlab.playground.server import is_local, serve, url
 
