@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import urllib.request
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 from conftest import char_tokenizer, tiny_model
 from steerlab.data import encode, load_builtin
 from steerlab.evaluate import generate, prepare_neutral
-from steerlab.hooks import Positions
+from steerlab.hooks import Positions, ablate
 from steerlab.models import wrap
 from steerlab.playground.worker import hook_count
 from steerlab.steering import extract_mean_difference
@@ -105,9 +106,10 @@ def page(browser, lab):
     context.close()
 
 
-def library_generation(lm, vector, layer, multiplier, positions="all", max_new_tokens=12):
-    """(text, token ids) of the library's own greedy generation under `vector.apply`, without the server."""
-    with vector.apply(lm, layer=layer, multiplier=multiplier, positions=Positions.parse(positions)):
+def library_generation(lm, vector, layer, multiplier, positions="all", max_new_tokens=12, then=nullcontext):
+    """(text, token ids) of the library's own greedy generation under `vector.apply` (and then the hooks of
+    `then()`), without the server."""
+    with vector.apply(lm, layer=layer, multiplier=multiplier, positions=Positions.parse(positions)), then():
         (text,) = generate(lm, [PROMPT], chat=False, max_new_tokens=max_new_tokens)
         ids = torch.tensor([encode(lm.tokenizer, PROMPT)])
         out = lm.model.generate(
@@ -170,6 +172,24 @@ def test_generate_side_by_side_matches_library(page, lab):
     page.wait_for_selector("body[data-generation=done]")
     text, ids_, _ = read_side(page, "steered")
     assert (text, ids_) == library_generation(lm, vector, 2, -20.0, positions="from:-1")
+
+    # Vector arithmetic (v - w at a fraction of the residual norm), then ablation of w while steering with v.
+    other = lab["other"]
+    page.fill("#positions", "all")
+    page.select_option("#op", "subtract")
+    page.select_option("#second", lab["ids"]["other"])
+    page.fill("#fraction", "0.7")
+    page.click("#generate")
+    page.wait_for_selector("body[data-generation=done]")
+    difference = vector - other
+    expected = library_generation(lm, difference, 2, difference.multiplier_for_fraction(2, 0.7))
+    assert read_side(page, "steered")[:2] == expected
+    page.select_option("#op", "ablate")
+    page.fill("#multiplier", "30")
+    page.click("#generate")
+    page.wait_for_selector("body[data-generation=done]")
+    expected = library_generation(lm, vector, 2, 30.0, then=lambda: ablate(lm, other.vectors[2]))
+    assert read_side(page, "steered")[:2] == expected
 
 
 def test_sweep_tab_shows_plots_and_matches_library(page, lab):
