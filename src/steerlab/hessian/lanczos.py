@@ -88,6 +88,8 @@ class KrylovBasis:
         self._itemsize = np.dtype(self._np_dtype).itemsize
         self._file = None
         self._data = None
+        self._buf: torch.Tensor | None = None
+        self._raw: np.ndarray | None = None
         if folder is None:
             self._data = torch.empty(capacity, dim, dtype=dtype)  # pages are touched only as rows are written
         else:
@@ -108,15 +110,28 @@ class KrylovBasis:
         self.rows += 1
 
     def _chunks(self, rows: int):
-        """(start, float64 tensor of rows start..start+n) over the first `rows` rows."""
+        """(start, float64 tensor of rows start..start+n) over the first `rows` rows.
+
+        Rows that are not float64 in RAM are converted into one reused float64 buffer (no allocation per
+        chunk); a yielded block is only valid until the next one."""
         for start in range(0, rows, self.chunk):
             n = min(self.chunk, rows - start)
+            if self._data is not None and self.dtype == torch.float64:
+                yield start, self._data[start : start + n]
+                continue
+            if self._buf is None:
+                self._buf = torch.empty(self.chunk, self.dim, dtype=torch.float64)
             if self._data is not None:
-                yield start, self._data[start : start + n].double()
+                self._buf[:n].copy_(self._data[start : start + n])
             else:
+                if self._raw is None:
+                    self._raw = np.empty(self.chunk * self.dim, dtype=self._np_dtype)
                 self._file.seek(start * self.dim * self._itemsize)
-                raw = np.fromfile(self._file, dtype=self._np_dtype, count=n * self.dim)
-                yield start, torch.from_numpy(raw.astype(np.float64, copy=False)).view(n, self.dim)
+                got = self._file.readinto(memoryview(self._raw[: n * self.dim]).cast("B"))
+                if got != n * self.dim * self._itemsize:
+                    raise OSError(f"short read from the basis file {self._file.name}")
+                self._buf[:n].copy_(torch.from_numpy(self._raw[: n * self.dim]).view(n, self.dim))
+            yield start, self._buf[:n]
 
     def project(self, w: torch.Tensor, rows: int | None = None) -> torch.Tensor:
         """B w over the first `rows` rows (float64)."""
@@ -148,7 +163,7 @@ class KrylovBasis:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
-        self._data = None
+        self._data = self._buf = self._raw = None
 
 
 def lanczos(
