@@ -48,15 +48,21 @@ class HappyFacesConfig:
     weight_decay: float = 1e-4
     band: float = 0.8  # the writing lies in rows >= band * size (measured on the labeled images)
     kind: str = "hessian"
+    dtype: str = "float32"  # model, training and products; the products are summed in float64
     k_project: int = 10
-    lanczos_tol: float = 1e-6
+    lanczos_tol: float = 1e-4
     target_nats: float = 0.5  # a direction's size: its own probe loss rises by this much (mean over +-t)
     t_grid: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
     n_random: int = 10
 
 
-def make_cnn(channels: tuple[int, int, int] = (8, 16, 16), n_classes: int = 2, seed: int = 0) -> nn.Module:
-    """Three 3x3 conv layers (ReLU, 2x2 max-pool after the first two), global average pool, linear: float64."""
+def make_cnn(
+    channels: tuple[int, int, int] = (8, 16, 16),
+    n_classes: int = 2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> nn.Module:
+    """Three 3x3 conv layers (ReLU, 2x2 max-pool after the first two), global average pool, linear."""
     torch.manual_seed(seed)
     c1, c2, c3 = channels
     return nn.Sequential(
@@ -71,7 +77,7 @@ def make_cnn(channels: tuple[int, int, int] = (8, 16, 16), n_classes: int = 2, s
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Linear(c3, n_classes),
-    ).double()
+    ).to(dtype)
 
 
 def train_classifier(
@@ -126,9 +132,8 @@ def probe_sets(faces: LabelledFaces, band: float, seed: int) -> dict[str, tuple[
 
 def validation_metrics(model: nn.Module, val: LabelledFaces) -> dict[str, float]:
     """Accuracy against the face and writing labels, and the face-following rate on the cross types."""
-    x = val.images.double()
     with torch.no_grad():
-        pred = model(x).argmax(-1)
+        pred = model(val.images).argmax(-1)
     cross = val.face != val.text
     return {
         "face_acc": float((pred == val.face).double().mean()),
@@ -156,10 +161,14 @@ def layer_shares(v: torch.Tensor, params: dict[str, nn.Parameter]) -> dict[str, 
 def run_seed(cfg: HappyFacesConfig, labeled: LabelledFaces, val: LabelledFaces) -> dict:
     """Train on `labeled`, build the probes, find the directions and measure them on `val`."""
     t0 = time.perf_counter()
-    probes = probe_sets(labeled, cfg.band, cfg.seed)
-    model = make_cnn(cfg.channels, seed=cfg.seed)
+    dtype = getattr(torch, cfg.dtype)
+    probes = {
+        name: (x.to(dtype), *labels) for name, (x, *labels) in probe_sets(labeled, cfg.band, cfg.seed).items()
+    }
+    val = LabelledFaces(val.images.to(dtype), val.names, val.source, val.face, val.text, val.tags)
+    model = make_cnn(cfg.channels, seed=cfg.seed, dtype=dtype)
     losses = train_classifier(
-        model, labeled.images.double(), labeled.face, cfg.train_steps, cfg.lr, cfg.weight_decay
+        model, labeled.images.to(dtype), labeled.face, cfg.train_steps, cfg.lr, cfg.weight_decay
     )
     params = select_params(model)
     task = classification_task()
