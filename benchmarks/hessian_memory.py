@@ -90,7 +90,9 @@ def main() -> None:
         )
         runs[name] = json.loads(out.stdout.strip().splitlines()[-1])
         print(
-            name, {k: round(v, 3) if isinstance(v, float) else v for k, v in runs[name].items()}, flush=True
+            name,
+            {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in runs[name].items()},
+            flush=True,
         )
     base = runs["float64_ram"]["lanczos_mib"] if "float64_ram" in runs else float("nan")
     result = {
