@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import char_tokenizer, tiny_model
 from steerlab.cli import main
@@ -69,6 +70,11 @@ def test_spectrum_density_trace_commands(tiny_folder, tmp_path, capsys):
     assert eig.meta["operator"]["params"] == {"model.layers.0.mlp.down_proj.weight": [32, 64]}
     assert eig.meta["n_texts"] == 3 and eig.meta["text"] == str(tiny_folder[1])
     assert (tmp_path / "s" / "spectrum.png").read_bytes().startswith(b"\x89PNG")
+    low = ["--k", "3", "--which", "BE", "--basis-dtype", "float32", "--basis-dir", str(tmp_path / "krylov")]
+    assert main(["hessian", "spectrum", *common, *low, "--out", str(tmp_path / "s32")]) == 0
+    eig32 = Eigenpairs.load(tmp_path / "s32", "spectrum")
+    assert torch.allclose(eig32.values, eig.values, rtol=1e-5) and eig32.meta["basis"] == "float32 file"
+    assert not list((tmp_path / "krylov").iterdir())
     assert (
         main(["hessian", "density", *common, "--probes", "2", "--steps", "10", "--out", str(tmp_path / "d")])
         == 0

@@ -111,3 +111,27 @@ def test_separate_hybrid_digits_command(hybrid_seed0, tmp_path, capsys, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     saved = json.loads((tmp_path / "hybrid_digits.json").read_text())
     assert [r["seed"] for r in saved["runs"]] == [0, 1]
+
+
+def test_hybrid_cnn_runs_with_blockwise_shares():
+    """The CNN variant: 2 886 parameters, per-layer shares of each direction sum to 1, block spectra per layer."""
+    from steerlab.hessian.hybrid import HybridConfig, layer_blocks, make_cnn, run_seed
+
+    cfg = HybridConfig(
+        seed=0,
+        arch="cnn",
+        unsupervised=False,
+        train_steps=20,
+        k_project=2,
+        n_random=1,
+        sweep=(0.0, 1.0),
+        lanczos_tol=1e-4,
+    )
+    assert sum(p.numel() for p in make_cnn(cfg).parameters()) == 2886
+    assert layer_blocks(make_cnn(cfg)) == {"layer1": r"^1\.", "layer3": r"^3\.", "layer7": r"^7\."}
+    r = run_seed(cfg)
+    assert r["arch"] == "cnn" and r["dim"] == 2886 and "r_ica" not in r
+    for name in ("pattern_dir_share", "digit_dir_share"):
+        assert sum(r["blockwise"][name].values()) == pytest.approx(1.0)
+    assert set(r["blockwise"]["top_eigenvalue_digit"]) == {"layer1", "layer3", "layer7"}
+    assert len(r["random_sweep_max_drop"]) == 2 and r["random_sweep_max_drop"][0] == 0.0

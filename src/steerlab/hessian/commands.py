@@ -68,6 +68,12 @@ class SpectrumArgs(CurvatureArgs):
     which: str = field(default="LA", metadata=option("which end of the spectrum", choices=WHICH))
     tol: float = field(default=1e-6, metadata=option("Lanczos convergence tolerance"))
     max_iter: int = field(default=200, metadata=option("most Lanczos iterations"))
+    basis_dtype: str = field(
+        default="float64", metadata=option("storage of the Krylov basis", choices=("float64", "float32"))
+    )
+    basis_dir: str | os.PathLike | None = field(
+        default=None, metadata=option("keep the Krylov basis in a file in this folder instead of RAM")
+    )
 
 
 @dataclass(kw_only=True)
@@ -149,9 +155,14 @@ def curvature(args: CurvatureArgs) -> tuple[CurvatureOperator, dict]:
 
 def spectrum(args: SpectrumArgs) -> dict:
     """Top-k eigenpairs by Lanczos: `spectrum.safetensors` + `.json` and `spectrum.png` in `args.out`."""
+    import torch
+
     from steerlab.hessian.lanczos import lanczos
 
     check_choice(args.which, WHICH, "--which", HessianArgumentsError)
+    check_choice(args.basis_dtype, ("float64", "float32"), "--basis-dtype", HessianArgumentsError)
+    if args.basis_dir is not None and os.path.exists(args.basis_dir) and not os.path.isdir(args.basis_dir):
+        raise HessianArgumentsError(f"--basis-dir: not a folder: {args.basis_dir}")
     _counts(args, "k", "max_iter")
     op, meta = curvature(args)
     res = lanczos(
@@ -163,6 +174,8 @@ def spectrum(args: SpectrumArgs) -> dict:
         max_iter=args.max_iter,
         seed=args.seed,
         progress=args.progress,
+        basis_dtype=getattr(torch, args.basis_dtype),
+        basis_dir=args.basis_dir,
     )
     res.meta.update(meta)
     return write_spectrum(res, args.out, f"top-{args.k} {args.which} {args.kind}")

@@ -9,6 +9,7 @@ should destroy that skill and spare the other.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass
 
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from steerlab.hessian.lanczos import lanczos
 from steerlab.hessian.operator import CurvatureOperator
-from steerlab.hessian.params import select_params
+from steerlab.hessian.params import block_slices, select_params
 from steerlab.hessian.separate import cluster_directions, equalised_directions, separable_directions
 from steerlab.hessian.subspace import (
     perturbation_sweep,
@@ -38,7 +39,11 @@ class HybridConfig:
     """Everything fixed in advance, including the perturbation size `t` (for unit directions)."""
 
     seed: int = 0
+    arch: str = "mlp"  # "mlp" (64-hidden-10) or "cnn" (two 3x3 convs on the 8x8 image, then linear)
     hidden: int = 64
+    cnn_channels: tuple[int, int] = (8, 12)
+    dtype: str = "float64"  # of the model, training and products (products are always summed in float64)
+    unsupervised: bool = True  # also run the three mixed-data methods (ICA, clustering, equalised GGN)
     blend: float = 0.5  # weight of the digit in a blended image
     pattern_noise: float = 0.35
     train_steps: int = 600
@@ -101,7 +106,38 @@ def make_hybrid_digits(cfg: HybridConfig) -> dict[str, tuple[torch.Tensor, torch
 
 def make_mlp(cfg: HybridConfig) -> nn.Module:
     torch.manual_seed(cfg.seed)
-    return nn.Sequential(nn.Linear(64, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, 10)).double()
+    return nn.Sequential(nn.Linear(64, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, 10)).to(
+        getattr(torch, cfg.dtype)
+    )
+
+
+def make_cnn(cfg: HybridConfig) -> nn.Module:
+    """The flat 64-pixel input as a 1x8x8 image: conv 3x3 (c1) - ReLU - conv 3x3 (c2) - ReLU - 2x2 max-pool
+    - linear to 10 classes (2 886 parameters with the default channels)."""
+    torch.manual_seed(cfg.seed)
+    c1, c2 = cfg.cnn_channels
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)),
+        nn.Conv2d(1, c1, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(c1, c2, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(c2 * 16, 10),
+    ).to(getattr(torch, cfg.dtype))
+
+
+def make_model(cfg: HybridConfig) -> nn.Module:
+    if cfg.arch not in ("mlp", "cnn"):
+        raise ValueError(f"arch must be 'mlp' or 'cnn', not {cfg.arch!r}")
+    return make_mlp(cfg) if cfg.arch == "mlp" else make_cnn(cfg)
+
+
+def layer_blocks(model: nn.Module) -> dict[str, str]:
+    """One include-regex per layer that has parameters (weight and bias together)."""
+    layers = dict.fromkeys(name.rsplit(".", 1)[0] for name, _ in model.named_parameters())
+    return {f"layer{layer}": rf"^{layer}\." for layer in layers}
 
 
 def train(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], cfg: HybridConfig) -> list[float]:
@@ -128,8 +164,9 @@ def accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float
 def run_seed(cfg: HybridConfig) -> dict:
     """Train, compute the spectra, run the targeted and random perturbations and the specialisation scores."""
     t0 = time.perf_counter()
-    data = make_hybrid_digits(cfg)
-    model = make_mlp(cfg)
+    dtype = getattr(torch, cfg.dtype)
+    data = {name: (x.to(dtype), y) for name, (x, y) in make_hybrid_digits(cfg).items()}
+    model = make_model(cfg)
     losses = train(model, data["train_mix"], cfg)
     params = select_params(model)
     task = classification_task()
@@ -138,14 +175,13 @@ def run_seed(cfg: HybridConfig) -> dict:
         return CurvatureOperator(model, task, [data[split]], params, kind=kind, cache_graph=True)
 
     h_d, h_p, h_m = op("train_digit"), op("train_pattern"), op("train_mix")
-    k = max(cfg.k_project, cfg.n_top)
+    k = max(cfg.k_project, cfg.n_top) if cfg.unsupervised else cfg.k_project
+    wanted = [("digit", h_d, k), ("pattern", h_p, k)]
+    if cfg.unsupervised:
+        wanted.append(("mix", h_m, max(k, cfg.ica_basis, cfg.cluster_basis)))
     eig = {
         name: lanczos(o.matvec, o.dim, k=kk, which="LA", tol=cfg.lanczos_tol, seed=cfg.seed, progress=False)
-        for name, o, kk in (
-            ("digit", h_d, k),
-            ("pattern", h_p, k),
-            ("mix", h_m, max(k, cfg.ica_basis, cfg.cluster_basis)),
-        )
+        for name, o, kk in wanted
     }
     v_pat = project_out(eig["pattern"].vectors[0], eig["digit"].vectors[: cfg.k_project])
     v_dig = project_out(eig["digit"].vectors[0], eig["pattern"].vectors[: cfg.k_project])
@@ -165,12 +201,48 @@ def run_seed(cfg: HybridConfig) -> dict:
         for metric in metrics:
             drops[f"{metric}_drop_on_{dname}"] = base[metric] - at_t[metric][0]
     gen = torch.Generator().manual_seed(10_000 + cfg.seed)
-    random_drops = []
+    random_drops, random_sweep_max = [], np.zeros(len(cfg.sweep))
     for _ in range(cfg.n_random):
         r = torch.randn(h_m.dim, generator=gen, dtype=torch.float64)
         r = r / r.norm()
         at_t = perturbation_sweep(params, r, [cfg.t], metrics)
         random_drops.append({m: base[m] - at_t[m][0] for m in metrics})
+        sweep = perturbation_sweep(params, r, cfg.sweep, metrics)
+        drop = np.max([base[m] - np.array(sweep[m]) for m in metrics], axis=0)
+        random_sweep_max = np.maximum(random_sweep_max, drop)
+    blocks = _blockwise(model, params, data, (v_pat, v_dig), cfg)
+    unsupervised = _unsupervised(model, params, data, eig, op, cfg) if cfg.unsupervised else {}
+    angles = np.degrees(
+        principal_angles(eig["digit"].vectors[: cfg.k_project], eig["pattern"].vectors[: cfg.k_project])
+    )
+    return {
+        "seed": cfg.seed,
+        "arch": cfg.arch,
+        "dim": h_m.dim,
+        "final_train_loss": losses[-1],
+        "base_accuracy": base,
+        **drops,
+        "random_drops": random_drops,
+        "random_dir_max_drop": max(max(d.values()) for d in random_drops),
+        "sweeps": sweeps,
+        "random_sweep_max_drop": random_sweep_max.tolist(),
+        "eigenvalues": {name: e.values[:k].tolist() for name, e in eig.items()},
+        "hvp_counts": {name: e.n_products for name, e in eig.items()},
+        "max_rel_residual": {
+            name: float((e.residuals / e.values.abs().max()).max()) for name, e in eig.items()
+        },
+        **unsupervised,
+        "blockwise": blocks,
+        "principal_angles_digit_vs_pattern_deg": angles.tolist(),
+        "random_angle_baseline_deg": random_angle_baseline(h_m.dim, cfg.k_project, cfg.k_project, trials=5)[
+            "mean_deg"
+        ],
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _unsupervised(model, params, data, eig, op, cfg: HybridConfig) -> dict:
+    """The three mixed-data methods and their specialisation scores r (see `steerlab.hessian.separate`)."""
     # specialisation r = v^T G_D v / (v^T G_D v + v^T G_P v) with Gauss-Newton curvatures
     g_d, g_p = op("train_digit", "ggn"), op("train_pattern", "ggn")
     top_mix = eig["mix"].vectors[: cfg.n_top]
@@ -204,23 +276,7 @@ def run_seed(cfg: HybridConfig) -> dict:
     curvatures = {name: (g_d.quadratics(v), g_p.quadratics(v)) for name, v in directions.items()}
     ratio = {name: specialisation(qd, qp) for name, (qd, qp) in curvatures.items()}
     balanced = {name: specialisation(qd / top_d, qp / top_p) for name, (qd, qp) in curvatures.items()}
-    angles = np.degrees(
-        principal_angles(eig["digit"].vectors[: cfg.k_project], eig["pattern"].vectors[: cfg.k_project])
-    )
     return {
-        "seed": cfg.seed,
-        "dim": h_m.dim,
-        "final_train_loss": losses[-1],
-        "base_accuracy": base,
-        **drops,
-        "random_drops": random_drops,
-        "random_dir_max_drop": max(max(d.values()) for d in random_drops),
-        "sweeps": sweeps,
-        "eigenvalues": {name: e.values[:k].tolist() for name, e in eig.items()},
-        "hvp_counts": {name: e.n_products for name, e in eig.items()},
-        "max_rel_residual": {
-            name: float((e.residuals / e.values.abs().max()).max()) for name, e in eig.items()
-        },
         "r_mix_top": ratio["mixed"].tolist(),
         "r_ica": ratio["ica"].tolist(),
         "specialised_fraction_mixed": specialised_fraction(ratio["mixed"]),
@@ -238,12 +294,29 @@ def run_seed(cfg: HybridConfig) -> dict:
         "specialised_fraction_equalised_method_balanced": specialised_fraction(balanced["equalised"]),
         "equalised_info": {k: v for k, v in eq_info.items() if k != "concentration"},
         "ica_info": {k: v for k, v in ica_info.items() if k != "concentration"},
-        "principal_angles_digit_vs_pattern_deg": angles.tolist(),
-        "random_angle_baseline_deg": random_angle_baseline(h_m.dim, cfg.k_project, cfg.k_project, trials=5)[
-            "mean_deg"
-        ],
-        "seconds": time.perf_counter() - t0,
     }
+
+
+def _blockwise(model, params, data, dirs, cfg: HybridConfig) -> dict:
+    """Where each skill lives, layer by layer: the share of ||v||^2 of the pattern and digit directions in each
+    layer, and the top eigenvalue of each layer's diagonal block of H_digit and H_pattern."""
+    from steerlab.hessian.spectra import blockwise_spectra
+
+    groups = layer_blocks(model)
+    slices = block_slices(params)
+    out: dict = {}
+    for name, v in zip(("pattern_dir", "digit_dir"), dirs):
+        total = float(v.pow(2).sum())
+        out[f"{name}_share"] = {
+            label: sum(float(v[sl].pow(2).sum()) for n, sl in slices.items() if re.search(pat, n)) / total
+            for label, pat in groups.items()
+        }
+    for split in ("digit", "pattern"):
+        spectra = blockwise_spectra(
+            model, classification_task(), [data[f"train_{split}"]], groups, k=1, seed=cfg.seed, progress=False
+        )
+        out[f"top_eigenvalue_{split}"] = {label: v["values"][0] for label, v in spectra.items()}
+    return out
 
 
 SUMMARY_KEYS = (
@@ -266,7 +339,7 @@ SUMMARY_KEYS = (
 def summarise(runs: list[dict]) -> dict:
     """Mean and sd over seeds of the headline numbers; `random_dir_max_drop` is the max over seeds."""
     out: dict = {}
-    for key in SUMMARY_KEYS:
+    for key in (k for k in SUMMARY_KEYS if k in runs[0]):
         vals = np.array([r[key] for r in runs], float)
         out[key] = float(vals.max() if key == "random_dir_max_drop" else vals.mean())
         out[f"{key}_sd"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
