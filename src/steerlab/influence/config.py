@@ -19,7 +19,7 @@ __all__ = [
     "SelfArgs",
 ]
 
-STRATEGY_CHOICES = ("identity", "diagonal", "kfac", "ekfac")
+STRATEGY_CHOICES = ("identity", "diagonal", "kfac", "ekfac", "block")
 
 
 class InfluenceArgumentError(UserError):
@@ -54,6 +54,13 @@ class FitArgs:
         default=None, metadata=option("e.g. bfloat16 activations", choices=sorted(DTYPES))
     )
     diagonal: bool = field(default=False, metadata=option("also fit the diagonal Fisher"))
+    block_max_params: int | None = field(
+        default=None,
+        metadata=option(
+            "also fit the exact Fisher block of modules with at most this many weights "
+            "(for --strategy block; p x p float64 each)"
+        ),
+    )
     prefix_cache: bool = field(
         default=True,
         metadata=option(
@@ -76,6 +83,12 @@ class FitArgs:
         _at_least(self.n_blocks, 1, "--n-blocks")
         _at_least(self.batch_size, 1, "--batch-size")
         _at_least(self.samples, 1, "--samples")
+        if self.empirical and self.samples != 1:
+            raise InfluenceArgumentError(
+                f"--samples {self.samples}: several label draws need sampled labels; "
+                "--empirical uses the data labels, the same in every draw"
+            )
+        _at_least(self.block_max_params, 1, "--block-max-params")
         _at_least(self.checkpoint_every, 1, "--checkpoint-every")
         _choice(self.model_dtype, DTYPES, "--model-dtype")
         _choice(self.capture_dtype, DTYPES, "--capture-dtype")
@@ -98,6 +111,9 @@ class ScoreArgs:
     queries: str = field(default="", metadata=option("jsonl of {prompt, completion}", required=True))
     strategy: str = field(default="ekfac", metadata=option("preconditioner", choices=STRATEGY_CHOICES))
     damping: float | None = field(default=None, metadata=option("default: 0.1 x mean eigenvalue per module"))
+    weight_decay: float = field(
+        default=0.0, metadata=option("added to the damping: the curvature of an L2 regulariser (docs)")
+    )
     rank: int | None = field(
         default=None, metadata=option("compress preconditioned query gradients to this rank")
     )
@@ -117,6 +133,7 @@ class ScoreArgs:
             raise InfluenceArgumentError("--queries: no query file given")
         _choice(self.strategy, STRATEGY_CHOICES, "--strategy")
         _at_least(self.damping, 0.0, "--damping")
+        _at_least(self.weight_decay, 0.0, "--weight-decay")
         _at_least(self.rank, 1, "--rank")
         _at_least(self.top_k, 1, "--top-k")
         _at_least(self.prefilter, 1, "--prefilter")
@@ -131,12 +148,16 @@ class SelfArgs:
 
     strategy: str = field(default="ekfac", metadata=option("preconditioner", choices=STRATEGY_CHOICES))
     damping: float | None = field(default=None, metadata=option("default: 0.1 x mean eigenvalue per module"))
+    weight_decay: float = field(
+        default=0.0, metadata=option("added to the damping: the curvature of an L2 regulariser (docs)")
+    )
     top_k: int = field(default=10, metadata=option("list this many highest sequences"))
     checkpoint_every: int = field(default=8, metadata=option("batches between checkpoints"))
 
     def __post_init__(self) -> None:
         _choice(self.strategy, STRATEGY_CHOICES, "--strategy")
         _at_least(self.damping, 0.0, "--damping")
+        _at_least(self.weight_decay, 0.0, "--weight-decay")
         _at_least(self.top_k, 1, "--top-k")
         _at_least(self.checkpoint_every, 1, "--checkpoint-every")
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from steerlab.hooks.capture import Captured
+from steerlab.influence.config import InfluenceArgumentError
 from steerlab.influence.pass_cache import (
     Cache,
     cached_batch,
@@ -124,10 +125,16 @@ def per_example_gradients(a: torch.Tensor, ds: torch.Tensor) -> torch.Tensor:
 
 
 def lambda_update(
-    acc: Accumulator, captured: Captured, eigen: Factors, n_sequences: int, diagonal: bool
+    acc: Accumulator,
+    captured: Captured,
+    eigen: Factors,
+    n_sequences: int,
+    diagonal: bool,
+    block_max_params: int | None = None,
 ) -> None:
     """Add one batch's sum of squared per-sequence gradients in the K-FAC eigenbasis (and plain, if
-    `diagonal`)."""
+    `diagonal`; and, for modules with at most `block_max_params` weights, bias included, the sum of the
+    per-sequence gradients' outer products: the module's exact Fisher block)."""
     for name, a in captured.inputs.items():
         ds = captured.grads[name]
         dt = _compute_dtype(a)
@@ -135,8 +142,14 @@ def lambda_update(
         qs = eigen.tensors[f"{name}/QS"].to(device=a.device, dtype=dt)
         rotated = per_example_gradients(a.to(dt) @ qa, ds.to(dt) @ qs)
         acc.add(f"{name}/lambda", rotated.square_().sum(0))
-        if diagonal:
-            acc.add(f"{name}/diag", (per_example_gradients(a, ds) ** 2).sum(0))
+        small = block_max_params is not None and a.shape[-1] * ds.shape[-1] <= block_max_params
+        if diagonal or small:
+            g = per_example_gradients(a, ds)
+            if diagonal:
+                acc.add(f"{name}/diag", (g**2).sum(0))
+            if small:
+                g = g.reshape(len(g), -1).double()
+                acc.add(f"{name}/block", g.T @ g)
     acc.add("n_lambda", torch.tensor([float(n_sequences)]))
 
 
@@ -146,7 +159,9 @@ FACTORS = "InfluenceFactors"  # the kind of a factors file (`steerlab.io.save_re
 @dataclass
 class Factors:
     """Per module `name/QA`, `name/lA`, `name/QS`, `name/lS` (float64 eigenpairs of A and S),
-    `name/lambda` (EK-FAC eigenvalues, per sequence) and optionally `name/diag` (diagonal Fisher)."""
+    `name/lambda` (EK-FAC eigenvalues, per sequence), optionally `name/diag` (diagonal Fisher) and, for
+    modules small enough, `name/block` (the module's exact Fisher block E_seq[vec G vec G^T], [p, p] with
+    vec the row-major flattening of the [out, in] gradient)."""
 
     tensors: dict[str, torch.Tensor]
     modules: list[str]
@@ -203,6 +218,13 @@ class FitPasses:
         layer = first_tracked_layer(model, modules) if cache is not None else None
         return cls(model, task, modules, cache=cache, layer=layer, **settings)
 
+    def __post_init__(self) -> None:
+        if self.seed is None and self.samples != 1:
+            raise InfluenceArgumentError(
+                f"samples={self.samples}: several label draws need sampled labels (a seed); "
+                "the data labels (seed=None, empirical Fisher) are the same in every draw"
+            )
+
     def _run(self, batch, sample: int | None) -> Captured:
         return run_batch(self.model, self.task, self.modules, batch, sample_seed=sample, dtype=self.dtype)
 
@@ -225,13 +247,21 @@ class FitPasses:
             covariance_update(acc, cap, self.task.batch_size(batch), self.task.token_mask(batch))
 
     def eigenvalues(
-        self, acc: Accumulator, batch, index: int, eigen: Factors, diagonal: bool = False
+        self,
+        acc: Accumulator,
+        batch,
+        index: int,
+        eigen: Factors,
+        diagonal: bool = False,
+        block_max_params: int | None = None,
     ) -> None:
-        """Add batch `index` to the EK-FAC eigenvalue sums (and the diagonal Fisher's, if `diagonal`),
-        starting from the batch's cache entry where there is one."""
+        """Add batch `index` to the EK-FAC eigenvalue sums (and the diagonal Fisher's, if `diagonal`, and
+        the exact Fisher blocks of modules with at most `block_max_params` weights), starting from the
+        batch's cache entry where there is one."""
         batch = cached_batch(batch, self.cache, index)
         for sample in label_draws(self.seed, index, "lambda", self.samples):
-            lambda_update(acc, self._run(batch, sample), eigen, self.task.batch_size(batch), diagonal)
+            cap = self._run(batch, sample)
+            lambda_update(acc, cap, eigen, self.task.batch_size(batch), diagonal, block_max_params)
 
 
 def fit_covariance(
@@ -269,26 +299,29 @@ def fit_lambda(
     progress: bool = False,
     samples: int = 1,
     cache: Cache | None = None,
+    block_max_params: int | None = None,
 ) -> Accumulator:
     """Stream `data` once more, accumulating the EK-FAC eigenvalue correction (`samples` label draws per
-    example unless `seed=None`), starting each batch from its `cache` entry where there is one."""
+    example unless `seed=None`), starting each batch from its `cache` entry where there is one; also
+    the exact Fisher block of every module with at most `block_max_params` weights (bias included)."""
     from tqdm.auto import tqdm
 
     passes = FitPasses(model, task, task.modules(model), seed, samples, dtype, cache)
     acc = Accumulator()
     for index, batch in tqdm(enumerate(data), desc="eigenvalues", disable=not progress):
-        passes.eigenvalues(acc, batch, index, eigen, diagonal)
+        passes.eigenvalues(acc, batch, index, eigen, diagonal, block_max_params)
     return acc
 
 
 def finish_lambda(eigen: Factors, acc: Accumulator) -> Factors:
-    """Attach the averaged EK-FAC eigenvalues (and diagonal) to the eigendecomposition."""
+    """Attach the averaged EK-FAC eigenvalues (and diagonal, and exact blocks) to the eigendecomposition."""
     n = float(acc.sums["n_lambda"].item())
     tensors = dict(eigen.tensors)
     for name in eigen.modules:
         tensors[f"{name}/lambda"] = acc.sums[f"{name}/lambda"] / n
-        if f"{name}/diag" in acc.sums:
-            tensors[f"{name}/diag"] = acc.sums[f"{name}/diag"] / n
+        for key in ("diag", "block"):
+            if f"{name}/{key}" in acc.sums:
+                tensors[f"{name}/{key}"] = acc.sums[f"{name}/{key}"] / n
     return Factors(tensors, eigen.modules, {**eigen.info, "n_lambda": n})
 
 
@@ -302,12 +335,15 @@ def fit_factors(
     diagonal: bool = False,
     progress: bool = False,
     samples: int = 1,
+    block_max_params: int | None = None,
 ) -> Factors:
     """Covariances -> eigendecomposition -> EK-FAC eigenvalues, in memory (`data` is iterated twice).
     `seed=None` uses the data labels (empirical Fisher); otherwise labels are sampled from the model,
-    `samples` draws per example (more draws: a less noisy true Fisher, at that many passes)."""
+    `samples` draws per example (more draws: a less noisy true Fisher, at that many passes).
+    `block_max_params`: modules with at most this many weights (out x in, bias included) also get their
+    exact Fisher block (for the "block" strategy; p x p float64 each, accumulated in the second pass)."""
     modules = list(task.modules(model))
     common = {"seed": seed, "dtype": dtype, "progress": progress, "samples": samples}
     eigen = eigendecompose(fit_covariance(model, task, data, **common), modules)
-    lam = fit_lambda(model, task, data, eigen, diagonal=diagonal, **common)
+    lam = fit_lambda(model, task, data, eigen, diagonal=diagonal, block_max_params=block_max_params, **common)
     return finish_lambda(eigen, lam)
