@@ -264,6 +264,7 @@ def score_run(run_dir: str | Path, args: ScoreArgs, *, progress: bool = False) -
         top_k=args.top_k,
         candidates=candidates,
         sample_stride=args.sample_stride,
+        full_scores=args.full_scores,
         name=args.name,
         checkpoint_every=args.checkpoint_every,
         progress=progress,

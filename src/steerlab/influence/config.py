@@ -122,6 +122,10 @@ class ScoreArgs:
         default=None, metadata=option("score only this many TF-IDF candidates per query")
     )
     sample_stride: int = field(default=1, metadata=option("keep every n-th score for histograms"))
+    full_scores: bool = field(
+        default=False,
+        metadata=option("also write every score to RUN/NAME/full.safetensors ([train, queries], streamed)"),
+    )
     name: str = field(
         default="scores",
         metadata=option("stage name: score other queries or settings in the same run under another name"),
@@ -137,6 +141,8 @@ class ScoreArgs:
         _at_least(self.rank, 1, "--rank")
         _at_least(self.top_k, 1, "--top-k")
         _at_least(self.prefilter, 1, "--prefilter")
+        if self.full_scores and self.prefilter:
+            raise InfluenceArgumentError("--full-scores: not with --prefilter (it scores candidates only)")
         _at_least(self.sample_stride, 1, "--sample-stride")
         _at_least(self.checkpoint_every, 1, "--checkpoint-every")
         _stage_name(self.name)
