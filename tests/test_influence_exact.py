@@ -216,3 +216,21 @@ def test_identity_warns_that_damping_is_ignored():
     plain = preconditioned_queries(grads, None, "identity")
     for name in grads:
         assert torch.equal(damped.full[name], plain.full[name])
+
+
+def test_block_sum_merges_repeated_one_token_rows_exactly():
+    """Consecutive rows with equal inputs are merged (S_g (x) a a^T); the result equals the plain sum of
+    per-row gradient outer products, also with a repeated input that is not consecutive."""
+    from steerlab.influence.factors import block_sum, per_example_gradients
+
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.randn(4, 1, 5, generator=g, dtype=torch.float64)
+    order = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 0, 0, 3, 3, 3])  # input 0 again after 2
+    a = inputs[order]
+    ds = torch.randn(len(a), 1, 3, generator=g, dtype=torch.float64)
+    rows = per_example_gradients(a, ds).reshape(len(a), -1)
+    assert rel_err(block_sum(a, ds), rows.T @ rows) < 1e-12
+    distinct = torch.randn(6, 1, 5, generator=g, dtype=torch.float64)  # nothing to merge: plain product
+    ds6 = torch.randn(6, 1, 3, generator=g, dtype=torch.float64)
+    rows6 = per_example_gradients(distinct, ds6).reshape(6, -1)
+    assert rel_err(block_sum(distinct, ds6), rows6.T @ rows6) < 1e-12
