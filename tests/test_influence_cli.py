@@ -155,6 +155,7 @@ def test_fit_non_utf8_corpus_names_line_and_byte(tmp_path, model_dir, corpus, ca
         ("--layers", "2-x"),
         ("--samples", "0"),
         ("--block-max-params", "0"),
+        ("--unit-max-params", "0"),
     ],
 )
 def test_fit_bad_option_is_one_line(tmp_path, model_dir, corpus, capsys, option, value):
@@ -261,8 +262,9 @@ def test_blocks_of_an_interrupted_fit_are_not_reused(tmp_path, model_dir, corpus
 def test_block_strategy_weight_decay_and_full_scores_from_the_command_line(
     tmp_path, model_dir, corpus, capsys
 ):
-    """--block-max-params fits exact blocks, --strategy block uses them, --weight-decay adds to the damping
-    and --full-scores writes every score; --samples with --empirical is refused."""
+    """--block-max-params/--unit-max-params fit exact and per-unit blocks, --strategy block/unit use them,
+    --weight-decay adds to the damping and --full-scores writes every score; --samples with --empirical
+    is refused."""
     from safetensors.torch import load_file
 
     q = _queries(tmp_path / "q.jsonl", [{"prompt": "the lazy ", "completion": "dog jumps"}])
@@ -270,9 +272,18 @@ def test_block_strategy_weight_decay_and_full_scores_from_the_command_line(
         capsys, [*_fit(tmp_path / "bad", model_dir, corpus), "--empirical", "--samples", "2"]
     )
     run = tmp_path / "run"
-    assert main(_fit(run, model_dir, corpus, "--block-max-params", "100000")) == 0
+    assert (
+        main(_fit(run, model_dir, corpus, "--block-max-params", "100000", "--unit-max-params", "10000000"))
+        == 0
+    )
     factors = load_tensors(run / "lambda" / "factors.safetensors")[0]
-    assert any(k.endswith("/block") for k in factors)
+    assert any(k.endswith("/block") for k in factors) and any(k.endswith("/unit") for k in factors)
+    assert (
+        main(
+            ["influence", "score", "--run", str(run), "--queries", q, "--strategy", "unit", "--name", "unit"]
+        )
+        == 0
+    )
     argv = ["influence", "score", "--run", str(run), "--queries", q, "--strategy", "block"]
     assert main([*argv, "--weight-decay", "0.01", "--full-scores", "--name", "full"]) == 0
     matrix = load_file(run / "full" / "full.safetensors")["scores"]

@@ -50,38 +50,54 @@ def empirical_blocks(grads):
     return {n: g.reshape(len(g), -1).T @ g.reshape(len(g), -1) / len(g) for n, g in grads.items()}
 
 
+def unit_blocks(grads):
+    """Per module, the block-diagonal matrix of the per-output-unit blocks E[G[o] G[o]^T] (row-major vec:
+    the weights of one output unit are contiguous)."""
+    return {
+        n: torch.block_diag(*[g[:, o].T @ g[:, o] / len(g) for o in range(g.shape[1])])
+        for n, g in grads.items()
+    }
+
+
 @pytest.mark.parametrize("problem", ["mlp", "llama"])
 @pytest.mark.parametrize("damping", [None, 1e-2])
-def test_block_strategy_equals_brute_force(problem, damping):
-    """Exact blocks where a module is small enough, EK-FAC elsewhere: pairwise and self-influence equal
-    the materialised formula (1e-6 relative, float64)."""
+@pytest.mark.parametrize("strategy", ["block", "unit"])
+def test_block_strategies_equal_brute_force(problem, damping, strategy):
+    """Exact blocks ("block") or per-output-unit blocks ("unit") where a module is small enough, EK-FAC
+    elsewhere: pairwise and self-influence equal the materialised formula (1e-6 relative, float64)."""
     if problem == "mlp":
         model, task, train, singles, queries, q_singles = tiny_mlp_problem()
-        limit = 40  # module "0" (8 x 7 = 56 weights) falls back to EK-FAC, "2" (4 x 9 = 36) is exact
+        # "0" (8 x 7: 56 weights, 8 x 49 = 392) falls back to EK-FAC, "2" (4 x 9: 36, 4 x 81 = 324) does not
+        limit = {"block": 40, "unit": 350}[strategy]
     else:
         model, task = tiny_llama(), LanguageModelTask()
         train, singles, queries, q_singles = lm_problem(model)
-        limit = 8 * 16  # the gate/up projections (16 x 8) are exact, down_proj (8 x 16) too; all of them
-    factors = fit_factors(model, task, train, seed=None, block_max_params=limit)
+        limit = 10**6  # every projection
+    option = {"block": "block_max_params", "unit": "unit_max_params"}[strategy]
+    factors = fit_factors(model, task, train, seed=None, **{option: limit})
     gt = autograd_gradients(model, task, singles)
     gq = autograd_gradients(model, task, q_singles, query=True)
-    blocks = {n: b for n, b in empirical_blocks(gt).items() if b.shape[0] <= limit}
-    assert blocks and set(blocks) == {n for n in factors.modules if f"{n}/block" in factors.tensors}
-    for name, b in blocks.items():
-        assert rel_err(factors.get(name, "block"), b) < 1e-10
+    fitted = {n for n in factors.modules if f"{n}/{strategy}" in factors.tensors}
+    materialised = empirical_blocks(gt) if strategy == "block" else unit_blocks(gt)
+    blocks = {n: b for n, b in materialised.items() if n in fitted}
+    assert blocks
     if problem == "mlp":
-        assert len(blocks) < len(factors.modules)  # the fallback is exercised
+        assert set(blocks) == {"2"}  # the fallback is exercised
+    for name, b in blocks.items():
+        stored = factors.get(name, strategy)
+        stored = stored if strategy == "block" else torch.block_diag(*stored)
+        assert rel_err(stored, b) < 1e-10
     expected = block_brute_scores(factors, gq, gt, blocks, damping)
-    pre = preconditioned_queries(query_gradients(model, task, queries), factors, "block", damping)
+    pre = preconditioned_queries(query_gradients(model, task, queries), factors, strategy, damping)
     got = pairwise_scores(model, task, train, pre)["scores"]
     assert rel_err(got, expected) < 1e-6
     factored = query_gradients(model, task, queries, factored=True)
     got_factored = pairwise_scores(
-        model, task, train, preconditioned_queries(factored, factors, "block", damping)
+        model, task, train, preconditioned_queries(factored, factors, strategy, damping)
     )["scores"]
     assert rel_err(got_factored, expected) < 1e-6
     self_expected = torch.diagonal(block_brute_scores(factors, gt, gt, blocks, damping))
-    got_self = self_scores(model, task, train, factors, strategy="block", damping=damping)
+    got_self = self_scores(model, task, train, factors, strategy=strategy, damping=damping)
     assert rel_err(got_self, self_expected) < 1e-6
 
 
@@ -120,12 +136,16 @@ def test_exact_expectation_fisher_is_the_gauss_newton_matrix(regression):
     y = torch.randn(10, 4, dtype=torch.float64) if regression else torch.randint(0, 4, (10,))
     train = [(x[:4], y[:4]), (x[4:], y[4:])]
     task = ClassificationTask(regression=regression, exact_fisher=4)
-    f1 = fit_factors(model, task, train, seed=0, block_max_params=10**6)
+    f1 = fit_factors(model, task, train, seed=0, block_max_params=10**6, unit_max_params=10**6)
     f2 = fit_factors(model, task, train, seed=7, block_max_params=10**6)
     expected = ggn_brute(model, task, x)
     for name, ggn in expected.items():
         assert rel_err(f1.get(name, "block"), ggn) < 1e-10
         assert rel_err(f2.get(name, "block"), ggn) < 1e-10
+        n_out = f1.get(name, "unit").shape[0]
+        n_in = ggn.shape[0] // n_out
+        units = torch.stack([ggn[o * n_in : (o + 1) * n_in, o * n_in : (o + 1) * n_in] for o in range(n_out)])
+        assert rel_err(f1.get(name, "unit"), units) < 1e-10  # the GGN's diagonal blocks
         basis = torch.kron(f1.get(name, "QS"), f1.get(name, "QA"))
         lam = torch.diagonal(basis.T @ ggn @ basis).reshape(f1.get(name, "lambda").shape)
         assert rel_err(f1.get(name, "lambda"), lam) < 1e-10
@@ -140,10 +160,13 @@ def problem_with_a_dead_input():
     return model, task, train, queries
 
 
-@pytest.mark.parametrize("strategy", ["diagonal", "kfac", "ekfac", "block"])
+ALL = {"diagonal": True, "block_max_params": 10**6, "unit_max_params": 10**6}
+
+
+@pytest.mark.parametrize("strategy", ["diagonal", "kfac", "ekfac", "block", "unit"])
 def test_zero_damping_with_a_singular_curvature_is_refused(strategy):
     model, task, train, queries = problem_with_a_dead_input()
-    factors = fit_factors(model, task, train, seed=None, diagonal=True, block_max_params=10**6)
+    factors = fit_factors(model, task, train, seed=None, **ALL)
     grads = query_gradients(model, task, queries)
     with pytest.raises(InfluenceArgumentError, match="damping=0: module 0 "):
         preconditioned_queries(grads, factors, strategy, damping=0.0)
@@ -153,11 +176,11 @@ def test_zero_damping_with_a_singular_curvature_is_refused(strategy):
     assert torch.isfinite(scores).all()  # the default damping is positive
 
 
-@pytest.mark.parametrize("strategy", ["diagonal", "kfac", "ekfac", "block"])
+@pytest.mark.parametrize("strategy", ["diagonal", "kfac", "ekfac", "block", "unit"])
 def test_weight_decay_adds_to_the_damping(strategy):
     """weight_decay w adds w I to the curvature: the same scores as damping d + w; per module by name."""
     model, task, train, singles, queries, q_singles = tiny_mlp_problem()
-    factors = fit_factors(model, task, train, seed=None, diagonal=True, block_max_params=10**6)
+    factors = fit_factors(model, task, train, seed=None, **ALL)
     grads = query_gradients(model, task, queries)
 
     def scores(**kw):

@@ -191,6 +191,7 @@ def fit_run(run_dir: str | Path, args: FitArgs, *, progress: bool = False):
         dtype=DTYPES.get(args.capture_dtype) if args.capture_dtype else None,
         diagonal=args.diagonal,
         block_max_params=args.block_max_params,
+        unit_max_params=args.unit_max_params,
         prefix_cache=args.prefix_cache,
         samples=args.samples,
         checkpoint_every=args.checkpoint_every,

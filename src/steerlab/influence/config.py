@@ -19,7 +19,7 @@ __all__ = [
     "SelfArgs",
 ]
 
-STRATEGY_CHOICES = ("identity", "diagonal", "kfac", "ekfac", "block")
+STRATEGY_CHOICES = ("identity", "diagonal", "kfac", "ekfac", "block", "unit")
 
 
 class InfluenceArgumentError(UserError):
@@ -61,6 +61,13 @@ class FitArgs:
             "(for --strategy block; p x p float64 each)"
         ),
     )
+    unit_max_params: int | None = field(
+        default=None,
+        metadata=option(
+            "also fit the per-output-unit Fisher blocks of modules with out x in^2 at most this "
+            "(for --strategy unit)"
+        ),
+    )
     prefix_cache: bool = field(
         default=True,
         metadata=option(
@@ -89,6 +96,7 @@ class FitArgs:
                 "--empirical uses the data labels, the same in every draw"
             )
         _at_least(self.block_max_params, 1, "--block-max-params")
+        _at_least(self.unit_max_params, 1, "--unit-max-params")
         _at_least(self.checkpoint_every, 1, "--checkpoint-every")
         _choice(self.model_dtype, DTYPES, "--model-dtype")
         _choice(self.capture_dtype, DTYPES, "--capture-dtype")

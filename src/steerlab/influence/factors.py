@@ -157,10 +157,12 @@ def lambda_update(
     n_sequences: int,
     diagonal: bool,
     block_max_params: int | None = None,
+    unit_max_params: int | None = None,
 ) -> None:
     """Add one batch's sum of squared per-sequence gradients in the K-FAC eigenbasis (and plain, if
     `diagonal`; and, for modules with at most `block_max_params` weights, bias included, the sum of the
-    per-sequence gradients' outer products: the module's exact Fisher block)."""
+    per-sequence gradients' outer products: the module's exact Fisher block; and, for modules with
+    out x in^2 <= `unit_max_params`, the per-output-unit blocks sum_z G_z[o] G_z[o]^T, [out, in, in])."""
     for name, a in captured.inputs.items():
         ds = captured.grads[name]
         dt = _compute_dtype(a)
@@ -169,12 +171,16 @@ def lambda_update(
         rotated = per_example_gradients(a.to(dt) @ qa, ds.to(dt) @ qs)
         acc.add(f"{name}/lambda", rotated.square_().sum(0))
         small = block_max_params is not None and a.shape[-1] * ds.shape[-1] <= block_max_params
-        if diagonal or small:
-            g = per_example_gradients(a, ds)
-            if diagonal:
-                acc.add(f"{name}/diag", (g**2).sum(0))
-            if small:
-                acc.add(f"{name}/block", block_sum(a, ds, g))
+        n_in, n_out = a.shape[-1], ds.shape[-1]
+        unit = unit_max_params is not None and n_out * n_in * n_in <= unit_max_params
+        g = per_example_gradients(a, ds) if diagonal or unit else None
+        if diagonal:
+            acc.add(f"{name}/diag", (g**2).sum(0))
+        if small:
+            acc.add(f"{name}/block", block_sum(a, ds, g))
+        if unit:
+            rows = g.to(dt).permute(1, 0, 2)  # [out, B, in]
+            acc.add(f"{name}/unit", rows.transpose(1, 2) @ rows)
     acc.add("n_lambda", torch.tensor([float(n_sequences)]))
 
 
@@ -186,7 +192,8 @@ class Factors:
     """Per module `name/QA`, `name/lA`, `name/QS`, `name/lS` (float64 eigenpairs of A and S),
     `name/lambda` (EK-FAC eigenvalues, per sequence), optionally `name/diag` (diagonal Fisher) and, for
     modules small enough, `name/block` (the module's exact Fisher block E_seq[vec G vec G^T], [p, p] with
-    vec the row-major flattening of the [out, in] gradient)."""
+    vec the row-major flattening of the [out, in] gradient) and `name/unit` (per output unit o, the
+    Fisher block of the weights W[o, :], E_seq[G[o] G[o]^T], [out, in, in])."""
 
     tensors: dict[str, torch.Tensor]
     modules: list[str]
@@ -279,6 +286,7 @@ class FitPasses:
         eigen: Factors,
         diagonal: bool = False,
         block_max_params: int | None = None,
+        unit_max_params: int | None = None,
     ) -> None:
         """Add batch `index` to the EK-FAC eigenvalue sums (and the diagonal Fisher's, if `diagonal`, and
         the exact Fisher blocks of modules with at most `block_max_params` weights), starting from the
@@ -286,7 +294,8 @@ class FitPasses:
         batch = cached_batch(batch, self.cache, index)
         for sample in label_draws(self.seed, index, "lambda", self.samples):
             cap = self._run(batch, sample)
-            lambda_update(acc, cap, eigen, self.task.batch_size(batch), diagonal, block_max_params)
+            n = self.task.batch_size(batch)
+            lambda_update(acc, cap, eigen, n, diagonal, block_max_params, unit_max_params)
 
 
 def fit_covariance(
@@ -325,16 +334,18 @@ def fit_lambda(
     samples: int = 1,
     cache: Cache | None = None,
     block_max_params: int | None = None,
+    unit_max_params: int | None = None,
 ) -> Accumulator:
     """Stream `data` once more, accumulating the EK-FAC eigenvalue correction (`samples` label draws per
     example unless `seed=None`), starting each batch from its `cache` entry where there is one; also
-    the exact Fisher block of every module with at most `block_max_params` weights (bias included)."""
+    the exact Fisher block of every module with at most `block_max_params` weights (bias included) and
+    the per-unit blocks of every module with out x in^2 <= `unit_max_params`."""
     from tqdm.auto import tqdm
 
     passes = FitPasses(model, task, task.modules(model), seed, samples, dtype, cache)
     acc = Accumulator()
     for index, batch in tqdm(enumerate(data), desc="eigenvalues", disable=not progress):
-        passes.eigenvalues(acc, batch, index, eigen, diagonal, block_max_params)
+        passes.eigenvalues(acc, batch, index, eigen, diagonal, block_max_params, unit_max_params)
     return acc
 
 
@@ -344,7 +355,7 @@ def finish_lambda(eigen: Factors, acc: Accumulator) -> Factors:
     tensors = dict(eigen.tensors)
     for name in eigen.modules:
         tensors[f"{name}/lambda"] = acc.sums[f"{name}/lambda"] / n
-        for key in ("diag", "block"):
+        for key in ("diag", "block", "unit"):
             if f"{name}/{key}" in acc.sums:
                 tensors[f"{name}/{key}"] = acc.sums[f"{name}/{key}"] / n
     return Factors(tensors, eigen.modules, {**eigen.info, "n_lambda": n})
@@ -361,14 +372,26 @@ def fit_factors(
     progress: bool = False,
     samples: int = 1,
     block_max_params: int | None = None,
+    unit_max_params: int | None = None,
 ) -> Factors:
     """Covariances -> eigendecomposition -> EK-FAC eigenvalues, in memory (`data` is iterated twice).
     `seed=None` uses the data labels (empirical Fisher); otherwise labels are sampled from the model,
     `samples` draws per example (more draws: a less noisy true Fisher, at that many passes).
     `block_max_params`: modules with at most this many weights (out x in, bias included) also get their
-    exact Fisher block (for the "block" strategy; p x p float64 each, accumulated in the second pass)."""
+    exact Fisher block (for the "block" strategy; p x p float64 each, accumulated in the second pass).
+    `unit_max_params`: modules with out x in^2 at most this also get their per-output-unit Fisher blocks
+    (for the "unit" strategy; [out, in, in] float64 each)."""
     modules = list(task.modules(model))
     common = {"seed": seed, "dtype": dtype, "progress": progress, "samples": samples}
     eigen = eigendecompose(fit_covariance(model, task, data, **common), modules)
-    lam = fit_lambda(model, task, data, eigen, diagonal=diagonal, block_max_params=block_max_params, **common)
+    lam = fit_lambda(
+        model,
+        task,
+        data,
+        eigen,
+        diagonal=diagonal,
+        block_max_params=block_max_params,
+        unit_max_params=unit_max_params,
+        **common,
+    )
     return finish_lambda(eigen, lam)

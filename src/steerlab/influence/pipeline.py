@@ -185,6 +185,7 @@ def fit(
     samples: int = 1,
     model_info: dict | None = None,
     block_max_params: int | None = None,
+    unit_max_params: int | None = None,
 ) -> Factors:
     """Fit EK-FAC factors over the indexable batch source `train`, stage by stage (see module docs).
     `seed=None`: empirical Fisher (data labels); otherwise labels sampled per batch from the model,
@@ -192,7 +193,8 @@ def fit(
     `prefix_cache`: the covariance pass stores the hidden states entering the first tracked layer
     (`run/prefix/`), and later passes start there (see `pass_cache`). `model_info`: the model's identity
     (`LoadedModel.info.to_dict()`), recorded with the factors. `block_max_params`: modules with at most
-    this many weights also get their exact Fisher block (the "block" strategy)."""
+    this many weights also get their exact Fisher block (the "block" strategy); `unit_max_params`: modules
+    with out x in^2 at most this, their per-output-unit blocks (the "unit" strategy)."""
     run_dir = Path(run_dir)
     modules = task.modules(model)
     args = {
@@ -230,10 +232,12 @@ def fit(
     lam_args = {**args, "diagonal": diagonal}
     if block_max_params is not None:
         lam_args["block_max_params"] = block_max_params
+    if unit_max_params is not None:
+        lam_args["unit_max_params"] = unit_max_params
     if not check_stage(run_dir, "lambda", lam_args):
 
         def lam_step(acc: Accumulator, i: int) -> None:
-            passes.eigenvalues(acc, train[i], i, eigen, diagonal, block_max_params)
+            passes.eigenvalues(acc, train[i], i, eigen, diagonal, block_max_params, unit_max_params)
 
         _accumulate(run_dir, "lambda", train, lam_step, checkpoint_every, progress)
     factors_path = run_dir / "lambda" / "factors.safetensors"

@@ -7,7 +7,9 @@ Kronfluence reports when its measurement is the query loss (its "positive = help
 
 Strategies: "identity" (P = G, the gradient dot product; no curvature, so no damping), "diagonal"
 (diagonal Fisher), "kfac", "ekfac", and "block": the module's exact Fisher block where it was fitted
-(`fit_factors(..., block_max_params=...)`), solved by Cholesky, EK-FAC for the other modules.
+(`fit_factors(..., block_max_params=...)`), solved by Cholesky, EK-FAC for the other modules; "unit":
+the per-output-unit Fisher blocks (the weights W[o, :] of each output o together; Ollivier's unit-wise
+Fisher) where fitted (`unit_max_params`), EK-FAC elsewhere.
 For EK-FAC: P = Q_S [(Q_S^T G Q_A) / (Lambda + damping)] Q_A^T.
 
 Damping: `damping` (a number, or {module: number}) is added to the curvature on its per-sequence scale;
@@ -48,7 +50,7 @@ __all__ = [
     "self_scores",
 ]
 
-STRATEGIES = ("identity", "diagonal", "kfac", "ekfac", "block")
+STRATEGIES = ("identity", "diagonal", "kfac", "ekfac", "block", "unit")
 
 Damping = float | Mapping[str, float] | None
 
@@ -64,8 +66,11 @@ def has_block(factors: Factors | None, name: str) -> bool:
 
 
 def _effective(factors: Factors | None, name: str, strategy: str) -> str:
-    """The strategy applied to module `name`: "block" falls back to EK-FAC where no block was fitted."""
-    return "ekfac" if strategy == "block" and not has_block(factors, name) else strategy
+    """The strategy applied to module `name`: "block" and "unit" fall back to EK-FAC where their blocks
+    were not fitted."""
+    if strategy in ("block", "unit") and (factors is None or f"{name}/{strategy}" not in factors.tensors):
+        return "ekfac"
+    return strategy
 
 
 def eigenvalues_for(factors: Factors, name: str, strategy: str) -> torch.Tensor:
@@ -75,6 +80,8 @@ def eigenvalues_for(factors: Factors, name: str, strategy: str) -> torch.Tensor:
     strategy = _effective(factors, name, strategy)
     if strategy == "block":
         return torch.diagonal(factors.get(name, "block"))
+    if strategy == "unit":
+        return torch.diagonal(factors.get(name, "unit"), dim1=-2, dim2=-1)
     if strategy == "ekfac":
         return factors.get(name, "lambda")
     if strategy == "kfac":
@@ -160,8 +167,8 @@ def precondition(
         d = damping_for(factors, name, strategy, damping, weight_decay)
         _check_positive(float(lam.min()) + d, name, d)
         return grad / (lam + d)
-    if strategy == "block":
-        return _block_solve(grad, factors, name, damping, weight_decay)
+    if strategy in ("block", "unit"):
+        return _block_solve(grad, factors, name, damping, weight_decay, strategy)
     qa, qs, lam = _eigenbasis(factors, name, strategy, damping, dt, weight_decay)
     return qs @ ((qs.T @ grad @ qa) / lam) @ qa.T
 
@@ -172,16 +179,20 @@ def _block_solve(
     name: str,
     damping: Damping,
     weight_decay: float | Mapping[str, float],
+    strategy: str = "block",
 ) -> torch.Tensor:
     """(F_block + damping I)^-1 vec G for a [Q, out, in] stack, by a float64 Cholesky factorisation (one
-    damping value needs no eigendecomposition, which would cost ~16x more)."""
-    block = factors.get(name, "block").to(device=grad.device, dtype=torch.float64)
-    d = damping_for(factors, name, "block", damping, weight_decay)
-    chol, info = torch.linalg.cholesky_ex(
-        block + d * torch.eye(len(block), dtype=block.dtype, device=block.device)
-    )
-    if int(info) != 0:
+    damping value needs no eigendecomposition, which would cost ~16x more); "unit": one [in, in] system
+    per output unit o for the rows G[:, o, :]."""
+    block = factors.get(name, strategy).to(device=grad.device, dtype=torch.float64)
+    d = damping_for(factors, name, strategy, damping, weight_decay)
+    eye = torch.eye(block.shape[-1], dtype=block.dtype, device=block.device)
+    chol, info = torch.linalg.cholesky_ex(block + d * eye)
+    if bool((info != 0).any()):
         _check_positive(float(torch.linalg.eigvalsh(block).min()) + d, name, d)
+    if strategy == "unit":  # [out, in, Q] right-hand sides against [out, in, in] factors
+        rhs = grad.to(torch.float64).permute(1, 2, 0)
+        return torch.cholesky_solve(rhs, chol).permute(2, 0, 1).to(grad.dtype)
     flat = grad.reshape(len(grad), -1).to(torch.float64).T
     return torch.cholesky_solve(flat, chol).T.reshape(grad.shape).to(grad.dtype)
 
