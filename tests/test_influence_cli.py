@@ -154,6 +154,8 @@ def test_fit_non_utf8_corpus_names_line_and_byte(tmp_path, model_dir, corpus, ca
         ("--batch-size", "0"),
         ("--layers", "2-x"),
         ("--samples", "0"),
+        ("--block-max-params", "0"),
+        ("--unit-max-params", "0"),
     ],
 )
 def test_fit_bad_option_is_one_line(tmp_path, model_dir, corpus, capsys, option, value):
@@ -255,3 +257,37 @@ def test_blocks_of_an_interrupted_fit_are_not_reused(tmp_path, model_dir, corpus
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     assert main([*_fit(run, model_dir, corpus), "--block-size", "12"]) == 0
     assert load_tensors(run / "tokens" / "result.safetensors")[0]["blocks"].shape == (12, 12)
+
+
+def test_block_strategy_weight_decay_and_full_scores_from_the_command_line(
+    tmp_path, model_dir, corpus, capsys
+):
+    """--block-max-params/--unit-max-params fit exact and per-unit blocks, --strategy block/unit use them,
+    --weight-decay adds to the damping and --full-scores writes every score; --samples with --empirical
+    is refused."""
+    from safetensors.torch import load_file
+
+    q = _queries(tmp_path / "q.jsonl", [{"prompt": "the lazy ", "completion": "dog jumps"}])
+    assert "--samples" in _fails(
+        capsys, [*_fit(tmp_path / "bad", model_dir, corpus), "--empirical", "--samples", "2"]
+    )
+    run = tmp_path / "run"
+    assert (
+        main(_fit(run, model_dir, corpus, "--block-max-params", "100000", "--unit-max-params", "10000000"))
+        == 0
+    )
+    factors = load_tensors(run / "lambda" / "factors.safetensors")[0]
+    assert any(k.endswith("/block") for k in factors) and any(k.endswith("/unit") for k in factors)
+    assert (
+        main(
+            ["influence", "score", "--run", str(run), "--queries", q, "--strategy", "unit", "--name", "unit"]
+        )
+        == 0
+    )
+    argv = ["influence", "score", "--run", str(run), "--queries", q, "--strategy", "block"]
+    assert main([*argv, "--weight-decay", "0.01", "--full-scores", "--name", "full"]) == 0
+    matrix = load_file(run / "full" / "full.safetensors")["scores"]
+    assert matrix.shape == (12, 1) and torch.isfinite(matrix).all()
+    top = load_tensors(run / "full" / "result.safetensors")[0]
+    assert torch.equal(top["top_index"][0], matrix[:, 0].argsort(descending=True)[:10])
+    assert json.loads((run / "full_queries" / "args.json").read_text())["weight_decay"] == 0.01

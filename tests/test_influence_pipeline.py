@@ -354,3 +354,43 @@ def test_a_run_model_loads_directly_in_its_dtype(monkeypatch):
     with pytest.raises(ModelLoaded):
         load_run_model(FitArgs(train="corpus.txt", model="tiny", model_dtype="bfloat16"))
     assert seen == {"name": "tiny", "dtype": torch.bfloat16}
+
+
+def test_full_score_matrix_is_streamed_to_safetensors_and_resumes(tmp_path, monkeypatch):
+    """`full_scores=True` writes every score ([train, queries]) equal to the in-memory matrix, with the
+    block strategy fitted through the pipeline; a stage interrupted after 3 batches resumes to the same
+    file."""
+    from safetensors.torch import load_file
+
+    from steerlab.influence import stages
+    from steerlab.influence.pipeline import fit, score
+
+    model, task, train, queries = mlp_setup()
+    factors = fit(tmp_path, model, task, train, seed=7, block_max_params=30)
+    assert "2/block" in factors.tensors and "0/block" not in factors.tensors  # 3 x 8 = 24, 7 x 6 = 42
+    pre = preconditioned_queries(query_gradients(model, task, queries), factors, "block", weight_decay=0.01)
+    expected = pairwise_scores(model, task, list(train), pre)["scores"]
+
+    def die(name, done):
+        if (name, done) == ("full", 3):
+            raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(stages, "_maybe_die", die)
+    kw = {
+        "strategy": "block",
+        "weight_decay": 0.01,
+        "full_scores": True,
+        "name": "full",
+        "checkpoint_every": 1,
+    }
+    with pytest.raises(RuntimeError, match="interrupted"):
+        score(tmp_path, model, task, train, queries, **kw)
+    assert (tmp_path / "full" / "full.safetensors.partial").exists()
+    assert not (tmp_path / "full" / "full.safetensors").exists()
+    monkeypatch.undo()
+    result = score(tmp_path, model, task, train, queries, **kw)
+    matrix = load_file(tmp_path / "full" / "full.safetensors")["scores"]
+    assert matrix.shape == (len(train.x), 4) and matrix.dtype == torch.float64
+    assert torch.allclose(matrix.T, expected, rtol=1e-10)
+    assert torch.equal(result["top_index"], expected.topk(10, dim=1).indices)
+    assert not (tmp_path / "full" / "full.safetensors.partial").exists()

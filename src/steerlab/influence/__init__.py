@@ -20,11 +20,13 @@ from steerlab.influence.factors import (
     fit_factors,
     fit_lambda,
 )
+from steerlab.influence.full_scores import ScoreMatrix
 from steerlab.influence.scores import (
     STRATEGIES,
     Preconditioned,
     compress,
     damping_for,
+    has_block,
     pairwise_scores,
     per_layer,
     precondition,
@@ -42,6 +44,7 @@ __all__ = [
     "Factors",
     "LanguageModelTask",
     "Preconditioned",
+    "ScoreMatrix",
     "Task",
     "capture",
     "compress",
@@ -50,6 +53,7 @@ __all__ = [
     "fit_covariance",
     "fit_factors",
     "fit_lambda",
+    "has_block",
     "linear_modules",
     "mlp_modules",
     "module_shape",

@@ -19,7 +19,7 @@ __all__ = [
     "SelfArgs",
 ]
 
-STRATEGY_CHOICES = ("identity", "diagonal", "kfac", "ekfac")
+STRATEGY_CHOICES = ("identity", "diagonal", "kfac", "ekfac", "block", "unit")
 
 
 class InfluenceArgumentError(UserError):
@@ -54,6 +54,20 @@ class FitArgs:
         default=None, metadata=option("e.g. bfloat16 activations", choices=sorted(DTYPES))
     )
     diagonal: bool = field(default=False, metadata=option("also fit the diagonal Fisher"))
+    block_max_params: int | None = field(
+        default=None,
+        metadata=option(
+            "also fit the exact Fisher block of modules with at most this many weights "
+            "(for --strategy block; p x p float64 each)"
+        ),
+    )
+    unit_max_params: int | None = field(
+        default=None,
+        metadata=option(
+            "also fit the per-output-unit Fisher blocks of modules with out x in^2 at most this "
+            "(for --strategy unit)"
+        ),
+    )
     prefix_cache: bool = field(
         default=True,
         metadata=option(
@@ -76,6 +90,13 @@ class FitArgs:
         _at_least(self.n_blocks, 1, "--n-blocks")
         _at_least(self.batch_size, 1, "--batch-size")
         _at_least(self.samples, 1, "--samples")
+        if self.empirical and self.samples != 1:
+            raise InfluenceArgumentError(
+                f"--samples {self.samples}: several label draws need sampled labels; "
+                "--empirical uses the data labels, the same in every draw"
+            )
+        _at_least(self.block_max_params, 1, "--block-max-params")
+        _at_least(self.unit_max_params, 1, "--unit-max-params")
         _at_least(self.checkpoint_every, 1, "--checkpoint-every")
         _choice(self.model_dtype, DTYPES, "--model-dtype")
         _choice(self.capture_dtype, DTYPES, "--capture-dtype")
@@ -98,6 +119,9 @@ class ScoreArgs:
     queries: str = field(default="", metadata=option("jsonl of {prompt, completion}", required=True))
     strategy: str = field(default="ekfac", metadata=option("preconditioner", choices=STRATEGY_CHOICES))
     damping: float | None = field(default=None, metadata=option("default: 0.1 x mean eigenvalue per module"))
+    weight_decay: float = field(
+        default=0.0, metadata=option("added to the damping: the curvature of an L2 regulariser (docs)")
+    )
     rank: int | None = field(
         default=None, metadata=option("compress preconditioned query gradients to this rank")
     )
@@ -106,6 +130,10 @@ class ScoreArgs:
         default=None, metadata=option("score only this many TF-IDF candidates per query")
     )
     sample_stride: int = field(default=1, metadata=option("keep every n-th score for histograms"))
+    full_scores: bool = field(
+        default=False,
+        metadata=option("also write every score to RUN/NAME/full.safetensors ([train, queries], streamed)"),
+    )
     name: str = field(
         default="scores",
         metadata=option("stage name: score other queries or settings in the same run under another name"),
@@ -117,9 +145,12 @@ class ScoreArgs:
             raise InfluenceArgumentError("--queries: no query file given")
         _choice(self.strategy, STRATEGY_CHOICES, "--strategy")
         _at_least(self.damping, 0.0, "--damping")
+        _at_least(self.weight_decay, 0.0, "--weight-decay")
         _at_least(self.rank, 1, "--rank")
         _at_least(self.top_k, 1, "--top-k")
         _at_least(self.prefilter, 1, "--prefilter")
+        if self.full_scores and self.prefilter:
+            raise InfluenceArgumentError("--full-scores: not with --prefilter (it scores candidates only)")
         _at_least(self.sample_stride, 1, "--sample-stride")
         _at_least(self.checkpoint_every, 1, "--checkpoint-every")
         _stage_name(self.name)
@@ -131,12 +162,16 @@ class SelfArgs:
 
     strategy: str = field(default="ekfac", metadata=option("preconditioner", choices=STRATEGY_CHOICES))
     damping: float | None = field(default=None, metadata=option("default: 0.1 x mean eigenvalue per module"))
+    weight_decay: float = field(
+        default=0.0, metadata=option("added to the damping: the curvature of an L2 regulariser (docs)")
+    )
     top_k: int = field(default=10, metadata=option("list this many highest sequences"))
     checkpoint_every: int = field(default=8, metadata=option("batches between checkpoints"))
 
     def __post_init__(self) -> None:
         _choice(self.strategy, STRATEGY_CHOICES, "--strategy")
         _at_least(self.damping, 0.0, "--damping")
+        _at_least(self.weight_decay, 0.0, "--weight-decay")
         _at_least(self.top_k, 1, "--top-k")
         _at_least(self.checkpoint_every, 1, "--checkpoint-every")
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from steerlab.hooks.capture import Captured
+from steerlab.influence.config import InfluenceArgumentError
 from steerlab.influence.pass_cache import (
     Cache,
     cached_batch,
@@ -41,6 +42,7 @@ __all__ = [
     "Factors",
     "FitPasses",
     "batch_seed",
+    "block_sum",
     "covariance_update",
     "eigendecompose",
     "fit_covariance",
@@ -123,11 +125,44 @@ def per_example_gradients(a: torch.Tensor, ds: torch.Tensor) -> torch.Tensor:
     return torch.bmm(ds.to(dt).transpose(1, 2), a.to(dt))
 
 
+def block_sum(a: torch.Tensor, ds: torch.Tensor, grads: torch.Tensor | None = None) -> torch.Tensor:
+    """sum over rows of vec G vec G^T ([p, p], row-major vec of G = sum_t ds_t a_t^T), with `grads` the
+    rows' per-example gradients if already computed.
+
+    Rows of one token whose inputs equal the previous row's (the copies of an example under
+    `ClassificationTask(exact_fisher=C)`, or repeated examples) are merged first: for them
+    sum_r vec G_r vec G_r^T = sum_groups S_g (x) a_g a_g^T with S_g = sum_r ds_r ds_r^T, one
+    [out^2, groups] x [groups, in^2] product instead of a product over all rows (C times fewer)."""
+    dt = _compute_dtype(a)
+    if a.shape[1] == 1:
+        a1, d1 = a[:, 0].to(dt), ds[:, 0].to(dt)
+        first = torch.ones(len(a1), dtype=torch.bool, device=a1.device)
+        first[1:] = (a1[1:] != a1[:-1]).any(-1)
+        n_groups, (n_out, n_in) = int(first.sum()), (d1.shape[1], a1.shape[1])
+        if n_groups * (n_out**2 + n_in**2) <= len(a1) * n_out * n_in:
+            group = first.cumsum(0) - 1
+            s = torch.zeros(n_groups, n_out * n_out, dtype=dt, device=a1.device)
+            s.index_add_(0, group, (d1[:, :, None] * d1[:, None, :]).reshape(len(d1), -1))
+            ag = a1[first]
+            block = s.T @ (ag[:, :, None] * ag[:, None, :]).reshape(n_groups, -1)
+            return block.reshape(n_out, n_out, n_in, n_in).permute(0, 2, 1, 3).reshape(n_out * n_in, -1)
+    g = (per_example_gradients(a, ds) if grads is None else grads).reshape(len(a), -1).to(dt)
+    return g.T @ g
+
+
 def lambda_update(
-    acc: Accumulator, captured: Captured, eigen: Factors, n_sequences: int, diagonal: bool
+    acc: Accumulator,
+    captured: Captured,
+    eigen: Factors,
+    n_sequences: int,
+    diagonal: bool,
+    block_max_params: int | None = None,
+    unit_max_params: int | None = None,
 ) -> None:
     """Add one batch's sum of squared per-sequence gradients in the K-FAC eigenbasis (and plain, if
-    `diagonal`)."""
+    `diagonal`; and, for modules with at most `block_max_params` weights, bias included, the sum of the
+    per-sequence gradients' outer products: the module's exact Fisher block; and, for modules with
+    out x in^2 <= `unit_max_params`, the per-output-unit blocks sum_z G_z[o] G_z[o]^T, [out, in, in])."""
     for name, a in captured.inputs.items():
         ds = captured.grads[name]
         dt = _compute_dtype(a)
@@ -135,8 +170,17 @@ def lambda_update(
         qs = eigen.tensors[f"{name}/QS"].to(device=a.device, dtype=dt)
         rotated = per_example_gradients(a.to(dt) @ qa, ds.to(dt) @ qs)
         acc.add(f"{name}/lambda", rotated.square_().sum(0))
+        small = block_max_params is not None and a.shape[-1] * ds.shape[-1] <= block_max_params
+        n_in, n_out = a.shape[-1], ds.shape[-1]
+        unit = unit_max_params is not None and n_out * n_in * n_in <= unit_max_params
+        g = per_example_gradients(a, ds) if diagonal or unit else None
         if diagonal:
-            acc.add(f"{name}/diag", (per_example_gradients(a, ds) ** 2).sum(0))
+            acc.add(f"{name}/diag", (g**2).sum(0))
+        if small:
+            acc.add(f"{name}/block", block_sum(a, ds, g))
+        if unit:
+            rows = g.to(dt).permute(1, 0, 2)  # [out, B, in]
+            acc.add(f"{name}/unit", rows.transpose(1, 2) @ rows)
     acc.add("n_lambda", torch.tensor([float(n_sequences)]))
 
 
@@ -146,7 +190,10 @@ FACTORS = "InfluenceFactors"  # the kind of a factors file (`steerlab.io.save_re
 @dataclass
 class Factors:
     """Per module `name/QA`, `name/lA`, `name/QS`, `name/lS` (float64 eigenpairs of A and S),
-    `name/lambda` (EK-FAC eigenvalues, per sequence) and optionally `name/diag` (diagonal Fisher)."""
+    `name/lambda` (EK-FAC eigenvalues, per sequence), optionally `name/diag` (diagonal Fisher) and, for
+    modules small enough, `name/block` (the module's exact Fisher block E_seq[vec G vec G^T], [p, p] with
+    vec the row-major flattening of the [out, in] gradient) and `name/unit` (per output unit o, the
+    Fisher block of the weights W[o, :], E_seq[G[o] G[o]^T], [out, in, in])."""
 
     tensors: dict[str, torch.Tensor]
     modules: list[str]
@@ -203,6 +250,13 @@ class FitPasses:
         layer = first_tracked_layer(model, modules) if cache is not None else None
         return cls(model, task, modules, cache=cache, layer=layer, **settings)
 
+    def __post_init__(self) -> None:
+        if self.seed is None and self.samples != 1:
+            raise InfluenceArgumentError(
+                f"samples={self.samples}: several label draws need sampled labels (a seed); "
+                "the data labels (seed=None, empirical Fisher) are the same in every draw"
+            )
+
     def _run(self, batch, sample: int | None) -> Captured:
         return run_batch(self.model, self.task, self.modules, batch, sample_seed=sample, dtype=self.dtype)
 
@@ -225,13 +279,23 @@ class FitPasses:
             covariance_update(acc, cap, self.task.batch_size(batch), self.task.token_mask(batch))
 
     def eigenvalues(
-        self, acc: Accumulator, batch, index: int, eigen: Factors, diagonal: bool = False
+        self,
+        acc: Accumulator,
+        batch,
+        index: int,
+        eigen: Factors,
+        diagonal: bool = False,
+        block_max_params: int | None = None,
+        unit_max_params: int | None = None,
     ) -> None:
-        """Add batch `index` to the EK-FAC eigenvalue sums (and the diagonal Fisher's, if `diagonal`),
-        starting from the batch's cache entry where there is one."""
+        """Add batch `index` to the EK-FAC eigenvalue sums (and the diagonal Fisher's, if `diagonal`, and
+        the exact Fisher blocks of modules with at most `block_max_params` weights), starting from the
+        batch's cache entry where there is one."""
         batch = cached_batch(batch, self.cache, index)
         for sample in label_draws(self.seed, index, "lambda", self.samples):
-            lambda_update(acc, self._run(batch, sample), eigen, self.task.batch_size(batch), diagonal)
+            cap = self._run(batch, sample)
+            n = self.task.batch_size(batch)
+            lambda_update(acc, cap, eigen, n, diagonal, block_max_params, unit_max_params)
 
 
 def fit_covariance(
@@ -269,26 +333,31 @@ def fit_lambda(
     progress: bool = False,
     samples: int = 1,
     cache: Cache | None = None,
+    block_max_params: int | None = None,
+    unit_max_params: int | None = None,
 ) -> Accumulator:
     """Stream `data` once more, accumulating the EK-FAC eigenvalue correction (`samples` label draws per
-    example unless `seed=None`), starting each batch from its `cache` entry where there is one."""
+    example unless `seed=None`), starting each batch from its `cache` entry where there is one; also
+    the exact Fisher block of every module with at most `block_max_params` weights (bias included) and
+    the per-unit blocks of every module with out x in^2 <= `unit_max_params`."""
     from tqdm.auto import tqdm
 
     passes = FitPasses(model, task, task.modules(model), seed, samples, dtype, cache)
     acc = Accumulator()
     for index, batch in tqdm(enumerate(data), desc="eigenvalues", disable=not progress):
-        passes.eigenvalues(acc, batch, index, eigen, diagonal)
+        passes.eigenvalues(acc, batch, index, eigen, diagonal, block_max_params, unit_max_params)
     return acc
 
 
 def finish_lambda(eigen: Factors, acc: Accumulator) -> Factors:
-    """Attach the averaged EK-FAC eigenvalues (and diagonal) to the eigendecomposition."""
+    """Attach the averaged EK-FAC eigenvalues (and diagonal, and exact blocks) to the eigendecomposition."""
     n = float(acc.sums["n_lambda"].item())
     tensors = dict(eigen.tensors)
     for name in eigen.modules:
         tensors[f"{name}/lambda"] = acc.sums[f"{name}/lambda"] / n
-        if f"{name}/diag" in acc.sums:
-            tensors[f"{name}/diag"] = acc.sums[f"{name}/diag"] / n
+        for key in ("diag", "block", "unit"):
+            if f"{name}/{key}" in acc.sums:
+                tensors[f"{name}/{key}"] = acc.sums[f"{name}/{key}"] / n
     return Factors(tensors, eigen.modules, {**eigen.info, "n_lambda": n})
 
 
@@ -302,12 +371,27 @@ def fit_factors(
     diagonal: bool = False,
     progress: bool = False,
     samples: int = 1,
+    block_max_params: int | None = None,
+    unit_max_params: int | None = None,
 ) -> Factors:
     """Covariances -> eigendecomposition -> EK-FAC eigenvalues, in memory (`data` is iterated twice).
     `seed=None` uses the data labels (empirical Fisher); otherwise labels are sampled from the model,
-    `samples` draws per example (more draws: a less noisy true Fisher, at that many passes)."""
+    `samples` draws per example (more draws: a less noisy true Fisher, at that many passes).
+    `block_max_params`: modules with at most this many weights (out x in, bias included) also get their
+    exact Fisher block (for the "block" strategy; p x p float64 each, accumulated in the second pass).
+    `unit_max_params`: modules with out x in^2 at most this also get their per-output-unit Fisher blocks
+    (for the "unit" strategy; [out, in, in] float64 each)."""
     modules = list(task.modules(model))
     common = {"seed": seed, "dtype": dtype, "progress": progress, "samples": samples}
     eigen = eigendecompose(fit_covariance(model, task, data, **common), modules)
-    lam = fit_lambda(model, task, data, eigen, diagonal=diagonal, **common)
+    lam = fit_lambda(
+        model,
+        task,
+        data,
+        eigen,
+        diagonal=diagonal,
+        block_max_params=block_max_params,
+        unit_max_params=unit_max_params,
+        **common,
+    )
     return finish_lambda(eigen, lam)

@@ -30,6 +30,7 @@ from steerlab.influence.factors import (
     eigendecompose,
     finish_lambda,
 )
+from steerlab.influence.full_scores import ScoreMatrix
 from steerlab.influence.pass_cache import (
     DiskCache,
     cached_batch,
@@ -183,13 +184,17 @@ def fit(
     prefix_cache: bool = False,
     samples: int = 1,
     model_info: dict | None = None,
+    block_max_params: int | None = None,
+    unit_max_params: int | None = None,
 ) -> Factors:
     """Fit EK-FAC factors over the indexable batch source `train`, stage by stage (see module docs).
     `seed=None`: empirical Fisher (data labels); otherwise labels sampled per batch from the model,
     `samples` draws per example (averaged: a less noisy true Fisher, at `samples` passes).
     `prefix_cache`: the covariance pass stores the hidden states entering the first tracked layer
     (`run/prefix/`), and later passes start there (see `pass_cache`). `model_info`: the model's identity
-    (`LoadedModel.info.to_dict()`), recorded with the factors."""
+    (`LoadedModel.info.to_dict()`), recorded with the factors. `block_max_params`: modules with at most
+    this many weights also get their exact Fisher block (the "block" strategy); `unit_max_params`: modules
+    with out x in^2 at most this, their per-output-unit blocks (the "unit" strategy)."""
     run_dir = Path(run_dir)
     modules = task.modules(model)
     args = {
@@ -225,10 +230,14 @@ def fit(
     eigen = Factors.load(eigen_path)
 
     lam_args = {**args, "diagonal": diagonal}
+    if block_max_params is not None:
+        lam_args["block_max_params"] = block_max_params
+    if unit_max_params is not None:
+        lam_args["unit_max_params"] = unit_max_params
     if not check_stage(run_dir, "lambda", lam_args):
 
         def lam_step(acc: Accumulator, i: int) -> None:
-            passes.eigenvalues(acc, train[i], i, eigen, diagonal)
+            passes.eigenvalues(acc, train[i], i, eigen, diagonal, block_max_params, unit_max_params)
 
         _accumulate(run_dir, "lambda", train, lam_step, checkpoint_every, progress)
     factors_path = run_dir / "lambda" / "factors.safetensors"
@@ -261,12 +270,17 @@ def score(
     progress: bool = False,
     name: str = "scores",
     model_info: dict | None = None,
+    weight_decay: float = 0.0,
+    full_scores: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Score every query against the training batches (an indexable source with `indices(i)`, like
     `BlockBatches` or `TensorBatches`) (or, with `candidates` [Q, m], against each query's
     candidates only), keeping per query the top-k and bottom-k scores and indices, the summed |score| per
     layer, and the scores of every `sample_stride`-th training example (for histograms). The result is
-    `run/<name>/result` (a `save_result` file of kind InfluenceScores; `model_info`: the model's identity)."""
+    `run/<name>/result` (a `save_result` file of kind InfluenceScores; `model_info`: the model's identity).
+    `weight_decay`: added to the damping (see `scores.damping_for`). `full_scores`: also write every score,
+    streamed batch by batch into `run/<name>/full.safetensors` (tensor "scores", [train, queries];
+    see `full_scores.ScoreMatrix`)."""
     run_dir = Path(run_dir)
     fit_args = read_json(run_dir / "lambda" / "args.json") if strategy != "identity" else {}
     qids = [q["input_ids"] for q in queries] if isinstance(queries[0], dict) else [q[0] for q in queries]
@@ -279,6 +293,8 @@ def score(
         "dtype": str(dtype),
         "world_size": world_size(),
     }
+    if weight_decay:
+        qargs["weight_decay"] = weight_decay
     qstage = f"{name}_queries"
     if not check_stage(run_dir, qstage, qargs):
         if is_main():
@@ -292,6 +308,7 @@ def score(
                 damping,
                 rank_,
                 consume=True,
+                weight_decay=weight_decay,
             )
             save_tensors(run_dir / qstage / "result.safetensors", pre.tensors())
         barrier()
@@ -305,6 +322,8 @@ def score(
         "sample_stride": sample_stride,
         "candidates": None if candidates is None else tensor_hash(candidates),
     }
+    if full_scores:
+        sargs["full_scores"] = True
     result_path = run_dir / name / "result.safetensors"
     if check_stage(run_dir, name, sargs) and _complete(result_path):
         return load_result(result_path, SCORES)[0]
@@ -319,6 +338,14 @@ def score(
     modules = {n: m for n, m in task.modules(model).items() if n in pre.modules}
     layer_index = {n: -1 if v is None else v for n, v in layers_of(model, modules).items()}
     layers = sorted(set(layer_index.values()))
+    matrix = None
+    if full_scores:
+        if candidates is not None:
+            raise ValueError("full_scores: not with candidates (a prefiltered run scores a subset)")
+        matrix = ScoreMatrix(run_dir / name / "full.safetensors", train.n_examples, n_queries)
+        if is_main():
+            matrix.create()
+        barrier()
 
     def step(state: dict[str, torch.Tensor], i: int) -> None:
         idx = source.indices(i)
@@ -332,6 +359,8 @@ def score(
         if allowed is not None:
             total = total.masked_fill(~allowed[:, idx], float("nan"))
         update_topk(state, total, idx, top_k)
+        if matrix is not None:
+            matrix.write(idx, total.T)
         layer_abs = torch.zeros(n_queries, len(layers), dtype=torch.float64)
         for n, s in per_module.items():
             s = s.double().abs().cpu()
@@ -351,6 +380,8 @@ def score(
         out["layers"] = torch.tensor(layers)
         if any("sample_index" in s for s in states):
             out["sample_index"], out["sample_values"] = _by_index(states, "sample_index", "sample_values", 1)
+        if matrix is not None:
+            matrix.finish()
         save_result(result_path, out, {"arguments": sargs}, kind=SCORES, model=model_info)
     barrier()
     return load_result(result_path, SCORES)[0]
@@ -404,6 +435,7 @@ def self_influence(
     progress: bool = False,
     name: str = "self",
     model_info: dict | None = None,
+    weight_decay: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Self-influence <G_z, (F + damping I)^-1 G_z> of every training example, streamed, resumable and
     sharded like `score`. Returns {"index": [N], "values": [N]}, sorted by training index. High values
@@ -419,6 +451,8 @@ def self_influence(
         "world_size": world_size(),
         "train": _describe(train),
     }
+    if weight_decay:
+        args["weight_decay"] = weight_decay
     result_path = run_dir / name / "result.safetensors"
     if check_stage(run_dir, name, args) and _complete(result_path):
         return load_result(result_path, SELF)[0]
@@ -429,7 +463,9 @@ def self_influence(
     def step(state: dict[str, torch.Tensor], i: int) -> None:
         cap = run_batch(model, task, modules, cached_batch(train[i], cache, i), dtype=dtype)
         _append(state, "index", train.indices(i), 0)
-        _append(state, "values", self_influence_of_batch(cap, factors, strategy, damping).cpu(), 0)
+        _append(
+            state, "values", self_influence_of_batch(cap, factors, strategy, damping, weight_decay).cpu(), 0
+        )
 
     states = _stream_shards(run_dir, name, len(train), step, checkpoint_every, progress)
     if is_main():

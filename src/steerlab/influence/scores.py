@@ -5,14 +5,23 @@ the query loss and G_z the gradient of the training loss of sequence z (both sum
 training on z raises the query's measurement (the completion's log-probability). This is the same number
 Kronfluence reports when its measurement is the query loss (its "positive = helpful" convention).
 
-Strategies: "identity" (P = G, the gradient dot product), "diagonal" (diagonal Fisher), "kfac",
-"ekfac". For EK-FAC: P = Q_S [(Q_S^T G Q_A) / (Lambda + damping)] Q_A^T.
+Strategies: "identity" (P = G, the gradient dot product; no curvature, so no damping), "diagonal"
+(diagonal Fisher), "kfac", "ekfac", and "block": the module's exact Fisher block where it was fitted
+(`fit_factors(..., block_max_params=...)`), solved by Cholesky, EK-FAC for the other modules; "unit":
+the per-output-unit Fisher blocks (the weights W[o, :] of each output o together; Ollivier's unit-wise
+Fisher) where fitted (`unit_max_params`), EK-FAC elsewhere.
+For EK-FAC: P = Q_S [(Q_S^T G Q_A) / (Lambda + damping)] Q_A^T.
+
+Damping: `damping` (a number, or {module: number}) is added to the curvature on its per-sequence scale;
+None: 0.1 x the module's mean eigenvalue. `weight_decay` (a number or {module: number}) is added on top:
+the curvature of a known regulariser (see `damping_for`).
 Training gradients are never stored: scores are contracted with the per-token inputs and output gradients
 of each batch (per-token scores: ds_t^T P_q a_t, which sum to the sequence score).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -20,6 +29,7 @@ import torch
 from torch import nn
 
 from steerlab.hooks.capture import Captured
+from steerlab.influence.config import InfluenceArgumentError
 from steerlab.influence.factors import Factors, _compute_dtype, per_example_gradients
 from steerlab.influence.pass_cache import run_batch
 from steerlab.influence.tasks import Task
@@ -30,6 +40,7 @@ __all__ = [
     "Preconditioned",
     "damping_for",
     "eigenvalues_for",
+    "has_block",
     "pairwise_scores",
     "per_layer",
     "precondition",
@@ -39,7 +50,9 @@ __all__ = [
     "self_scores",
 ]
 
-STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
+STRATEGIES = ("identity", "diagonal", "kfac", "ekfac", "block", "unit")
+
+Damping = float | Mapping[str, float] | None
 
 
 def _check_strategy(strategy: str) -> None:
@@ -47,9 +60,28 @@ def _check_strategy(strategy: str) -> None:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
 
 
+def has_block(factors: Factors | None, name: str) -> bool:
+    """Whether module `name` has its exact Fisher block in `factors`."""
+    return factors is not None and f"{name}/block" in factors.tensors
+
+
+def _effective(factors: Factors | None, name: str, strategy: str) -> str:
+    """The strategy applied to module `name`: "block" and "unit" fall back to EK-FAC where their blocks
+    were not fitted."""
+    if strategy in ("block", "unit") and (factors is None or f"{name}/{strategy}" not in factors.tensors):
+        return "ekfac"
+    return strategy
+
+
 def eigenvalues_for(factors: Factors, name: str, strategy: str) -> torch.Tensor:
-    """The diagonal of the approximate Fisher in its own basis (out x in)."""
+    """The diagonal of the approximate Fisher in its own basis (out x in); for an exact block, the
+    diagonal of the block (whose mean is the mean eigenvalue, all the damping heuristic needs)."""
     _check_strategy(strategy)
+    strategy = _effective(factors, name, strategy)
+    if strategy == "block":
+        return torch.diagonal(factors.get(name, "block"))
+    if strategy == "unit":
+        return torch.diagonal(factors.get(name, "unit"), dim1=-2, dim2=-1)
     if strategy == "ekfac":
         return factors.get(name, "lambda")
     if strategy == "kfac":
@@ -61,11 +93,41 @@ def eigenvalues_for(factors: Factors, name: str, strategy: str) -> torch.Tensor:
     raise ValueError("the identity strategy has no eigenvalues")
 
 
-def damping_for(factors: Factors, name: str, strategy: str, damping: float | None) -> float:
-    """An explicit damping, or 0.1 x mean(eigenvalues) of the module (the heuristic)."""
-    if damping is not None:
-        return float(damping)
-    return 0.1 * float(eigenvalues_for(factors, name, strategy).mean())
+def _per_module(value: float | Mapping[str, float] | None, name: str) -> float | None:
+    if isinstance(value, Mapping):
+        if name not in value:
+            raise KeyError(f"no damping/weight decay given for module {name!r}")
+        value = value[name]
+    return None if value is None else float(value)
+
+
+def damping_for(
+    factors: Factors | None,
+    name: str,
+    strategy: str,
+    damping: Damping,
+    weight_decay: float | Mapping[str, float] = 0.0,
+) -> float:
+    """The damping added to module `name`'s curvature: `damping` (a number or {module: number}), or
+    0.1 x the module's mean eigenvalue (the heuristic, when None), plus `weight_decay`.
+
+    `weight_decay` is the curvature of a known L2 regulariser on the per-sequence scale of the Fisher:
+    a training objective mean_over_sequences(summed loss) + wd/2 |theta|^2 has Hessian F + wd I, so pass
+    wd; with a loss averaged over the T tokens of each sequence instead, pass T x wd; with a loss summed
+    over all N sequences, wd / N."""
+    value = _per_module(damping, name)
+    if value is None:
+        value = 0.1 * float(eigenvalues_for(factors, name, strategy).mean())
+    return value + (_per_module(weight_decay, name) or 0.0)
+
+
+def _check_positive(lowest: float, name: str, damping: float) -> None:
+    if not lowest > 0:
+        raise InfluenceArgumentError(
+            f"damping={damping:g}: module {name} has a curvature eigenvalue + damping of {lowest:g} "
+            "(the curvature is singular there, e.g. an input that is always 0), which would divide by "
+            "zero; use a damping > 0 (default: 0.1 x mean eigenvalue)"
+        )
 
 
 TokenFactors = tuple[torch.Tensor, torch.Tensor]  # (inputs [Q, T, in], output gradients [Q, T, out])
@@ -76,7 +138,8 @@ def precondition(
     factors: Factors | None,
     name: str,
     strategy: str = "ekfac",
-    damping: float | None = None,
+    damping: Damping = None,
+    weight_decay: float | Mapping[str, float] = 0.0,
 ) -> torch.Tensor:
     """P = (F_approx + damping I)^-1 G for a [Q, out, in] stack of query gradients, computed in the
     gradient's precision (at least float32; float64 gradients stay float64). `grad` may also be the
@@ -84,13 +147,14 @@ def precondition(
     is then (ds Q_S)^T (a Q_A), cheaper than Q_S^T G Q_A when queries have fewer tokens than the
     module's widths."""
     _check_strategy(strategy)
+    strategy = _effective(factors, name, strategy)
     if isinstance(grad, tuple):
         a, ds = grad
         dt = torch.promote_types(a.dtype, torch.float32)
         a, ds = a.to(dt), ds.to(dt)
         (t, n_in), n_out = a.shape[1:], ds.shape[-1]
         if strategy in ("kfac", "ekfac") and t * (n_out + n_in) < n_out * n_in:
-            qa, qs, lam = _eigenbasis(factors, name, strategy, damping, dt)
+            qa, qs, lam = _eigenbasis(factors, name, strategy, damping, dt, weight_decay)
             rotated = torch.bmm((ds @ qs).transpose(1, 2), a @ qa)
             return qs @ (rotated / lam) @ qa.T
         grad = per_example_gradients(a, ds)
@@ -99,19 +163,54 @@ def precondition(
     if strategy == "identity":
         return grad
     if strategy == "diagonal":
-        return grad / (
-            eigenvalues_for(factors, name, strategy).to(dt) + damping_for(factors, name, strategy, damping)
-        )
-    qa, qs, lam = _eigenbasis(factors, name, strategy, damping, dt)
+        lam = eigenvalues_for(factors, name, strategy).to(dt)
+        d = damping_for(factors, name, strategy, damping, weight_decay)
+        _check_positive(float(lam.min()) + d, name, d)
+        return grad / (lam + d)
+    if strategy in ("block", "unit"):
+        return _block_solve(grad, factors, name, damping, weight_decay, strategy)
+    qa, qs, lam = _eigenbasis(factors, name, strategy, damping, dt, weight_decay)
     return qs @ ((qs.T @ grad @ qa) / lam) @ qa.T
 
 
+def _block_solve(
+    grad: torch.Tensor,
+    factors: Factors,
+    name: str,
+    damping: Damping,
+    weight_decay: float | Mapping[str, float],
+    strategy: str = "block",
+) -> torch.Tensor:
+    """(F_block + damping I)^-1 vec G for a [Q, out, in] stack, by a float64 Cholesky factorisation (one
+    damping value needs no eigendecomposition, which would cost ~16x more); "unit": one [in, in] system
+    per output unit o for the rows G[:, o, :]."""
+    block = factors.get(name, strategy).to(device=grad.device, dtype=torch.float64)
+    d = damping_for(factors, name, strategy, damping, weight_decay)
+    eye = torch.eye(block.shape[-1], dtype=block.dtype, device=block.device)
+    chol, info = torch.linalg.cholesky_ex(block + d * eye)
+    if bool((info != 0).any()):
+        _check_positive(float(torch.linalg.eigvalsh(block).min()) + d, name, d)
+    if strategy == "unit":  # [out, in, Q] right-hand sides against [out, in, in] factors
+        rhs = grad.to(torch.float64).permute(1, 2, 0)
+        return torch.cholesky_solve(rhs, chol).permute(2, 0, 1).to(grad.dtype)
+    flat = grad.reshape(len(grad), -1).to(torch.float64).T
+    return torch.cholesky_solve(flat, chol).T.reshape(grad.shape).to(grad.dtype)
+
+
 def _eigenbasis(
-    factors: Factors, name: str, strategy: str, damping: float | None, dt: torch.dtype
+    factors: Factors,
+    name: str,
+    strategy: str,
+    damping: Damping,
+    dt: torch.dtype,
+    weight_decay: float | Mapping[str, float] = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q_A, Q_S and the damped eigenvalues Lambda + damping of a K-FAC/EK-FAC module, in dtype `dt`."""
-    lam = eigenvalues_for(factors, name, strategy).to(dt) + damping_for(factors, name, strategy, damping)
-    return factors.get(name, "QA").to(dt), factors.get(name, "QS").to(dt), lam
+    """Q_A, Q_S and the damped eigenvalues Lambda + damping of a K-FAC/EK-FAC module, in dtype `dt`
+    (refused when one of them is not positive)."""
+    eig = eigenvalues_for(factors, name, strategy)
+    d = damping_for(factors, name, strategy, damping, weight_decay)
+    _check_positive(float(eig.min()) + d, name, d)
+    return factors.get(name, "QA").to(dt), factors.get(name, "QS").to(dt), eig.to(dt) + d
 
 
 @dataclass
@@ -191,22 +290,32 @@ def preconditioned_queries(
     grads: Mapping[str, torch.Tensor | TokenFactors],
     factors: Factors | None,
     strategy: str = "ekfac",
-    damping: float | None = None,
+    damping: Damping = None,
     rank: int | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     consume: bool = False,
+    weight_decay: float | Mapping[str, float] = 0.0,
 ) -> Preconditioned:
     """Precondition every module's query gradients; optionally compress them to rank `rank`.
-    `consume=True` removes each gradient from `grads` once preconditioned (halves peak memory)."""
+    `dtype`: of the stored result (default: the gradients' precision, at least float32).
+    `consume=True` removes each gradient from `grads` once preconditioned (halves peak memory).
+    The identity strategy has no curvature: a `damping` or `weight_decay` given with it is ignored, with
+    a warning."""
+    if strategy == "identity" and (damping is not None or weight_decay):
+        warnings.warn(
+            "the identity strategy (plain gradient dot products) has no curvature to damp: "
+            "damping/weight_decay are ignored",
+            stacklevel=2,
+        )
     full, left, right = {}, {}, {}
     for name in list(grads):
         g = grads.pop(name) if consume else grads[name]
-        p = precondition(g, factors, name, strategy, damping)
+        p = precondition(g, factors, name, strategy, damping, weight_decay)
         del g
         if rank is None:
-            full[name] = p.to(dtype)
+            full[name] = p if dtype is None else p.to(dtype)
         else:
-            left[name], right[name] = (t.to(dtype) for t in compress(p, rank))
+            left[name], right[name] = (t if dtype is None else t.to(dtype) for t in compress(p, rank))
     return Preconditioned(full, left, right)
 
 
@@ -275,7 +384,11 @@ def pairwise_scores(
 
 
 def self_influence_of_batch(
-    cap: Captured, factors: Factors | None, strategy: str = "ekfac", damping: float | None = None
+    cap: Captured,
+    factors: Factors | None,
+    strategy: str = "ekfac",
+    damping: Damping = None,
+    weight_decay: float | Mapping[str, float] = 0.0,
 ) -> torch.Tensor:
     """<G_z, (F_approx + damping I)^-1 G_z> for every example of one captured batch, [B] (float64).
     K-FAC/EK-FAC: sum R^2 / (Lambda + damping) with R = Q_S^T G Q_A = (ds Q_S)^T (a Q_A), so nothing is
@@ -285,13 +398,15 @@ def self_influence_of_batch(
         ds = cap.grads[name]
         dt = _compute_dtype(a)
         a, ds = a.to(dt), ds.to(dt)
-        if strategy in ("kfac", "ekfac"):
-            qa, qs, lam = _eigenbasis(factors, name, strategy, damping, dt)
+        if _effective(factors, name, strategy) in ("kfac", "ekfac"):
+            qa, qs, lam = _eigenbasis(
+                factors, name, _effective(factors, name, strategy), damping, dt, weight_decay
+            )
             rotated = per_example_gradients(a @ qa, ds @ qs)
             part = (rotated.square() / lam).sum((1, 2))
         else:
             g = per_example_gradients(a, ds)
-            part = (g * precondition(g, factors, name, strategy, damping)).sum((1, 2))
+            part = (g * precondition(g, factors, name, strategy, damping, weight_decay)).sum((1, 2))
         total = total + part.double()
     return total
 
@@ -303,8 +418,9 @@ def self_scores(
     factors: Factors | None,
     *,
     strategy: str = "ekfac",
-    damping: float | None = None,
+    damping: Damping = None,
     dtype: torch.dtype | None = None,
+    weight_decay: float | Mapping[str, float] = 0.0,
 ) -> torch.Tensor:
     """Self-influence <G_z, (F_approx + damping I)^-1 G_z> of every training example, [N]."""
     _check_strategy(strategy)
@@ -312,7 +428,7 @@ def self_scores(
     out = []
     for batch in train:
         cap = run_batch(model, task, modules, batch, dtype=dtype)
-        out.append(self_influence_of_batch(cap, factors, strategy, damping))
+        out.append(self_influence_of_batch(cap, factors, strategy, damping, weight_decay))
     return torch.cat(out)
 
 

@@ -199,10 +199,18 @@ class LanguageModelTask:
 class ClassificationTask:
     """Any `model(x) -> [batch, classes]` (cross-entropy) or `[batch, outputs]` (`regression=True`, loss
     0.5 * squared error, whose Fisher is the Gauss-Newton with unit noise). Batches are `(x, y)` tuples.
-    The query loss is the same loss on the query example. `module_names=None` tracks every Linear."""
+    The query loss is the same loss on the query example. `module_names=None` tracks every Linear.
+
+    `exact_fisher=C` (the number of classes, or of outputs for regression): when labels are sampled (a
+    generator is given: the true Fisher), the expectation over labels is taken exactly instead of drawing
+    one: every example is repeated once per class c, its loss weighted by sqrt(p_c) (detached), so that
+    the summed outer products of the copies' gradients are sum_c p_c g_c g_c^T, the Gauss-Newton matrix
+    J^T (diag p - p p^T) J (regression: output k's copy has unit noise e_k, giving J^T J). One pass costs
+    C copies of each example, and the result has no sampling noise (`samples` > 1 repeats it)."""
 
     regression: bool = False
     module_names: Sequence[str] | None = None
+    exact_fisher: int | None = None
 
     def modules(self, model: nn.Module) -> dict[str, nn.Module]:
         found = linear_modules(model)
@@ -212,6 +220,8 @@ class ClassificationTask:
 
     def train_loss(self, model: nn.Module, batch, generator: torch.Generator | None = None) -> torch.Tensor:
         x, y = batch
+        if generator is not None and self.exact_fisher is not None:
+            return self._expected_fisher_loss(model, x)
         out = model(x)
         if self.regression:
             if generator is not None:
@@ -223,6 +233,20 @@ class ClassificationTask:
         if generator is not None:
             y = _sample_categorical(out, generator).to(out.device)
         return F.cross_entropy(out, y, reduction="sum")
+
+    def _expected_fisher_loss(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A loss over C copies of each example whose copies' gradients g'_c satisfy
+        sum_c g'_c g'_c^T = the example's Gauss-Newton matrix (see the class docstring)."""
+        c = int(self.exact_fisher)
+        out = model(x.repeat_interleave(c, dim=0))  # rows: example 0 class 0..C-1, example 1, ...
+        if out.shape[-1] != c:
+            raise ValueError(f"exact_fisher={c} but the model has {out.shape[-1]} outputs")
+        eye = torch.eye(c, dtype=out.dtype, device=out.device).repeat(len(x), 1)
+        if self.regression:  # 0.5 |out - (out + e_k)|^2 per copy: gradient -J^T e_k
+            return 0.5 * ((out - (out.detach() + eye)) ** 2).sum()
+        logp = torch.log_softmax(out, dim=-1)
+        weight = logp.detach().exp().mul(eye).sum(-1).sqrt()  # sqrt(p_c) of copy c
+        return -(weight * (logp * eye).sum(-1)).sum()
 
     def query_loss(self, model: nn.Module, batch) -> torch.Tensor:
         return self.train_loss(model, batch, None)
