@@ -1,4 +1,5 @@
-"""Measuring behaviour: answer probabilities, word preference, side effects, generation, statistics."""
+"""Measuring behaviour: answer probabilities, word preference, side effects, generation, soft metrics of text
+(BERTScore, embedding similarity), statistics."""
 
 from steerlab.evaluate.generation import generate
 from steerlab.evaluate.probability import (
@@ -13,24 +14,38 @@ from steerlab.evaluate.probability import (
 )
 from steerlab.evaluate.separability import projections, separability
 from steerlab.evaluate.side_effects import NeutralText, SideEffects, prepare_neutral, side_effects
+from steerlab.evaluate.soft import (
+    BERTScore,
+    bert_score,
+    embedding_similarity,
+    idf_weights,
+    sentence_embeddings,
+    similarity_matrix,
+)
 from steerlab.evaluate.stats import auroc, bootstrap_ci
 
 __all__ = [
     "ABPrompts",
     "ABScores",
+    "BERTScore",
     "NeutralText",
     "SideEffects",
     "WordPreference",
     "ab_scores",
     "auroc",
+    "bert_score",
     "bootstrap_ci",
+    "embedding_similarity",
     "generate",
+    "idf_weights",
     "last_token_logprobs",
     "prepare_ab",
     "prepare_neutral",
     "prepare_word_preference",
     "projections",
+    "sentence_embeddings",
     "separability",
     "side_effects",
+    "similarity_matrix",
     "word_preference",
 ]

@@ -1,0 +1,168 @@
+"""Soft metrics: BERTScore against the bert-score package and a hand computation, sentence embeddings against
+a manual mean-pool, keyword counts, passage perplexity, and encoder loading errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from steerlab.errors import UserError
+from steerlab.evaluate.soft import (
+    BERTScore,
+    bert_score,
+    embedding_similarity,
+    idf_weights,
+    sentence_embeddings,
+    similarity_matrix,
+)
+from steerlab.models.encoders import EncoderNotFoundError, get_encoder, load_encoder
+
+CANDIDATES = [
+    "The cat sat on the mat.",
+    "hello world",
+    "  Weddings are joyful celebrations of love.  ",
+    "A much longer candidate sentence, with punctuation and numbers like 42!",
+]
+REFERENCES = [
+    "A cat was sitting on a mat.",
+    "goodbye world",
+    "Shipping containers move goods across the ocean.",
+    "Another reference sentence that shares a few words with the candidate.",
+]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    try:
+        return get_encoder()
+    except EncoderNotFoundError as error:
+        pytest.skip(f"the embedded encoder is not installed: {error}")
+
+
+@pytest.fixture(scope="module")
+def reference_bert_score():
+    return pytest.importorskip("bert_score", reason="the bert-score package (0.3.13) is not installed")
+
+
+@pytest.mark.parametrize(("layer", "idf"), [(6, False), (6, True), (3, False)])
+def test_bertscore_equals_the_bert_score_package(encoder, reference_bert_score, layer, idf):
+    ours = bert_score(CANDIDATES, REFERENCES, encoder, layer=layer, idf=idf)
+    P, R, F = reference_bert_score.score(
+        CANDIDATES, REFERENCES, model_type=encoder.source, num_layers=layer, idf=idf, nthreads=0
+    )
+    for mine, theirs in ((ours.precision, P), (ours.recall, R), (ours.f1, F)):
+        torch.testing.assert_close(mine, theirs.double(), atol=1e-5, rtol=0)
+    assert ours.layer == layer and ours.idf == idf
+
+
+def test_bertscore_baseline_and_several_references_equal_the_package(encoder, reference_bert_score, tmp_path):
+    baseline = tmp_path / "baseline.tsv"
+    rows = [f"{k},{0.3 + 0.01 * k},{0.35 + 0.01 * k},{0.32 + 0.01 * k}" for k in range(7)]
+    baseline.write_text("LAYER,P,R,F\n" + "\n".join(rows) + "\n")
+    refs = [[r, "an unrelated second reference"] for r in REFERENCES]
+    ours = bert_score(CANDIDATES, refs, encoder, layer=5, baseline=baseline)
+    P, R, F = reference_bert_score.score(
+        CANDIDATES,
+        refs,
+        model_type=encoder.source,
+        num_layers=5,
+        nthreads=0,
+        rescale_with_baseline=True,
+        lang="en",
+        baseline_path=str(baseline),
+    )
+    for mine, theirs in ((ours.precision, P), (ours.recall, R), (ours.f1, F)):
+        torch.testing.assert_close(mine, theirs.double(), atol=1e-5, rtol=0)
+    assert ours.baseline == pytest.approx((0.35, 0.40, 0.37))
+
+
+def _states(encoder, text: str, layer: int) -> tuple[list[int], torch.Tensor]:
+    enc = encoder.tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        out = encoder.model(**enc, output_hidden_states=True)
+    return enc["input_ids"][0].tolist(), out.hidden_states[layer][0]
+
+
+def test_bertscore_by_hand(encoder):
+    cand, ref = "the quick fox", "a fast brown fox"
+    layer = 4
+    c_ids, c = _states(encoder, cand, layer)
+    r_ids, r = _states(encoder, ref, layer)
+    special = {encoder.tokenizer.cls_token_id, encoder.tokenizer.sep_token_id}
+
+    def cos(u, v):
+        return float(u @ v / (u.norm() * v.norm()))
+
+    def greedy(xs, x_ids, ys, idf=None):
+        weights = [0.0 if t in special else (idf[t] if idf else 1.0) for t in x_ids]
+        best = [max(cos(x, y) for y in ys) for x in xs]  # every token of the other text is a partner
+        return sum(w * b for w, b in zip(weights, best)) / sum(weights)
+
+    p, rec = greedy(c, c_ids, r), greedy(r, r_ids, c)
+    score = bert_score([cand], [ref], encoder, layer=layer)
+    assert score.precision.item() == pytest.approx(p, abs=1e-6)
+    assert score.recall.item() == pytest.approx(rec, abs=1e-6)
+    assert score.f1.item() == pytest.approx(2 * p * rec / (p + rec), abs=1e-6)
+
+    refs = [ref, "the slow dog", "fox"]
+    idf = idf_weights(refs, encoder)
+    assert idf[encoder.tokenizer.cls_token_id] == 0.0  # in every reference
+    fox = encoder.tokenizer.convert_tokens_to_ids("fox")
+    assert idf[fox] == pytest.approx(math.log(4 / 3))
+    assert idf[encoder.tokenizer.convert_tokens_to_ids("zebra")] == pytest.approx(math.log(4))
+    scored = bert_score([cand] * 3, refs, encoder, layer=layer, idf=True)
+    assert scored.precision[0].item() == pytest.approx(greedy(c, c_ids, r, idf), abs=1e-6)
+    assert scored.recall[0].item() == pytest.approx(greedy(r, r_ids, c, idf), abs=1e-6)
+
+
+def test_bertscore_identity_empty_texts_ci_and_save(encoder, tmp_path):
+    score = bert_score(["same text here", "", "x"], ["same text here", "abc", "   "], encoder)
+    assert score.f1[0].item() == pytest.approx(1.0, abs=1e-6)
+    assert score.f1[1:].tolist() == [0.0, 0.0]  # an empty candidate or reference scores 0
+    mean, low, high = score.ci("f1", n_boot=200)
+    assert low <= mean <= high
+    assert score.summary(n_boot=50)["n"] == 3
+    score.save(tmp_path / "bs")
+    again = BERTScore.load(tmp_path / "bs")
+    assert torch.equal(again.f1, score.f1) and again.layer == score.layer == 6
+    with pytest.raises(UserError, match="2 candidates but 1 references"):
+        bert_score(["a", "b"], ["a"], encoder)
+    with pytest.raises(UserError, match="--layer"):
+        bert_score(["a"], ["a"], encoder, layer=7)
+
+
+def test_sentence_embeddings_equal_a_manual_mean_pool(encoder):
+    texts = ["A short one.", "A somewhat longer sentence about weddings and cakes.", "  padded  "]
+    emb = sentence_embeddings(texts, encoder, batch_size=2)
+    enc = encoder.tokenizer(
+        [t.strip() for t in texts], padding=True, truncation=True, max_length=256, return_tensors="pt"
+    )
+    with torch.no_grad():
+        hidden = encoder.model(**enc).last_hidden_state
+    mask = enc["attention_mask"][..., None].float()
+    manual = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1)
+    torch.testing.assert_close(emb, manual, atol=1e-5, rtol=0)
+    assert encoder.max_length == 256  # sentence-transformers' max_seq_length for all-MiniLM-L6-v2
+
+    same = embedding_similarity(texts, texts, encoder)
+    torch.testing.assert_close(same, torch.ones(3), atol=1e-5, rtol=0)
+    matrix = similarity_matrix(texts, encoder=encoder)
+    torch.testing.assert_close(matrix, emb @ emb.T, atol=1e-5, rtol=0)
+    related = embedding_similarity(["a cat sat on the mat"], ["a kitten sat on the rug"], encoder)
+    unrelated = embedding_similarity(["a cat sat on the mat"], ["quarterly tax filing deadlines"], encoder)
+    assert related.item() > unrelated.item()
+    with pytest.raises(UserError, match="one string"):
+        sentence_embeddings("not a list", encoder)
+
+
+def test_encoder_not_found_names_the_argument(tmp_path):
+    with pytest.raises(EncoderNotFoundError, match=r"--encoder: './no-such-encoder' is no embedded encoder"):
+        load_encoder("./no-such-encoder")
+    with pytest.raises(EncoderNotFoundError, match="did you mean 'all-minilm-l6-v2'"):
+        load_encoder("all-minilm-l6-v3")
+    with pytest.raises(EncoderNotFoundError, match="without config.json"):
+        load_encoder(tmp_path)
+    with pytest.raises(EncoderNotFoundError, match="--bert-encoder: 'not a hub id!'"):
+        load_encoder("not a hub id!", option="--bert-encoder")
