@@ -8,15 +8,20 @@ import math
 import pytest
 import torch
 
+from steerlab.data import encode
 from steerlab.errors import UserError
 from steerlab.evaluate.soft import (
     BERTScore,
     bert_score,
     embedding_similarity,
     idf_weights,
+    keyword_counts,
+    passage_perplexity,
     sentence_embeddings,
     similarity_matrix,
 )
+from steerlab.evaluate.soft.perplexity import windows
+from steerlab.hooks import steer
 from steerlab.models.encoders import EncoderNotFoundError, get_encoder, load_encoder
 
 CANDIDATES = [
@@ -166,3 +171,60 @@ def test_encoder_not_found_names_the_argument(tmp_path):
         load_encoder(tmp_path)
     with pytest.raises(EncoderNotFoundError, match="--bert-encoder: 'not a hub id!'"):
         load_encoder("not a hub id!", option="--bert-encoder")
+
+
+def test_keyword_counts_whole_words_case_insensitive():
+    texts = [
+        "Wedding bells! The WEDDING was lovely; weddings are fun. Wed-ding is two words.",
+        "The wedding-cake and a wedding day",
+        "",
+    ]
+    counts = keyword_counts(texts, ["wedding", "weddings", "wedding day", "wed"])
+    assert counts.per_keyword.tolist() == [[2, 1, 0, 1], [2, 0, 1, 0], [0, 0, 0, 0]]
+    assert counts.counts.tolist() == [4, 3, 0]
+    # hyphens separate words: "Wedding bells The WEDDING was lovely weddings are fun Wed ding is two words"
+    assert counts.n_words.tolist() == [14, 7, 0]
+    expected = torch.tensor([400 / 14, 300 / 7, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(counts.per_100_words, expected)
+    with pytest.raises(UserError, match="keywords"):
+        keyword_counts(texts, [])
+    with pytest.raises(UserError, match=r"keywords\[1\]"):
+        keyword_counts(texts, ["a", " "])
+
+
+def test_windows_score_every_token_once():
+    for n, context, stride in [(20, 8, 7), (20, 8, 3), (5, 8, 7), (9, 2, 1)]:
+        spans = windows(n, context, stride)
+        targets = [t for _, end, first in spans for t in range(first, end)]
+        assert targets == list(range(1, n))
+        assert all(end - start <= context and first > start for start, end, first in spans)
+
+
+def test_passage_perplexity_equals_exp_mean_nll(tiny_lm):
+    text = "The wedding was held in the garden; everybody danced until midnight."
+    ids = torch.tensor([encode(tiny_lm.tokenizer, text)])
+    with torch.no_grad():
+        logits = tiny_lm.model(input_ids=ids).logits[0, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.double(), ids[0, 1:], reduction="none")
+    whole = passage_perplexity(tiny_lm, text, context_length=256)
+    assert whole.n_tokens == ids.shape[1] - 1
+    torch.testing.assert_close(whole.token_nll, nll, atol=1e-6, rtol=0)
+    assert whole.perplexity == pytest.approx(math.exp(nll.mean().item()), rel=1e-6)
+
+    # windows of 16 tokens, 10 apart: token t is predicted from the window that first scores it
+    chunked = passage_perplexity(tiny_lm, text, context_length=16, stride=10, batch_size=3)
+    expected = []
+    for start, end, first in windows(ids.shape[1], 16, 10):
+        with torch.no_grad():
+            part = tiny_lm.model(input_ids=ids[:, start:end]).logits[0].double().log_softmax(-1)
+        expected += [-part[t - 1 - start, ids[0, t]].item() for t in range(first, end)]
+    torch.testing.assert_close(
+        chunked.token_nll, torch.tensor(expected, dtype=torch.float64), atol=1e-6, rtol=0
+    )
+    assert chunked.perplexity == pytest.approx(math.exp(sum(expected) / len(expected)), rel=1e-6)
+
+    with steer(tiny_lm.model, {1: torch.ones(32, dtype=torch.float64)}):
+        steered = passage_perplexity(tiny_lm, text, context_length=256)
+    assert steered.perplexity != pytest.approx(whole.perplexity)  # the hooks in place are used
+    with pytest.raises(UserError, match="--stride"):
+        passage_perplexity(tiny_lm, text, context_length=16, stride=16)

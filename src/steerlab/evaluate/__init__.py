@@ -16,9 +16,13 @@ from steerlab.evaluate.separability import projections, separability
 from steerlab.evaluate.side_effects import NeutralText, SideEffects, prepare_neutral, side_effects
 from steerlab.evaluate.soft import (
     BERTScore,
+    KeywordCounts,
+    PassagePerplexity,
     bert_score,
     embedding_similarity,
     idf_weights,
+    keyword_counts,
+    passage_perplexity,
     sentence_embeddings,
     similarity_matrix,
 )
@@ -28,7 +32,9 @@ __all__ = [
     "ABPrompts",
     "ABScores",
     "BERTScore",
+    "KeywordCounts",
     "NeutralText",
+    "PassagePerplexity",
     "SideEffects",
     "WordPreference",
     "ab_scores",
@@ -38,7 +44,9 @@ __all__ = [
     "embedding_similarity",
     "generate",
     "idf_weights",
+    "keyword_counts",
     "last_token_logprobs",
+    "passage_perplexity",
     "prepare_ab",
     "prepare_neutral",
     "prepare_word_preference",
