@@ -1,6 +1,7 @@
-"""Measuring behaviour: answer probabilities, word preference, side effects, generation, soft metrics of text
-(BERTScore, embedding similarity), statistics."""
+"""Measuring behaviour: answer probabilities, word preference, side effects (perplexity/KL, capability on
+MMLU/TruthfulQA), generation, soft metrics of text (BERTScore, embedding similarity), statistics."""
 
+from steerlab.evaluate.capability import CapabilityResult, evaluate_capability, load_benchmark
 from steerlab.evaluate.generation import generate
 from steerlab.evaluate.probability import (
     ABPrompts,
@@ -32,6 +33,7 @@ __all__ = [
     "ABPrompts",
     "ABScores",
     "BERTScore",
+    "CapabilityResult",
     "KeywordCounts",
     "NeutralText",
     "PassagePerplexity",
@@ -42,10 +44,12 @@ __all__ = [
     "bert_score",
     "bootstrap_ci",
     "embedding_similarity",
+    "evaluate_capability",
     "generate",
     "idf_weights",
     "keyword_counts",
     "last_token_logprobs",
+    "load_benchmark",
     "passage_perplexity",
     "prepare_ab",
     "prepare_neutral",
