@@ -62,6 +62,29 @@ def test_bertscore_equals_the_bert_score_package(encoder, reference_bert_score, 
     assert ours.layer == layer and ours.idf == idf
 
 
+def test_bertscore_matches_real_tokens_only_where_bert_score_batches_with_zero_padding(
+    encoder, reference_bert_score
+):
+    # these short, unrelated texts have tokens whose best cosine is negative; in a padded batch bert-score
+    # reads the padding's similarity 0 as their best match, so only its one-pair batches agree with ours
+    cands = ["Barack Obama was born in", "I went up to my friend and said something long and winding today"]
+    refs = ["Shrek starts off in a swamp", "Another reference"]
+    ours = bert_score(cands, refs, encoder, layer=6)
+    common = dict(model_type=encoder.source, num_layers=6, nthreads=0)
+    single = reference_bert_score.score(cands, refs, batch_size=1, **common)
+    batched = reference_bert_score.score(cands, refs, batch_size=64, **common)
+    for mine, theirs in zip((ours.precision, ours.recall, ours.f1), single):
+        torch.testing.assert_close(mine, theirs.double(), atol=1e-5, rtol=0)
+    gaps = [
+        (mine[0] - theirs[0].double()).abs() for mine, theirs in zip((ours.precision, ours.recall), batched)
+    ]
+    assert max(gaps) > 1e-3
+    _, c = _states(encoder, cands[0], 6)
+    _, r = _states(encoder, refs[0], 6)
+    best = torch.nn.functional.normalize(c, dim=-1) @ torch.nn.functional.normalize(r, dim=-1).T
+    assert (best.max(dim=1).values < 0).any() or (best.max(dim=0).values < 0).any()
+
+
 def test_bertscore_baseline_and_several_references_equal_the_package(encoder, reference_bert_score, tmp_path):
     baseline = tmp_path / "baseline.tsv"
     rows = [f"{k},{0.3 + 0.01 * k},{0.35 + 0.01 * k},{0.32 + 0.01 * k}" for k in range(7)]

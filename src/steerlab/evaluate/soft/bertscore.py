@@ -1,6 +1,10 @@
 """BERTScore (Zhang et al., 2020): greedy cosine matching of contextual token embeddings.
 
-Computed as the reference package bert-score 0.3.13 does (tests compare the two to 1e-5):
+Computed as the reference package bert-score 0.3.13 does (tests compare the two to 1e-5), with one
+exception: bert-score's batched matching multiplies the similarity matrix by the padding mask, so at its
+default batch size a token whose best cosine with the other text's real tokens is negative scores 0
+instead (its result then depends on which other pairs share the batch); here a token is matched with real
+tokens only, which equals bert-score run with `batch_size=1`.
 
 - each text is stripped and encoded with its special tokens ([CLS] ... [SEP]), truncated to the encoder's
   maximum length; the hidden states at `layer` (0 = embeddings, L = output of block L; bert-score's
