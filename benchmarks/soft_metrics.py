@@ -12,7 +12,7 @@
 Inputs are real: sentences of the ActAdd wedding and shipping essays paired line by line, and the ActAdd
 prompts paired with the next prompt. The last line is one JSON object.
 
-    .venv/bin/python benchmarks/soft_metrics.py [--reps 3] [--capability-limit N]
+    .venv/bin/python benchmarks/soft_metrics.py [--reps 3] [--capability-limit N] [--parts bertscore,...]
 """
 
 from __future__ import annotations
@@ -53,20 +53,11 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument(
-        "--capability-limit", type=int, default=None, help="items per benchmark (default all)"
-    )
-    args = parser.parse_args()
-    import bert_score as reference
+PARTS = ("bertscore", "embeddings", "capability")
 
-    encoder = load_encoder()
-    cands, refs = pairs()
-    print(f"{len(cands)} candidate/reference pairs; encoder {encoder.name} ({encoder.source})")
+
+def bench_bertscore(encoder, cands: list[str], refs: list[str], reps: int) -> dict:
+    import bert_score as reference
 
     diffs, batched_diffs, affected = {}, {}, 0
     for layer in (6, 3):
@@ -95,37 +86,40 @@ def main() -> None:
 
     scorer = reference.BERTScorer(model_type=encoder.source, num_layers=6, nthreads=0)
     ours_t, theirs_t = [], []
-    for _ in range(args.reps):
+    for _ in range(reps):
         ours_t.append(timed(lambda: bert_score(cands, refs, encoder, layer=6))[0])
         theirs_t.append(timed(lambda: scorer.score(cands, refs))[0])
     ratio = statistics.median(theirs_t) / statistics.median(ours_t)
     print(
         f"BERTScore time: ours {statistics.median(ours_t):.3f} s, bert-score {statistics.median(theirs_t):.3f} s "
-        f"(median of {args.reps}); bert-score / ours = {ratio:.2f}"
+        f"(median of {reps}); bert-score / ours = {ratio:.2f}"
     )
-
-    texts = cands + refs
-    batched_t, single_t = [], []
-    for _ in range(args.reps):
-        batched_t.append(timed(lambda: sentence_embeddings(texts, encoder))[0])
-        single_t.append(timed(lambda: [sentence_embeddings([t], encoder) for t in texts])[0])
-    emb_ratio = statistics.median(single_t) / statistics.median(batched_t)
-    per_s = len(texts) / statistics.median(batched_t)
-    print(f"sentence embeddings: {per_s:.0f} texts/s batched; one-at-a-time / batched time = {emb_ratio:.2f}")
-
-    lm = steerlab.load_model()
-    result: dict = {
+    return {
         "bertscore_max_abs_diff": max(diffs.values()),
         "bertscore_max_abs_diff_batched_reference": max(batched_diffs.values()),
         "bertscore_pairs_affected_by_reference_padding": affected,
         "bertscore_speed_ratio": round(ratio, 3),
         "bertscore_pairs": len(cands),
-        "embedding_texts_per_s": round(per_s, 1),
-        "embedding_batch_speed_ratio": round(emb_ratio, 3),
     }
+
+
+def bench_embeddings(encoder, texts: list[str], reps: int) -> dict:
+    batched_t, single_t = [], []
+    for _ in range(reps):
+        batched_t.append(timed(lambda: sentence_embeddings(texts, encoder))[0])
+        single_t.append(timed(lambda: [sentence_embeddings([t], encoder) for t in texts])[0])
+    emb_ratio = statistics.median(single_t) / statistics.median(batched_t)
+    per_s = len(texts) / statistics.median(batched_t)
+    print(f"sentence embeddings: {per_s:.0f} texts/s batched; one-at-a-time / batched time = {emb_ratio:.2f}")
+    return {"embedding_texts_per_s": round(per_s, 1), "embedding_batch_speed_ratio": round(emb_ratio, 3)}
+
+
+def bench_capability(limit: int | None) -> dict:
+    lm = steerlab.load_model()
+    result: dict = {}
     for name in ("mmlu", "truthfulqa"):
         local = SHARED / "caa" / ("mmlu/mmlu.json" if name == "mmlu" else "truthfulqa/truthful_qa.json")
-        dataset = load_benchmark(local if local.is_file() else name, args.capability_limit)
+        dataset = load_benchmark(local if local.is_file() else name, limit)
         start = time.perf_counter()
         cap = evaluate_capability(lm, dataset, batch_size=16)
         seconds = time.perf_counter() - start
@@ -150,6 +144,31 @@ def main() -> None:
         ppl = passage_perplexity(lm, text)
         print(f"{essay} essay: perplexity {ppl.perplexity:.2f} over {ppl.n_tokens} predicted tokens")
         result[f"{essay}_essay_perplexity"] = round(ppl.perplexity, 3)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--capability-limit", type=int, default=None, help="items per benchmark (default all)"
+    )
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    args = parser.parse_args()
+    parts = args.parts.split(",")
+    result: dict = {}
+    if "bertscore" in parts or "embeddings" in parts:
+        encoder = load_encoder()
+        cands, refs = pairs()
+        print(f"{len(cands)} candidate/reference pairs; encoder {encoder.name} ({encoder.source})")
+        if "bertscore" in parts:
+            result.update(bench_bertscore(encoder, cands, refs, args.reps))
+        if "embeddings" in parts:
+            result.update(bench_embeddings(encoder, cands + refs, args.reps))
+    if "capability" in parts:
+        result.update(bench_capability(args.capability_limit))
     print(json.dumps(result))
 
 
