@@ -1,5 +1,7 @@
-"""Measuring behaviour: answer probabilities, word preference, side effects, generation, statistics."""
+"""Measuring behaviour: answer probabilities, word preference, side effects (perplexity/KL, capability on
+MMLU/TruthfulQA), generation, soft metrics of text (BERTScore, embedding similarity), statistics."""
 
+from steerlab.evaluate.capability import CapabilityResult, evaluate_capability, load_benchmark
 from steerlab.evaluate.generation import generate
 from steerlab.evaluate.probability import (
     ABPrompts,
@@ -13,24 +15,49 @@ from steerlab.evaluate.probability import (
 )
 from steerlab.evaluate.separability import projections, separability
 from steerlab.evaluate.side_effects import NeutralText, SideEffects, prepare_neutral, side_effects
+from steerlab.evaluate.soft import (
+    BERTScore,
+    KeywordCounts,
+    PassagePerplexity,
+    bert_score,
+    embedding_similarity,
+    idf_weights,
+    keyword_counts,
+    passage_perplexity,
+    sentence_embeddings,
+    similarity_matrix,
+)
 from steerlab.evaluate.stats import auroc, bootstrap_ci
 
 __all__ = [
     "ABPrompts",
     "ABScores",
+    "BERTScore",
+    "CapabilityResult",
+    "KeywordCounts",
     "NeutralText",
+    "PassagePerplexity",
     "SideEffects",
     "WordPreference",
     "ab_scores",
     "auroc",
+    "bert_score",
     "bootstrap_ci",
+    "embedding_similarity",
+    "evaluate_capability",
     "generate",
+    "idf_weights",
+    "keyword_counts",
     "last_token_logprobs",
+    "load_benchmark",
+    "passage_perplexity",
     "prepare_ab",
     "prepare_neutral",
     "prepare_word_preference",
     "projections",
+    "sentence_embeddings",
     "separability",
     "side_effects",
+    "similarity_matrix",
     "word_preference",
 ]

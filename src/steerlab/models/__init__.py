@@ -1,4 +1,4 @@
-"""Model access: loading and addressing the parts of every supported architecture."""
+"""Model access: loading and addressing the parts of every supported architecture; text encoders for soft metrics."""
 
 from steerlab.models.architectures import (
     ARCHITECTURES,
@@ -15,6 +15,14 @@ from steerlab.models.architectures import (
     register_architecture,
     resolve_layer,
 )
+from steerlab.models.encoders import (
+    DEFAULT_ENCODER,
+    EMBEDDED_ENCODERS,
+    Encoder,
+    EncoderNotFoundError,
+    get_encoder,
+    load_encoder,
+)
 from steerlab.models.loading import (
     DEFAULT_MODEL,
     EMBEDDED_MODELS,
@@ -27,9 +35,13 @@ from steerlab.models.loading import (
 
 __all__ = [
     "ARCHITECTURES",
+    "DEFAULT_ENCODER",
     "DEFAULT_MODEL",
+    "EMBEDDED_ENCODERS",
     "EMBEDDED_MODELS",
     "ArchitectureSpec",
+    "Encoder",
+    "EncoderNotFoundError",
     "LoadedModel",
     "ModelInfo",
     "ModelNotFoundError",
@@ -39,7 +51,9 @@ __all__ = [
     "block",
     "decoder_layers",
     "final_norm",
+    "get_encoder",
     "hidden_size",
+    "load_encoder",
     "load_model",
     "mlp",
     "num_layers",

@@ -131,6 +131,12 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
             f"{name:>10}: score {r['score']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]  "
             f"ppl {r['perplexity']:.2f}  KL {r['kl']:.4f}{extra}"
         )
+    for benchmark, rows in results.get("capability", {}).items():
+        for name, r in rows.items():
+            print(
+                f"{benchmark:>10} {name:>9}: accuracy {r['accuracy']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]  "
+                f"n {r['n']}  chance {r['chance']:.2f}  always-first {r['always_first_accuracy']:.3f}"
+            )
     print(f"layer {results['layer']}, multiplier ±{results['multiplier']:.4g}")
 
 
@@ -304,6 +310,15 @@ def add_subcommands(sub) -> None:
     _steer_args(p)
     _metric_args(p, EvaluateArgs)
     p.add_argument("--json", default=None, help="also write the results here (JSON)")
+    p.add_argument(
+        "--capability",
+        default=None,
+        help="also score capability A/B items at each setting: mmlu, truthfulqa (CAA's subsets, pinned "
+        "download) or CAA-format files, comma-separated",
+    )
+    p.add_argument(
+        "--capability-limit", type=int, default=None, help="a seeded random subset of this many items each"
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sweep", help="layers x strengths grid with random-vector controls -> tidy CSV + plot")

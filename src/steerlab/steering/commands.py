@@ -66,6 +66,8 @@ class EvaluateArgs(SteerArgs):
     system_prompt: str | None = None
     limit: int | None = None
     json: str | os.PathLike | None = None
+    capability: str | list[str] | None = None  # "mmlu,truthfulqa" or files (steerlab.evaluate.capability)
+    capability_limit: int | None = None
 
 
 @dataclass(kw_only=True)
@@ -189,12 +191,28 @@ def _multiplier(vector, layer: int, args: SteerArgs) -> float:
     return vector.multiplier_for_fraction(layer, fraction)
 
 
-def evaluate(args: EvaluateArgs, lm: LoadedModel | None = None) -> dict:
-    """The behaviour metric unsteered, at -m and at +m, with perplexity / KL on neutral text.
+def _capability(lm, vector, layer: int, multiplier: float, benchmarks, positions, args: EvaluateArgs) -> dict:
+    """{benchmark: {"unsteered" | "-m" | "+m": CapabilityResult.summary()}}."""
+    from steerlab.evaluate.capability import capability, prepare_benchmark
 
-    Returns {"layer", "multiplier", "unsteered", "-m", "+m"} and writes it to `args.json` if given.
+    out: dict = {}
+    for dataset in benchmarks:
+        prompts = prepare_benchmark(lm, dataset, args.system_prompt)
+        for name, mult in (("unsteered", 0.0), ("-m", -multiplier), ("+m", multiplier)):
+            with vector.apply(lm, layer=layer, multiplier=mult, positions=positions):
+                result = capability(lm, prompts, dataset.name, progress=args.progress)
+            out.setdefault(dataset.name, {})[name] = result.summary()
+    return out
+
+
+def evaluate(args: EvaluateArgs, lm: LoadedModel | None = None) -> dict:
+    """The behaviour metric unsteered, at -m and at +m, with perplexity / KL on neutral text, and with
+    `capability` the accuracy on MMLU / TruthfulQA A/B items at the same three settings.
+
+    Returns {"layer", "multiplier", "unsteered", "-m", "+m"[, "capability"]} and writes it to `args.json`.
     """
     from steerlab.evaluate import prepare_neutral
+    from steerlab.evaluate.capability import load_benchmark, parse_benchmarks
     from steerlab.hooks import Positions
     from steerlab.io import write_json
     from steerlab.steering.metrics import behaviour_metric, compare
@@ -206,6 +224,7 @@ def evaluate(args: EvaluateArgs, lm: LoadedModel | None = None) -> dict:
     dataset = load_dataset(ref, (ABDataset, PromptSet), "--data", "evaluate")
     words = _word_lists(args.data, dataset, args.words)
     neutral_texts = _texts(args.neutral, "--neutral")
+    benchmarks = [load_benchmark(b, args.capability_limit) for b in parse_benchmarks(args.capability)]
     json_path = check_output_file(args.json, "--json") if args.json else None
     lm = lm or args.load()
     vector.check_compatible(lm.model)
@@ -216,6 +235,8 @@ def evaluate(args: EvaluateArgs, lm: LoadedModel | None = None) -> dict:
         lm, vector, metric, layer, multiplier, neutral=neutral, positions=positions, progress=args.progress
     )
     out = {"layer": layer, "multiplier": multiplier, **results}
+    if benchmarks:
+        out["capability"] = _capability(lm, vector, layer, multiplier, benchmarks, positions, args)
     if json_path is not None:
         write_json(json_path, out)
     return out
