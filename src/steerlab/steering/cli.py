@@ -13,6 +13,8 @@ from pathlib import Path
 from steerlab.errors import UserError
 from steerlab.options import add_model_arguments, field_default, parse_floats, parse_layers
 from steerlab.steering.commands import (
+    DEFAULT_DIM_FRACTIONS,
+    DEFAULT_DIMS,
     DEFAULT_FRACTION,
     METHODS,
     EvaluateArgs,
@@ -102,9 +104,11 @@ def _parse_lists(ns: argparse.Namespace) -> None:
     """Command-line strings to lists: --layers 12,16 / 24-29, --fractions / --multipliers -0.1,0.1."""
     if getattr(ns, "layers", None) is not None:
         ns.layers = parse_layers(ns.layers)
-    for name in ("fractions", "multipliers"):
+    for name in ("fractions", "multipliers", "dim_fractions"):
         if getattr(ns, name, None) is not None:
-            setattr(ns, name, parse_floats(getattr(ns, name), f"--{name}"))
+            setattr(ns, name, parse_floats(getattr(ns, name), f"--{name.replace('_', '-')}"))
+    if getattr(ns, "dims", None) is not None:
+        ns.dims = [name.strip() for name in ns.dims.split(",") if name.strip()]
 
 
 def cmd_extract(ns: argparse.Namespace) -> None:
@@ -332,6 +336,25 @@ def add_subcommands(sub) -> None:
         "--fractions", default=None, help=f"signed fractions of the residual norm (default {fractions})"
     )
     group.add_argument("--multipliers", default=None, help="raw signed multipliers m (adds m·v), e.g. -4,4")
+    p.add_argument(
+        "--dims",
+        default=None,
+        help="also restrict the vector (and its random control) to a fraction of the residual dimensions, "
+        f"chosen by first | random | top (largest |v_i|), e.g. first,top (default with --dim-fractions: "
+        f"{','.join(DEFAULT_DIMS)})",
+    )
+    p.add_argument(
+        "--dim-fractions",
+        default=None,
+        help="fractions of the dimensions kept, in (0, 1] (1: the whole vector), e.g. 0.25,0.5,1 (default with "
+        f"--dims: {','.join(f'{f:g}' for f in DEFAULT_DIM_FRACTIONS)})",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the random control and of random dimensions (default 0)",
+    )
     p.add_argument(
         "--positions",
         default=None,

@@ -25,6 +25,9 @@ DEFAULT_FRACTION = 0.1
 SENTIMENT_PROMPTS = "builtin:sentiment-prompts"
 SENTIMENT_WORDS = "builtin:sentiment-words"
 NEUTRAL_TEXT = "builtin:neutral-text"
+DEFAULT_DIMS = ("first", "random", "top")
+DEFAULT_DIM_FRACTIONS = (0.25, 0.5, 0.7, 1.0)
+"""The dimension subsets of `sweep --dims` / `--dim-fractions` when only the other is given."""
 METHODS = ("mean-diff", "pca-diff", "pca-center", "probe")
 """The extraction methods of `extract` (`--method`)."""
 
@@ -77,12 +80,15 @@ class SweepArgs(ModelArgs):
     layers: list[int] | None = None
     fractions: list[float] = field(default_factory=lambda: [-0.1, -0.07, -0.04, 0.04, 0.07, 0.1])
     multipliers: list[float] | None = None
+    dims: list[str] | None = None
+    dim_fractions: list[float] | None = None
     positions: str = "all"
     words: Words | None = None
     neutral: str | os.PathLike | list[str] = NEUTRAL_TEXT
     system_prompt: str | None = None
     limit: int | None = None
     split: str = "validation"
+    seed: int = 0
     out: str | os.PathLike = "sweep.csv"
 
 
@@ -243,21 +249,27 @@ def evaluate(args: EvaluateArgs, lm: LoadedModel | None = None) -> dict:
 
 
 def sweep(args: SweepArgs, lm: LoadedModel | None = None) -> list[dict]:
-    """Layers x strengths with a random-vector control; writes the tidy CSV and its plot (`out`, `.png`)."""
+    """Layers x strengths (x dimension subsets) with a random-vector control; writes the tidy CSV and its
+    plot (`out`, `.png`; with dimension subsets, one `<out>.<selection>-<fraction>.png` per subset)."""
     from steerlab.evaluate import prepare_neutral
     from steerlab.hooks import Positions
     from steerlab.report.figures import save_png
     from steerlab.steering import plots
     from steerlab.steering.metrics import behaviour_metric
-    from steerlab.steering.sweep import Grid, write_csv
+    from steerlab.steering.sweep import FULL, Grid, write_csv
     from steerlab.steering.sweep import sweep as run_grid
 
     vector = _load_vector(args.vector)
     layers = [vector.stored_layer(layer) for layer in args.layers] if args.layers else vector.layers
+    dims = dict(dims=args.dims or (), dim_fractions=args.dim_fractions or ())
+    if args.dims and not args.dim_fractions:
+        dims["dim_fractions"] = DEFAULT_DIM_FRACTIONS
+    if args.dim_fractions and not args.dims:
+        dims["dims"] = DEFAULT_DIMS
     if args.multipliers is not None:
-        grid = Grid(layers, multipliers=args.multipliers)
+        grid = Grid(layers, multipliers=args.multipliers, **dims)
     else:
-        grid = Grid(layers, fractions=args.fractions)
+        grid = Grid(layers, fractions=args.fractions, **dims)
     grid.settings(vector)  # a fraction needs the residual norm recorded at extraction
     positions = Positions.parse(args.positions)
     ref = _data_ref(args.data, limit=args.limit)
@@ -277,11 +289,22 @@ def sweep(args: SweepArgs, lm: LoadedModel | None = None) -> list[dict]:
         split=args.split,
         positions=positions,
         neutral=prepare_neutral(lm, neutral_texts, progress=args.progress),
+        seed=args.seed,
         progress=args.progress,
     )
     write_csv(rows, csv_path)
     x = "multiplier" if args.multipliers is not None else "fraction"
-    save_png(plots.score_vs_fraction(rows, args.split, "score", x=x), csv_path.with_suffix(".png"))
+    for selection, fraction in grid.dimension_options():
+        shown = [
+            r
+            for r in rows
+            if r["vector"] == "none" or (r["dims"], r["dim_fraction"]) == (selection, fraction)
+        ]
+        name = "" if (selection, fraction) == FULL or not args.dims else f".{selection}-{fraction:g}"
+        save_png(
+            plots.score_vs_fraction(shown, args.split, "score", x=x),
+            csv_path.with_name(f"{csv_path.stem}{name}.png"),
+        )
     return rows
 
 

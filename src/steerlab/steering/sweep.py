@@ -1,8 +1,14 @@
-"""Grids over layers x multipliers with controls and side effects, as tidy rows (one CSV line each).
+"""Grids over layers x strengths x dimension subsets, with controls and side effects, as tidy rows (one
+CSV line each).
 
 Strengths are given as signed *fractions of the residual norm* (fraction f at layer L adds a vector of
 norm |f| x the mean residual norm at L, so grids mean the same thing at every layer and on every model)
-or as raw multipliers m (adds m x v).
+or as raw multipliers m (adds m x v). A grid may also restrict the vector to a fraction of the residual
+dimensions (`steering.dimensions`); the random control gets the same restriction at the same norm.
+
+Every setting at layer L shares the unsteered computation below L: `sweep` runs it once (in the baseline
+pass, which records the residual entering each swept layer for every forward call the metric and the
+side-effect measure make) and each setting then runs only blocks L and above (`hooks.start_at_block`).
 """
 
 from __future__ import annotations
@@ -10,7 +16,8 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,15 +25,19 @@ from tqdm.auto import tqdm
 
 from steerlab.errors import UserError
 from steerlab.evaluate import NeutralText, side_effects
-from steerlab.hooks import Positions
+from steerlab.hooks import Positions, as_module, record_block_input, start_at_block
 from steerlab.io import atomic_write_text
 from steerlab.models import LoadedModel
+from steerlab.models.architectures import resolve_layer
+from steerlab.steering.dimensions import check_fraction, check_selection, restrict, with_norms_of
 from steerlab.steering.metrics import Metric, summarise
 from steerlab.steering.vector import SteeringVector
 
 COLUMNS = [
     "split",
     "vector",
+    "dims",
+    "dim_fraction",
     "layer",
     "fraction",
     "multiplier",
@@ -42,19 +53,44 @@ COLUMNS = [
 ]
 
 
+FULL = ("all", 1.0)
+"""The dimension option of the whole vector."""
+
+
 @dataclass(frozen=True)
 class Grid:
-    """Layers x strengths: signed fractions of the residual norm, or (instead) raw multipliers."""
+    """Layers x strengths (signed fractions of the residual norm, or instead raw multipliers) x, optionally,
+    dimension subsets: each selection of `dims` ("first", "random", "top") at each of `dim_fractions`."""
 
     layers: Sequence[int]
     fractions: Sequence[float] = ()
     multipliers: Sequence[float] = ()
+    dims: Sequence[str] = ()
+    dim_fractions: Sequence[float] = ()
 
     def __post_init__(self) -> None:
         if bool(self.fractions) == bool(self.multipliers):
             raise UserError("a sweep grid takes either fractions or multipliers (exactly one of them)")
         if not self.layers:
             raise UserError("a sweep grid needs at least one layer")
+        if bool(self.dims) != bool(self.dim_fractions):
+            raise UserError(
+                "--dims and --dim-fractions: a dimension grid needs both (selections and fractions)"
+            )
+        for name in self.dims:
+            check_selection(name, "--dims")
+        for fraction in self.dim_fractions:
+            check_fraction(fraction, "--dim-fractions")
+
+    def dimension_options(self) -> list[tuple[str, float]]:
+        """(selection, fraction of the dimensions): the whole vector ("all", 1.0) when no dimension grid is
+        given or a fraction is 1, then every selection at every smaller fraction."""
+        if not self.dims:
+            return [FULL]
+        names = list(dict.fromkeys(check_selection(name) for name in self.dims))
+        fractions = list(dict.fromkeys(float(f) for f in self.dim_fractions))
+        options = [FULL] if 1.0 in fractions else []
+        return options + [(name, f) for name in names for f in fractions if f < 1.0]
 
     def settings(self, vector: SteeringVector) -> list[tuple[int, float | None, float]]:
         """(layer, fraction, multiplier) for every non-zero strength; the fraction is None where the vector
@@ -73,6 +109,7 @@ class Grid:
 def _row(
     split: str,
     kind: str,
+    dims: tuple[str, float] | None,
     layer: int,
     fraction: float | None,
     multiplier: float,
@@ -84,6 +121,8 @@ def _row(
     return {
         "split": split,
         "vector": kind,
+        "dims": dims[0] if dims else None,
+        "dim_fraction": dims[1] if dims else None,
         "layer": layer,
         "fraction": fraction,
         "multiplier": multiplier,
@@ -100,6 +139,99 @@ def _row(
     }
 
 
+def _call_key(args: tuple, kwargs: dict) -> list:
+    return [*args, *sorted(kwargs.items(), key=lambda item: item[0])]
+
+
+def _same_call(a: list, b: list) -> bool:
+    def same(x, y) -> bool:
+        if isinstance(x, tuple):
+            return isinstance(y, tuple) and len(x) == len(y) and all(same(i, j) for i, j in zip(x, y))
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and torch.equal(x, y)
+        return x == y
+
+    return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+
+
+class PrefixCache:
+    """The residual entering each of `layers`, for every forward call one unsteered measurement makes.
+
+    `recording()` yields a model whose calls run normally and are recorded; `starting_at(layer)` yields a
+    model whose k-th call runs only blocks `layer` and above, from the k-th recorded input. Both stand in
+    for `lm` inside a metric (calls through `lm.model(...)`); a replayed call must repeat the recorded one
+    (same arguments, in the same order), otherwise a RuntimeError is raised.
+    """
+
+    def __init__(self, lm: LoadedModel, layers: Sequence[int]):
+        self.lm = lm
+        self.layers = list(dict.fromkeys(layers))
+        self.calls: list[list] = []
+        self.inputs: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
+
+    def recording(self) -> LoadedModel:
+        return replace(self.lm, model=_Forward(self, None))
+
+    def starting_at(self, layer: int) -> LoadedModel:
+        return replace(self.lm, model=_Forward(self, layer))
+
+
+class _Forward:
+    """Stands in for `lm.model`: forwards attributes to it; calls record or replay through the cache."""
+
+    def __init__(self, cache: PrefixCache, layer: int | None):
+        self._cache, self._layer, self._count = cache, layer, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._cache.lm.model, name)
+
+    def __call__(self, *args, **kwargs):
+        model, cache, key = self._cache.lm.model, self._cache, _call_key(args, kwargs)
+        index, self._count = self._count, self._count + 1
+        if self._layer is None:
+            with ExitStack() as stack:
+                seen = {
+                    layer: stack.enter_context(record_block_input(model, layer)) for layer in cache.layers
+                }
+                out = model(*args, **kwargs)
+            if any(len(inputs) != 1 for inputs in seen.values()):
+                raise RuntimeError("a recorded forward call did not run every swept layer once")
+            cache.calls.append(key)
+            for layer, inputs in seen.items():
+                cache.inputs[layer].append(inputs[0])
+            return out
+        if index >= len(cache.calls) or not _same_call(key, cache.calls[index]):
+            raise RuntimeError(
+                "the metric's forward calls differ from the unsteered ones recorded for the sweep "
+                "(a metric must make the same calls every time; pass reuse_prefix=False otherwise)"
+            )
+        with start_at_block(model, self._layer, cache.inputs[self._layer][index]):
+            return model(*args, **kwargs)
+
+
+def _variants(
+    vector: SteeringVector, grid: Grid, controls: bool, seed: int
+) -> list[tuple[tuple[str, float], dict[str, SteeringVector]]]:
+    """Per dimension option: the (restricted) steering vector and the random control restricted to the
+    same dimensions at the same norm."""
+    random = vector.random_like(seed=seed) if controls else None
+    out = []
+    for option in grid.dimension_options():
+        if option == FULL:
+            kinds = {"steering": vector}
+            if random is not None:
+                kinds["random"] = random
+        else:
+            selection, fraction = option
+            steering = restrict(vector, selection, fraction, seed=seed)
+            kinds = {"steering": steering}
+            if random is not None:
+                control = restrict(random, selection, fraction, seed=seed, reference=vector)
+                kinds["random"] = with_norms_of(control, steering)
+        out.append((option, kinds))
+    return out
+
+
 def sweep(
     lm: LoadedModel,
     vector: SteeringVector,
@@ -112,29 +244,45 @@ def sweep(
     controls: bool = True,
     seed: int = 0,
     progress: bool = True,
+    reuse_prefix: bool = True,
 ) -> list[dict]:
-    """Score every (layer, strength) with the steering vector and, if `controls`, a same-norm random one.
+    """Score every (layer, dimension option, strength) with the steering vector and, if `controls`, a
+    same-norm random one restricted to the same dimensions (`seed` draws it and the "random" dimensions).
 
-    The unsteered baseline appears once, as rows with vector="none" and fraction 0 at every layer.
+    The unsteered baseline is measured once and appears as rows with vector="none" and fraction 0 at
+    every layer. With `reuse_prefix` (the default) that pass also records the residual entering every
+    swept layer, and each setting runs only the blocks from its layer on; the results are those of
+    running every setting from scratch (`reuse_prefix=False`), which needs memory for the recorded
+    residuals: (tokens the metric and the neutral text feed) x width x swept layers.
     """
-    settings = grid.settings(vector)
+    variants = _variants(vector, grid, controls, seed)
+    jobs = [
+        (layer, option, kind, fraction, multiplier)
+        for option, kinds in variants
+        for layer, fraction, multiplier in grid.settings(kinds["steering"])
+        for kind in kinds
+    ]
+    vectors = dict(variants)
+    module = as_module(lm)
+
+    def measure(model: LoadedModel):
+        return metric(model), side_effects(model, neutral) if neutral is not None else None
+
+    cache = PrefixCache(lm, [resolve_layer(module, layer) for layer in grid.layers])
     with torch.no_grad():
-        base_scores = metric(lm)
-        base_effects = side_effects(lm, neutral) if neutral is not None else None
-    kinds = {"steering": vector}
-    if controls:
-        kinds["random"] = vector.random_like(seed=seed)
-    jobs = [(kind, *setting) for setting in settings for kind in kinds]
-    rows = [_row(split, "none", layer, 0.0, 0.0, 0.0, base_scores, base_effects) for layer in grid.layers]
-    for kind, layer, fraction, multiplier in tqdm(
+        base_scores, base_effects = measure(cache.recording() if reuse_prefix else lm)
+    rows = [
+        _row(split, "none", None, layer, 0.0, 0.0, 0.0, base_scores, base_effects) for layer in grid.layers
+    ]
+    for layer, option, kind, fraction, multiplier in tqdm(
         jobs, desc=f"sweep ({split})", disable=not progress, unit="setting"
     ):
-        chosen = kinds[kind]
+        chosen = vectors[option][kind]
+        runner = cache.starting_at(resolve_layer(module, layer)) if reuse_prefix else lm
         with torch.no_grad(), chosen.apply(lm, layer=layer, multiplier=multiplier, positions=positions):
-            scores = metric(lm)
-            effects = side_effects(lm, neutral) if neutral is not None else None
+            scores, effects = measure(runner)
         added = abs(multiplier) * chosen.norm(layer)
-        rows.append(_row(split, kind, layer, fraction, multiplier, added, scores, effects))
+        rows.append(_row(split, kind, option, layer, fraction, multiplier, added, scores, effects))
     return rows
 
 
@@ -143,16 +291,27 @@ class Choice:
     layer: int
     fraction: float
     effect: float  # score(+f) - score(-f) on the split it was chosen on
+    dims: str = FULL[0]
+    dim_fraction: float = FULL[1]
 
 
 def choose_setting(rows: Sequence[dict], max_perplexity_increase: float = 0.2) -> Choice:
-    """The (layer, fraction > 0) with the largest score(+f) - score(-f) among settings whose perplexity
-    rises by at most `max_perplexity_increase` at both signs; ties go to the smaller fraction."""
+    """The (layer, dimension option, fraction > 0) with the largest score(+f) - score(-f) among settings
+    whose perplexity rises by at most `max_perplexity_increase` at both signs; ties go to the earlier layer,
+    then the whole vector and larger dimension fractions, then the smaller fraction."""
     base = {r["layer"]: r for r in rows if r["vector"] == "none"}
-    steer_rows = {(r["layer"], r["fraction"]): r for r in rows if r["vector"] == "steering"}
+    steer_rows = {
+        (r["layer"], r.get("dims") or FULL[0], r.get("dim_fraction") or FULL[1], r["fraction"]): r
+        for r in rows
+        if r["vector"] == "steering"
+    }
     best: Choice | None = None
-    for (layer, fraction), plus in sorted(steer_rows.items()):
-        minus = steer_rows.get((layer, -fraction))
+    order = sorted(steer_rows, key=lambda k: (k[0], k[1] != FULL[0], -k[2], k[1], k[3]))
+    for layer, dims, dim_fraction, fraction in order:
+        plus, minus = (
+            steer_rows[layer, dims, dim_fraction, fraction],
+            steer_rows.get((layer, dims, dim_fraction, -fraction)),
+        )
         if fraction <= 0 or minus is None:
             continue
         ppl0 = base[layer]["perplexity"]
@@ -163,7 +322,7 @@ def choose_setting(rows: Sequence[dict], max_perplexity_increase: float = 0.2) -
             continue
         effect = plus["score"] - minus["score"]
         if best is None or effect > best.effect + 1e-9:
-            best = Choice(layer, fraction, effect)
+            best = Choice(layer, fraction, effect, dims, dim_fraction)
     if best is None:
         raise ValueError("no setting in the grid keeps the perplexity increase within bounds")
     return best
