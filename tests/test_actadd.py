@@ -283,3 +283,18 @@ def test_save_load_and_derived_vectors(tmp_path):
     assert abs(scaled.norm() - kept.norm()) < 1e-4 and scaled.metadata["derived"][-1]["method"] == "rescaled"
     with pytest.raises(VectorError, match="0..31"):
         vector.keep_dimensions([32])
+
+
+def test_one_block_per_row_equals_each_row_alone():
+    model = tiny_model("llama", attn="sdpa")
+    blocks = torch.stack([_block(2, seed=5), torch.zeros(2, 32, dtype=torch.float64), _block(2, seed=6)])
+    ids = torch.randint(3, 100, (3, 6))
+    with add_block(model, {LAYER: blocks}):
+        batched = model(ids).logits
+    for row in range(3):
+        with add_block(model, {LAYER: blocks[row]}):
+            alone = model(ids[row : row + 1]).logits[0]
+        torch.testing.assert_close(batched[row], alone, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(batched[1], model(ids[1:2]).logits[0], rtol=1e-9, atol=1e-9)
+    with pytest.raises(UserError, match="3 rows for a batch of 2"), add_block(model, {LAYER: blocks}):
+        model(ids[:2])

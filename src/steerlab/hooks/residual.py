@@ -137,7 +137,7 @@ def add(
 
 
 def _blocks_by_layer(module: nn.Module, blocks: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-    """Key per-position blocks by resolved layer, checking each is (n, D) with n >= 1."""
+    """Key per-position blocks by resolved layer, checking each is (n, D) or (B, n, D) with n >= 1."""
     width = hidden_size(module)
     n = num_layers(module)
     chosen: dict[int, torch.Tensor] = {}
@@ -147,10 +147,13 @@ def _blocks_by_layer(module: nn.Module, blocks: Mapping[int, torch.Tensor]) -> d
         index = layer % n
         if index in chosen:
             raise UserError(f"layer {layer} is named twice (as layer {index}): give one block per layer")
-        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2 or tensor.shape[1] != width:
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() not in (2, 3) or tensor.shape[-1] != width:
             shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise UserError(f"the block for layer {layer} has shape {shape}; expected (positions, {width})")
-        if tensor.shape[0] == 0:
+            raise UserError(
+                f"the block for layer {layer} has shape {shape}; expected (positions, {width}) or "
+                f"(batch, positions, {width})"
+            )
+        if tensor.shape[-2] == 0:
             raise UserError(f"the block for layer {layer} has no position")
         chosen[index] = tensor
     return chosen
@@ -161,7 +164,8 @@ def add_block(
     model, blocks: Mapping[int, torch.Tensor], start: int = 1, truncate: bool = False
 ) -> Iterator[None]:
     """Add a per-position block: row i of `blocks[L]` (n, D) is added after block L at prompt position
-    `start + i` of every row (real tokens counted, so left and right padding behave alike).
+    `start + i` of every row (real tokens counted, so left and right padding behave alike); a (B, n, D)
+    block gives each row of a batch of B its own (n, D) block.
 
     Decode steps never receive it, cached or not, so cached and uncached generation agree. A prompt
     shorter than `start + n` tokens raises a `UserError` unless `truncate=True`, which adds only the rows
@@ -171,12 +175,16 @@ def add_block(
         raise UserError(f"add_block: start must be >= 0, got {start}")
     module = as_module(model)
     chosen = _blocks_by_layer(module, blocks)
-    longest = max(tensor.shape[0] for tensor in chosen.values())
+    longest = max(tensor.shape[-2] for tensor in chosen.values())
+    rows = {layer: t.shape[0] for layer, t in chosen.items() if t.dim() == 3}
     state = _StepState(Positions(start=start, decode=False, include_sink=start == 0))
 
     def pre_hook(_module, args, kwargs):
         input_ids, attention_mask, past_len, reference = _forward_inputs(args, kwargs)
         batch, seq_len = reference.shape[0], reference.shape[1]
+        for layer, count in rows.items():
+            if count != batch:
+                raise UserError(f"the block for layer {layer} has {count} rows for a batch of {batch}")
         state.before_forward(input_ids, attention_mask, past_len, seq_len, batch, reference.device)
         if state.selection is None or truncate:
             return
@@ -188,7 +196,7 @@ def add_block(
             )
 
     def make_block_hook(tensor: torch.Tensor) -> Callable:
-        count = tensor.shape[0]
+        count = tensor.shape[-2]
 
         def hook(_module, _args, output):
             selection = state.selection
@@ -201,7 +209,12 @@ def add_block(
             pos = state.pos.to(hidden.device)
             offset = pos - start
             inside = selection[..., 0].to(hidden.device) & (offset < count)
-            delta = value[offset.clamp(0, count - 1)] * inside[..., None]
+            index = offset.clamp(0, count - 1)
+            if value.dim() == 3:  # one block per row: (B, n, D) -> (B, T, D)
+                gathered = value[torch.arange(value.shape[0], device=hidden.device)[:, None], index]
+            else:
+                gathered = value[index]
+            delta = gathered * inside[..., None]
             return _replace_hidden(output, hidden + delta)
 
         return hook
