@@ -60,9 +60,7 @@ class Encoder:
     @property
     def max_positions(self) -> int:
         """The longest input the tokenizer and the position embeddings both allow."""
-        limit = getattr(self.model.config, "max_position_embeddings", None) or 512
-        model_max = getattr(self.tokenizer, "model_max_length", None) or limit
-        return int(min(model_max, limit))
+        return _max_positions(self.model, self.tokenizer)
 
     def resolve_layer(self, layer: int | None, option: str = "--layer") -> int:
         """0 = the embedding output, L = the output of block L; negative counts from the end; None = last."""
@@ -96,6 +94,11 @@ class Encoder:
         return out  # type: ignore[return-value]
 
 
+def _max_positions(model: nn.Module, tokenizer: Any) -> int:
+    limit = getattr(model.config, "max_position_embeddings", None) or 512
+    return int(min(getattr(tokenizer, "model_max_length", None) or limit, limit))
+
+
 def _not_found(text: str, reason: str, option: str) -> EncoderNotFoundError:
     names = ", ".join(EMBEDDED_ENCODERS)
     return EncoderNotFoundError(
@@ -126,7 +129,7 @@ def _resolve(text: str, option: str) -> tuple[str, str]:
         return path.name, str(path)
     if path.exists():
         raise _not_found(text, "is a file, not an encoder folder", option)
-    looks_like_path = text.startswith(("/", ".", "~")) or os.sep + os.sep in text or text.count("/") > 1
+    looks_like_path = text.startswith(("/", ".", "~")) or text.count("/") > 1
     typo = "/" not in text and difflib.get_close_matches(key, EMBEDDED_ENCODERS, n=1, cutoff=0.8)
     if looks_like_path or typo or HUB_ID.fullmatch(text) is None:
         reason = "is no embedded encoder, local folder or hub id"
@@ -163,10 +166,9 @@ def load_encoder(
     folder = Path(source)
     weights = folder / "model.safetensors"
     digest = sha256_file(weights) if weights.is_file() else None
-    max_length = _sentence_max_length(folder) if folder.is_dir() else None
-    encoder = Encoder(model, tokenizer, name, source, max_length or 0, digest)
-    encoder.max_length = min(max_length or encoder.max_positions, encoder.max_positions)
-    return encoder
+    positions = _max_positions(model, tokenizer)
+    sentence = _sentence_max_length(folder) if folder.is_dir() else None
+    return Encoder(model, tokenizer, name, source, min(sentence or positions, positions), digest)
 
 
 @functools.lru_cache(maxsize=4)
