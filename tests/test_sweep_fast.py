@@ -82,8 +82,8 @@ def test_fast_sweep_at_chosen_positions(tiny_lm):
     assert all(r["kl"] == 0 for r in fast)  # only the last token is steered; its prediction is not scored
 
 
-def test_settings_run_only_the_blocks_from_their_layer(tiny_lm):
-    """Block 0 runs only in the baseline pass, block 1 also for layer-1 settings, and so on."""
+def test_settings_run_only_the_blocks_above_their_layer(tiny_lm):
+    """Blocks up to a setting's layer run only in the baseline pass."""
     calls = {i: 0 for i in range(4)}
     handles = [
         block(tiny_lm.model, i).register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
@@ -100,8 +100,8 @@ def test_settings_run_only_the_blocks_from_their_layer(tiny_lm):
             handle.remove()
     per_pass = calls[0]  # the baseline: the metric's calls plus the two side-effect calls
     assert per_pass >= 3
-    # layer 1: steering + random (2 measurements) run blocks 1..3; layer 3: two more run block 3
-    assert calls == {0: per_pass, 1: 3 * per_pass, 2: 3 * per_pass, 3: 5 * per_pass}
+    # layer 1: steering and random (2 measurements) run blocks 2 and 3; layer 3: the head only
+    assert calls == {0: per_pass, 1: per_pass, 2: 3 * per_pass, 3: 3 * per_pass}
 
 
 def test_a_metric_that_changes_its_calls_is_refused(tiny_lm):
@@ -190,3 +190,50 @@ def test_cli_sweeps_dimension_subsets(tmp_path, capsys):
     assert "--dims: unknown dimension selection 'middle'" in capsys.readouterr().err
     assert main([*argv, "--dim-fractions", "0,1"]) == 2
     assert "--dim-fractions: a fraction of the dimensions must be in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text"])
+def test_resume_after_block_with_steering_inside_equals_a_full_steered_pass(family):
+    from conftest import tiny_model
+    from steerlab.hooks import read_residual, resume_after_block, steer
+
+    model = tiny_model(family, dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 4, 7], [1, 8, 3, 0, 0]])
+    mask = (ids != 0).long()
+    mask[0] = 1
+    delta = {2: torch.randn(32, dtype=torch.float64)}  # cast to the block's float32 in both passes
+    outputs = []
+    with torch.no_grad():
+        with read_residual(model, [2], lambda layer, hidden: outputs.append(hidden)):
+            plain = model(input_ids=ids, attention_mask=mask).logits
+        with steer(model, delta, multiplier=0.7):
+            expected = model(input_ids=ids, attention_mask=mask).logits
+        with resume_after_block(model, 2, outputs), steer(model, delta, multiplier=0.7):
+            resumed = model(input_ids=ids, attention_mask=mask).logits
+            with pytest.raises(ValueError, match="forward call 2 after block 2"):
+                model(input_ids=ids, attention_mask=mask)
+        assert torch.equal(resumed, expected)
+        with resume_after_block(model, 2, [outputs[0][:1]]), pytest.raises(ValueError, match="does not fit"):
+            model(input_ids=ids, attention_mask=mask)
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, plain)  # the blocks are back
+        assert not torch.equal(plain, expected)
+
+
+def test_side_effects_equal_a_float64_hand_computation(tiny_lm):
+    from steerlab.evaluate import side_effects
+
+    neutral = prepare_neutral(tiny_lm, NEUTRAL, batch_size=2)
+    vector = _vector((1,))
+    with torch.no_grad():
+        assert side_effects(tiny_lm, neutral).kl == 0.0  # exactly: the same distributions
+        with vector.apply(tiny_lm, layer=1, multiplier=0.5):
+            got = side_effects(tiny_lm, neutral, batch_size=2)
+            nll, kl = [], []
+            for row in range(len(NEUTRAL)):
+                ids = neutral.ids[row, neutral.mask[row].bool()]
+                q = tiny_lm.model(ids[None]).logits[0, :-1].double().log_softmax(-1)
+                p = neutral.base_logprobs[row, : len(ids) - 1].double()
+                nll.append(-q.gather(-1, ids[1:, None])[:, 0])
+                kl.append((p.exp() * (p - q)).sum(-1))
+    assert got.perplexity == pytest.approx(float(torch.cat(nll).mean().exp()), rel=1e-6)
+    assert got.kl == pytest.approx(float(torch.cat(kl).mean()), rel=1e-5) and got.kl > 1e-4

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from tqdm.auto import tqdm
@@ -21,19 +22,27 @@ class NeutralText:
     mask: torch.Tensor
     base_logprobs: torch.Tensor  # (N, T-1, vocab) float32, position t predicts token t+1
 
+    @cached_property
+    def base_probs(self) -> torch.Tensor:
+        """exp(base_logprobs), computed once."""
+        return self.base_logprobs.exp()
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum over the last dimension of a * b, without materialising the product."""
+    return torch.einsum("ntv,ntv->nt", a, b)
+
 
 @torch.no_grad()
-def _logprobs(
+def _logprob_batches(
     lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, batch_size: int, progress: bool
-) -> torch.Tensor:
-    """Next-token log-probabilities (N, T-1, vocab), `batch_size` texts per forward pass."""
-    parts = []
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(rows, next-token log-probabilities (rows, T-1, vocab)), `batch_size` texts per forward pass."""
     starts = range(0, ids.shape[0], batch_size)
     for start in tqdm(starts, desc="neutral text", disable=not progress, unit="batch"):
         rows = slice(start, start + batch_size)
         logits = lm.model(input_ids=ids[rows], attention_mask=mask[rows], use_cache=False).logits[:, :-1]
-        parts.append(logits.float().log_softmax(-1))
-    return torch.cat(parts)
+        yield rows, logits.float().log_softmax(-1)
 
 
 def prepare_neutral(
@@ -41,7 +50,8 @@ def prepare_neutral(
 ) -> NeutralText:
     """Tokenise `texts` and record the unsteered next-token distributions (call outside any steering)."""
     ids, mask = pad_batch([encode(lm.tokenizer, t) for t in texts], lm.tokenizer.pad_token_id or 0, lm.device)
-    return NeutralText(ids, mask, _logprobs(lm, ids, mask, batch_size, progress))
+    parts = [logprobs for _, logprobs in _logprob_batches(lm, ids, mask, batch_size, progress)]
+    return NeutralText(ids, mask, torch.cat(parts))
 
 
 @dataclass(frozen=True)
@@ -53,11 +63,15 @@ class SideEffects:
 def side_effects(
     lm: LoadedModel, neutral: NeutralText, batch_size: int = 16, progress: bool = False
 ) -> SideEffects:
-    """Perplexity of the neutral texts and KL from the unsteered distribution, under current hooks."""
-    logprobs = _logprobs(lm, neutral.ids, neutral.mask, batch_size, progress)
-    valid = neutral.mask[:, 1:].bool() & neutral.mask[:, :-1].bool()
+    """Perplexity of the neutral texts and KL from the unsteered distribution, under current hooks.
+
+    KL(p || q) = sum p (log p - log q), with p = exp(log p) of the unsteered texts computed once.
+    """
     targets = neutral.ids[:, 1:]
-    nll = -logprobs.gather(-1, targets[..., None])[..., 0][valid]
-    base = neutral.base_logprobs
-    kl = (base.exp() * (base - logprobs)).sum(-1)[valid]
-    return SideEffects(perplexity=float(nll.double().mean().exp()), kl=float(kl.double().mean()))
+    nll, kl = [], []
+    for rows, logprobs in _logprob_batches(lm, neutral.ids, neutral.mask, batch_size, progress):
+        nll.append(-logprobs.gather(-1, targets[rows][..., None])[..., 0])
+        kl.append(_dot(neutral.base_probs[rows], neutral.base_logprobs[rows] - logprobs))
+    valid = neutral.mask[:, 1:].bool() & neutral.mask[:, :-1].bool()
+    nll_valid, kl_valid = torch.cat(nll)[valid], torch.cat(kl)[valid]
+    return SideEffects(perplexity=float(nll_valid.double().mean().exp()), kl=float(kl_valid.double().mean()))

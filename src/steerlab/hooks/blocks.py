@@ -1,9 +1,10 @@
 """Hooks on a model's blocks and head: recording a block's or the head's input, and starting a forward
-pass at a later block (used by influence's pass cache)."""
+pass at a later block (used by influence's pass cache) or after a block whose outputs were recorded
+(used by the steering sweep)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -70,6 +71,60 @@ def start_at_block(model, layer: int, hidden: torch.Tensor) -> Iterator[None]:
     try:
         for i in range(layer):
             layers[i] = _PassThrough()
+        yield
+    finally:
+        for i, module in enumerate(saved):
+            layers[i] = module
+        handle.remove()
+
+
+class _Resume(_PassThrough):
+    """Stands in for a skipped block whose output is given. A zero-size parameter carries the block's
+    dtype and device, which `steer` casts its vectors to."""
+
+    def __init__(self, like: nn.Module):
+        super().__init__()
+        reference = next((p for p in like.parameters() if p.is_floating_point()), None)
+        if reference is not None:
+            empty = torch.empty(0, dtype=reference.dtype, device=reference.device)
+            self.like = nn.Parameter(empty, requires_grad=False)
+
+
+@contextmanager
+def resume_after_block(model, layer: int, outputs: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Inside the context, the k-th forward call skips blocks 0..`layer` and takes `outputs[k]` as the
+    output of block `layer` (e.g. recorded with `read_residual` in an earlier pass over the same inputs).
+
+    Hooks registered on block `layer` *inside* the context (`steer`, `add`, `ablate`, `read_residual`) act
+    on that output as they would on the block's own. The blocks are restored on exit, also on exceptions;
+    a call beyond `len(outputs)`, or one whose shape differs, raises ValueError.
+    """
+    layers = decoder_layers(as_module(model))
+    saved = [layers[i] for i in range(layer + 1)]
+    resume = _Resume(saved[layer])
+    calls = [0]
+
+    def pre_hook(_module, args, kwargs):
+        index = calls[0]
+        calls[0] += 1
+        if index >= len(outputs):
+            raise ValueError(
+                f"forward call {index + 1} after block {layer}, but {len(outputs)} outputs were given"
+            )
+        hidden = outputs[index]
+        if _block_input(args, kwargs).shape != hidden.shape:
+            raise ValueError(
+                f"given output {tuple(hidden.shape)} of block {layer} does not fit forward call {index + 1}"
+            )
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    handle = resume.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        for i in range(layer):
+            layers[i] = _PassThrough()
+        layers[layer] = resume
         yield
     finally:
         for i, module in enumerate(saved):

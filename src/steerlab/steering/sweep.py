@@ -6,17 +6,18 @@ norm |f| x the mean residual norm at L, so grids mean the same thing at every la
 or as raw multipliers m (adds m x v). A grid may also restrict the vector to a fraction of the residual
 dimensions (`steering.dimensions`); the random control gets the same restriction at the same norm.
 
-Every setting at layer L shares the unsteered computation below L: `sweep` runs it once (in the baseline
-pass, which records the residual entering each swept layer for every forward call the metric and the
-side-effect measure make) and each setting then runs only blocks L and above (`hooks.start_at_block`).
+Every setting at layer L shares the unsteered computation up to block L: `sweep` runs it once (in the
+baseline pass, which records the output of each swept layer for every forward call the metric and the
+side-effect measure make) and each setting then runs only the blocks above L and the head, from the
+recorded output with the steering vector added (`hooks.resume_after_block`).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from steerlab.errors import UserError
 from steerlab.evaluate import NeutralText, side_effects
-from steerlab.hooks import Positions, as_module, record_block_input, start_at_block
+from steerlab.hooks import Positions, as_module, read_residual, resume_after_block
 from steerlab.io import atomic_write_text
 from steerlab.models import LoadedModel
 from steerlab.models.architectures import resolve_layer
@@ -139,74 +140,76 @@ def _row(
     }
 
 
-def _call_key(args: tuple, kwargs: dict) -> list:
-    return [*args, *sorted(kwargs.items(), key=lambda item: item[0])]
-
-
-def _same_call(a: list, b: list) -> bool:
-    def same(x, y) -> bool:
-        if isinstance(x, tuple):
-            return isinstance(y, tuple) and len(x) == len(y) and all(same(i, j) for i, j in zip(x, y))
-        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
-            return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and torch.equal(x, y)
-        return x == y
-
-    return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+def _same(x, y) -> bool:
+    """Whether two forward-call arguments are equal (tensors element by element)."""
+    if isinstance(x, tuple | list):
+        return isinstance(y, tuple | list) and len(x) == len(y) and all(_same(i, j) for i, j in zip(x, y))
+    if isinstance(x, dict):
+        return isinstance(y, dict) and x.keys() == y.keys() and all(_same(x[k], y[k]) for k in x)
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+        return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and torch.equal(x, y)
+    return x == y
 
 
 class PrefixCache:
-    """The residual entering each of `layers`, for every forward call one unsteered measurement makes.
+    """The output of each of `layers` for every forward call one unsteered measurement makes.
 
-    `recording()` yields a model whose calls run normally and are recorded; `starting_at(layer)` yields a
-    model whose k-th call runs only blocks `layer` and above, from the k-th recorded input. Both stand in
-    for `lm` inside a metric (calls through `lm.model(...)`); a replayed call must repeat the recorded one
-    (same arguments, in the same order), otherwise a RuntimeError is raised.
+    `recording()` yields a model whose calls run normally and are recorded; inside `resume(layer)`, the
+    k-th call of the model it yields skips blocks 0..`layer` and takes the k-th recorded output of block
+    `layer` (`hooks.resume_after_block`), which steering entered *inside* that context edits as it would
+    the block's own output. Both models stand in for `lm` in a metric (calls through `lm.model(...)`); a
+    replayed call must repeat the recorded one (same arguments, same order), or a RuntimeError is raised.
     """
 
     def __init__(self, lm: LoadedModel, layers: Sequence[int]):
         self.lm = lm
         self.layers = list(dict.fromkeys(layers))
-        self.calls: list[list] = []
-        self.inputs: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
+        self.calls: list[tuple[tuple, dict]] = []  # the (args, kwargs) of each recorded forward call
+        self.outputs: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
 
     def recording(self) -> LoadedModel:
-        return replace(self.lm, model=_Forward(self, None))
+        return replace(self.lm, model=_Forward(self, replay=False))
 
-    def starting_at(self, layer: int) -> LoadedModel:
-        return replace(self.lm, model=_Forward(self, layer))
+    @contextmanager
+    def resume(self, layer: int) -> Iterator[LoadedModel]:
+        forward = _Forward(self, replay=True)
+        with resume_after_block(self.lm.model, layer, self.outputs[layer]):
+            yield replace(self.lm, model=forward)
+        if forward.count != len(self.calls):
+            raise RuntimeError(
+                f"the metric made {forward.count} forward calls where the unsteered pass made {len(self.calls)}"
+            )
 
 
 class _Forward:
-    """Stands in for `lm.model`: forwards attributes to it; calls record or replay through the cache."""
+    """Stands in for `lm.model`: forwards attributes to it; calls are recorded or checked against the
+    recorded ones."""
 
-    def __init__(self, cache: PrefixCache, layer: int | None):
-        self._cache, self._layer, self._count = cache, layer, 0
+    def __init__(self, cache: PrefixCache, replay: bool):
+        self._cache, self._replay, self.count = cache, replay, 0
 
     def __getattr__(self, name: str):
         return getattr(self._cache.lm.model, name)
 
     def __call__(self, *args, **kwargs):
-        model, cache, key = self._cache.lm.model, self._cache, _call_key(args, kwargs)
-        index, self._count = self._count, self._count + 1
-        if self._layer is None:
-            with ExitStack() as stack:
-                seen = {
-                    layer: stack.enter_context(record_block_input(model, layer)) for layer in cache.layers
-                }
-                out = model(*args, **kwargs)
-            if any(len(inputs) != 1 for inputs in seen.values()):
-                raise RuntimeError("a recorded forward call did not run every swept layer once")
-            cache.calls.append(key)
-            for layer, inputs in seen.items():
-                cache.inputs[layer].append(inputs[0])
-            return out
-        if index >= len(cache.calls) or not _same_call(key, cache.calls[index]):
-            raise RuntimeError(
-                "the metric's forward calls differ from the unsteered ones recorded for the sweep "
-                "(a metric must make the same calls every time; pass reuse_prefix=False otherwise)"
-            )
-        with start_at_block(model, self._layer, cache.inputs[self._layer][index]):
+        model, cache = self._cache.lm.model, self._cache
+        index, self.count = self.count, self.count + 1
+        if self._replay:
+            if index >= len(cache.calls) or not _same(cache.calls[index], (args, kwargs)):
+                raise RuntimeError(
+                    "the metric's forward calls differ from the unsteered ones recorded for the sweep "
+                    "(a metric must make the same calls every time; pass reuse_prefix=False otherwise)"
+                )
             return model(*args, **kwargs)
+        seen: dict[int, list[torch.Tensor]] = {layer: [] for layer in cache.layers}
+        with read_residual(model, cache.layers, lambda layer, hidden: seen[layer].append(hidden.detach())):
+            out = model(*args, **kwargs)
+        if any(len(outputs) != 1 for outputs in seen.values()):
+            raise RuntimeError("a recorded forward call did not run every swept layer once")
+        cache.calls.append((args, kwargs))
+        for layer, outputs in seen.items():
+            cache.outputs[layer].append(outputs[0])
+        return out
 
 
 def _variants(
@@ -250,10 +253,10 @@ def sweep(
     same-norm random one restricted to the same dimensions (`seed` draws it and the "random" dimensions).
 
     The unsteered baseline is measured once and appears as rows with vector="none" and fraction 0 at
-    every layer. With `reuse_prefix` (the default) that pass also records the residual entering every
-    swept layer, and each setting runs only the blocks from its layer on; the results are those of
-    running every setting from scratch (`reuse_prefix=False`), which needs memory for the recorded
-    residuals: (tokens the metric and the neutral text feed) x width x swept layers.
+    every layer. With `reuse_prefix` (the default) that pass also records the residual stream at every
+    swept layer, and each setting runs only the blocks above its layer; the results are those of running
+    every setting from scratch (`reuse_prefix=False`), which needs memory for the recorded residuals:
+    (tokens the metric and the neutral text feed) x width x swept layers.
     """
     variants = _variants(vector, grid, controls, seed)
     jobs = [
@@ -278,8 +281,10 @@ def sweep(
         jobs, desc=f"sweep ({split})", disable=not progress, unit="setting"
     ):
         chosen = vectors[option][kind]
-        runner = cache.starting_at(resolve_layer(module, layer)) if reuse_prefix else lm
-        with torch.no_grad(), chosen.apply(lm, layer=layer, multiplier=multiplier, positions=positions):
+        with ExitStack() as stack:  # resume first: the steering hook goes on what stands in for the block
+            runner = stack.enter_context(cache.resume(resolve_layer(module, layer))) if reuse_prefix else lm
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(chosen.apply(lm, layer=layer, multiplier=multiplier, positions=positions))
             scores, effects = measure(runner)
         added = abs(multiplier) * chosen.norm(layer)
         rows.append(_row(split, kind, option, layer, fraction, multiplier, added, scores, effects))
