@@ -281,6 +281,7 @@ def test_save_load_and_derived_vectors(tmp_path):
     assert torch.equal(vector.keep_dimensions(torch.arange(32) < 8).block[:, 8:], torch.zeros(3, 24))
     scaled = vector.rescaled(kept.norm())
     assert abs(scaled.norm() - kept.norm()) < 1e-4 and scaled.metadata["derived"][-1]["method"] == "rescaled"
+    assert scaled.metadata["position_norms"] == pytest.approx(scaled.position_norms())
     with pytest.raises(VectorError, match="0..31"):
         vector.keep_dimensions([32])
 

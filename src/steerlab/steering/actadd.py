@@ -159,6 +159,7 @@ class ActAddVector:
             "derived": [*self.metadata.get("derived", []), {"method": method, **params}],
         }
         metadata["norm"] = float(block.double().norm())
+        metadata["position_norms"] = [float(x) for x in block.double().norm(dim=-1)]
         return ActAddVector(self.layer, block.float(), metadata)
 
     def keep_dimensions(self, dims: torch.Tensor | Sequence[int]) -> ActAddVector:
