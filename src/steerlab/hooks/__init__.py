@@ -1,9 +1,9 @@
 """The one place that registers hooks on a model: reading the residual stream and editing it (`add`:
-gradient-carrying deltas, one per layer or one per row; `steer`: a fixed vector times a multiplier, built on
-`add`; `ablate`: project out a direction), all at the positions a `Positions` spec selects; recording a
-block's or the head's input, starting a forward pass at a later block or after a block whose outputs
-were recorded, capturing Linear inputs and output gradients for influence, and temporary modes (no
-parameter gradients, eager attention).
+gradient-carrying deltas, one per layer or one per row; `add_block`: one delta per prompt position, as in
+ActAdd; `steer`: a fixed vector times a multiplier, built on `add`; `ablate`: project out a direction), all
+at the positions a `Positions` spec selects; recording a block's or the head's input, starting a forward
+pass at a later block or after a block whose outputs were recorded, capturing Linear inputs and output
+gradients for influence, and temporary modes (no parameter gradients, eager attention).
 
 Every hook is removed when its context exits, also on exceptions.
 """
@@ -16,6 +16,7 @@ from steerlab.hooks.residual import (
     StopForward,
     ablate,
     add,
+    add_block,
     as_module,
     capture_residual,
     read_residual,
@@ -29,6 +30,7 @@ __all__ = [
     "StopForward",
     "ablate",
     "add",
+    "add_block",
     "as_module",
     "capture",
     "capture_residual",

@@ -112,6 +112,7 @@ class _StepState:
         self.positions = positions
         self.prompt_len: torch.Tensor | None = None  # (B,) real prompt length per row
         self.prev_ids: torch.Tensor | None = None
+        self.pos: torch.Tensor | None = None  # (B, T) real-token positions of the last uncached call
         self.selection: torch.Tensor | None | str = None  # None: nothing; "all": every token; else (B,T,1)
 
     def before_forward(
@@ -130,6 +131,7 @@ class _StepState:
         mask = attention_mask if attention_mask is not None else torch.ones(batch, seq_len, device=device)
         mask = mask[:, -seq_len:]
         pos = mask.long().cumsum(-1) - 1
+        self.pos = pos
         if not continuing:
             self.prompt_len = mask.long().sum(-1)
         self.prev_ids = input_ids

@@ -1,5 +1,6 @@
-"""Reading and editing the residual stream: `add` (gradient-carrying deltas), `steer` (a fixed vector
-times a multiplier, built on `add`), `ablate` (project out a direction) and readers.
+"""Reading and editing the residual stream: `add` (gradient-carrying deltas), `add_block` (one delta per
+prompt position, as in ActAdd), `steer` (a fixed vector times a multiplier, built on `add`), `ablate`
+(project out a direction) and readers.
 
 The residual stream "at layer L" is the output of decoder block L (what `output_hidden_states[L + 1]`
 returns for every layer but the last, where Hugging Face applies the final norm first). Every hook is
@@ -133,6 +134,98 @@ def add(
     """
     module = as_module(model)
     return _edit_residual(module, _by_layer(module, deltas, "delta"), positions, _plus, "delta")
+
+
+def _blocks_by_layer(module: nn.Module, blocks: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Key per-position blocks by resolved layer, checking each is (n, D) or (B, n, D) with n >= 1."""
+    width = hidden_size(module)
+    n = num_layers(module)
+    chosen: dict[int, torch.Tensor] = {}
+    for layer, tensor in blocks.items():
+        if not -n <= layer < n:
+            raise UserError(f"layer {layer} is out of range for a model with {n} layers (0..{n - 1})")
+        index = layer % n
+        if index in chosen:
+            raise UserError(f"layer {layer} is named twice (as layer {index}): give one block per layer")
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() not in (2, 3) or tensor.shape[-1] != width:
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise UserError(
+                f"the block for layer {layer} has shape {shape}; expected (positions, {width}) or "
+                f"(batch, positions, {width})"
+            )
+        if tensor.shape[-2] == 0:
+            raise UserError(f"the block for layer {layer} has no position")
+        chosen[index] = tensor
+    return chosen
+
+
+@contextmanager
+def add_block(
+    model, blocks: Mapping[int, torch.Tensor], start: int = 1, truncate: bool = False
+) -> Iterator[None]:
+    """Add a per-position block: row i of `blocks[L]` (n, D) is added after block L at prompt position
+    `start + i` of every row (real tokens counted, so left and right padding behave alike); a (B, n, D)
+    block gives each row of a batch of B its own (n, D) block.
+
+    Decode steps never receive it, cached or not, so cached and uncached generation agree. A prompt
+    shorter than `start + n` tokens raises a `UserError` unless `truncate=True`, which adds only the rows
+    that fit. As with `add`, nothing is detached: gradients reach the blocks.
+    """
+    if start < 0:
+        raise UserError(f"add_block: start must be >= 0, got {start}")
+    module = as_module(model)
+    chosen = _blocks_by_layer(module, blocks)
+    longest = max(tensor.shape[-2] for tensor in chosen.values())
+    rows = {layer: t.shape[0] for layer, t in chosen.items() if t.dim() == 3}
+    state = _StepState(Positions(start=start, decode=False, include_sink=start == 0))
+
+    def pre_hook(_module, args, kwargs):
+        input_ids, attention_mask, past_len, reference = _forward_inputs(args, kwargs)
+        batch, seq_len = reference.shape[0], reference.shape[1]
+        for layer, count in rows.items():
+            if count != batch:
+                raise UserError(f"the block for layer {layer} has {count} rows for a batch of {batch}")
+        state.before_forward(input_ids, attention_mask, past_len, seq_len, batch, reference.device)
+        if state.selection is None or truncate:
+            return
+        shortest = int(state.prompt_len.min())
+        if shortest < start + longest:
+            raise UserError(
+                f"a prompt of {shortest} tokens is shorter than the {longest} positions added from "
+                f"position {start}: give a longer prompt or truncate the block"
+            )
+
+    def make_block_hook(tensor: torch.Tensor) -> Callable:
+        count = tensor.shape[-2]
+
+        def hook(_module, _args, output):
+            selection = state.selection
+            if selection is None:  # a cached decode step: nothing to add
+                return None
+            hidden = _hidden_of(output)
+            value = tensor
+            if value.dtype != hidden.dtype or value.device != hidden.device:
+                value = value.to(device=hidden.device, dtype=hidden.dtype)  # differentiable
+            pos = state.pos.to(hidden.device)
+            offset = pos - start
+            inside = selection[..., 0].to(hidden.device) & (offset < count)
+            index = offset.clamp(0, count - 1)
+            if value.dim() == 3:  # one block per row: (B, n, D) -> (B, T, D)
+                gathered = value[torch.arange(value.shape[0], device=hidden.device)[:, None], index]
+            else:
+                gathered = value[index]
+            delta = gathered * inside[..., None]
+            return _replace_hidden(output, hidden + delta)
+
+        return hook
+
+    with ExitStack() as stack:
+        handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        stack.callback(handle.remove)
+        for layer, tensor in chosen.items():
+            handle = block(module, layer).register_forward_hook(make_block_hook(tensor))
+            stack.callback(handle.remove)
+        yield
 
 
 def _like_block(module: nn.Module, layer: int, tensor: torch.Tensor) -> torch.Tensor:

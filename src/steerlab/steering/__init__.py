@@ -1,5 +1,6 @@
 """Activation steering: extracting vectors from contrastive data and applying them."""
 
+from steerlab.steering.actadd import ActAddVector, extract_actadd, generate_actadd
 from steerlab.steering.extract import caa_items, extract_caa, extract_mean_difference, mean_activations
 from steerlab.steering.gguf import ControlVectorFileError, export_control_vector, import_control_vector
 from steerlab.steering.methods import extract_pca_center, extract_pca_diff, extract_probe
@@ -13,6 +14,7 @@ from steerlab.steering.vector import (
 )
 
 __all__ = [
+    "ActAddVector",
     "STRONG_STEERING_RATIO",
     "ControlVectorFileError",
     "InvalidVectorError",
@@ -22,11 +24,13 @@ __all__ = [
     "VectorError",
     "caa_items",
     "export_control_vector",
+    "extract_actadd",
     "extract_caa",
     "extract_mean_difference",
     "extract_pca_center",
     "extract_pca_diff",
     "extract_probe",
+    "generate_actadd",
     "import_control_vector",
     "mean_activations",
 ]

@@ -418,3 +418,38 @@ def add_subcommands(sub) -> None:
     q.add_argument("--gguf", required=True, help="the control-vector .gguf file")
     q.add_argument("--out", required=True, help="output path (writes .safetensors and .json)")
     q.set_defaults(func=cmd_import_gguf)
+    add_actadd_subcommand(sub)
+
+
+# --- ActAdd ------------------------------------------------------------------------------------------
+
+
+def cmd_actadd(ns: argparse.Namespace) -> None:
+    from steerlab.options import from_namespace
+    from steerlab.steering.commands import ActAddArgs, actadd
+
+    args = from_namespace(ActAddArgs, ns, progress=not getattr(ns, "quiet", False))
+    out = actadd(args)
+    print(
+        f"ActAdd at layer {out['layer']}: {out['positions']} position(s) after the sink, |block| = "
+        f"{out['norm']:.3f}, coefficient {out['coefficient']:g}"
+    )
+    if args.out:
+        print(f"saved {args.out}.safetensors (+ .json metadata)")
+    for prompt, plain, steered in zip(out["prompts"], out["unsteered"], out["steered"]):
+        print(f"### {prompt}\n--- unsteered:\n{prompt}{plain}\n--- steered:\n{prompt}{steered}\n")
+
+
+def add_actadd_subcommand(sub) -> None:
+    """`steerlab actadd`: extract (or load) an ActAdd vector, generate unsteered and steered."""
+    from steerlab.options import add_arguments
+    from steerlab.steering.commands import ActAddArgs
+
+    p = sub.add_parser(
+        "actadd",
+        help="ActAdd: a prompt pair's per-position difference added at the front of the prompt",
+        description='e.g. steerlab actadd --positive " weddings" --negative " " --layer 6 --coefficient 4 '
+        '--prompt "I went up to my friend and said" --out vectors/weddings',
+    )
+    add_arguments(p, ActAddArgs)
+    p.set_defaults(func=cmd_actadd)

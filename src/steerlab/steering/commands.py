@@ -17,7 +17,7 @@ from steerlab.data.sources import DataRef, Dataset, load_dataset, load_texts, lo
 from steerlab.errors import UserError
 from steerlab.io import check_output_file
 from steerlab.models import LoadedModel
-from steerlab.options import ModelArgs
+from steerlab.options import ModelArgs, option
 
 log = logging.getLogger(__name__)
 
@@ -340,3 +340,96 @@ def generate(args: GenerateArgs, lm: LoadedModel | None = None) -> dict:
             out["steered"] = run_generation(lm, prompts, **kwargs)
         out.update(layer=layer, multiplier=multiplier)
     return out
+
+
+# --- ActAdd: one prompt pair, added at the front of the prompt ---------------------------------------
+
+
+@dataclass(kw_only=True)
+class ActAddArgs(ModelArgs):
+    """Extract (or load) an ActAdd vector and generate unsteered and steered continuations."""
+
+    positive: str | None = field(default=None, metadata=option('positive side of the pair, e.g. " weddings"'))
+    negative: str = field(default=" ", metadata=option("negative side of the pair"))
+    layer: int = field(default=6, metadata=option("layer whose output receives the block"))
+    coefficient: float = field(default=4.0, metadata=option("the block is multiplied by this"))
+    prompt: list[str] = field(
+        default_factory=list, metadata=option("a raw-text prompt (repeatable)", append=True)
+    )
+    prompts_file: str | None = field(default=None, metadata=option("a file of prompts, one per line"))
+    max_new_tokens: int = field(default=32, metadata=option("tokens generated per prompt"))
+    pad: str = field(default=" ", metadata=option("one-token text that right-pads the shorter side"))
+    sink: str | None = field(
+        default=None, metadata=option("position-0 token (default: BOS, else <|endoftext|>)")
+    )
+    truncate: bool = field(
+        default=False,
+        metadata=option("add only the block positions that fit a short prompt (default: error)"),
+    )
+    vector: str | None = field(default=None, metadata=option("a saved ActAdd vector instead of a pair"))
+    out: str | None = field(
+        default=None, metadata=option("save the extracted vector here (.safetensors + .json)")
+    )
+
+
+def actadd(args: ActAddArgs, lm: LoadedModel | None = None) -> dict:
+    """Extract the ActAdd vector of a pair (or load one) and generate greedily without and with it.
+
+    Returns {"prompts", "unsteered", "steered", "layer", "coefficient", "positions", "norm"}.
+    """
+    import math
+
+    from steerlab.steering.actadd import ActAddVector, extract_actadd, generate_actadd
+
+    if (args.vector is None) == (args.positive is None):
+        raise UserError(
+            "--positive: give a prompt pair (--positive, --negative) or a saved --vector, not both"
+        )
+    for option_name, text in (
+        ("--positive", args.positive),
+        ("--negative", args.negative),
+        ("--pad", args.pad),
+    ):
+        if args.vector is None and text == "":
+            raise UserError(
+                f"{option_name}: empty text encodes to no token (ActAdd's neutral side is ' ', a space)"
+            )
+    if not math.isfinite(args.coefficient):
+        raise UserError(f"--coefficient: {args.coefficient} is not a finite number")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens: must be at least 1, got {args.max_new_tokens}")
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        prompts += load_texts(args.prompts_file, "--prompts-file")
+    if not prompts:
+        raise UserError("--prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    out = check_output_file(Path(f"{args.out}.safetensors"), "--out").with_suffix("") if args.out else None
+    loaded = None
+    if args.vector is not None:
+        from steerlab.io import ResultFileError
+
+        try:
+            loaded = ActAddVector.load(args.vector)
+        except ResultFileError as error:
+            raise ResultFileError(f"--vector: {error}") from None
+    lm = lm or args.load()
+    if loaded is None:
+        vector = extract_actadd(lm, args.positive, args.negative, args.layer, pad=args.pad, sink=args.sink)
+    else:
+        vector = loaded
+    if out is not None:
+        vector.save(out)
+    sink = args.sink if args.sink is not None else (vector.metadata.get("sink") or {}).get("token")
+    common = dict(max_new_tokens=args.max_new_tokens, truncate=args.truncate, sink=sink)
+    log.info("generating for %d prompt(s), unsteered and steered", len(prompts))
+    plain = generate_actadd(lm, prompts, None, **common)
+    steered = generate_actadd(lm, prompts, vector, args.coefficient, **common)
+    return {
+        "prompts": prompts,
+        "unsteered": plain,
+        "steered": steered,
+        "layer": vector.layer,
+        "coefficient": args.coefficient,
+        "positions": vector.positions,
+        "norm": vector.norm(),
+    }
