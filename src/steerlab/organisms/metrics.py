@@ -99,6 +99,28 @@ def refusal_direction_check(
     )
 
 
+def ablation_scan(
+    lm: LoadedModel,
+    harmful_train: Sequence[str],
+    harmless_train: Sequence[str],
+    val_prompts: Sequence[str],
+    layers: Sequence[int],
+    *,
+    max_new_tokens: int = 32,
+    progress: bool = False,
+) -> dict[int, Rate]:
+    """Refusal rate on `val_prompts` with the refusal direction of each layer in `layers` ablated at every
+    layer; the layer with the lowest rate is the one to use on test prompts (choose it on validation
+    prompts, never on the test prompts)."""
+    vector = extract_prompt_difference(lm, harmful_train, harmless_train, layers, progress=progress)
+    out = {}
+    for layer in sorted(vector.vectors):
+        with ablate(lm, vector.vectors[layer]):
+            flags, _ = refusals(lm, val_prompts, max_new_tokens, progress=progress)
+        out[layer] = Rate.of(flags)
+    return out
+
+
 @dataclass
 class OrganismMetrics:
     """The organism's behaviour against its base model, measured on held-out prompts."""
