@@ -20,6 +20,8 @@ EXAMPLES = """examples:
   steerlab extract --data caa:sycophancy --split train --limit 200 --layers 13 --out vectors/syco
   steerlab evaluate --vector vectors/syco --data caa:sycophancy/test_ab --limit 50 --layer 13
   steerlab serve --vectors vectors --results results
+  steerlab organism build --name smollm2-135m-refusal
+  steerlab organism evaluate --out results/organism
 (caa:BEHAVIOUR downloads the pinned CAA file once; everything else runs offline)
 """
 
@@ -39,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     importlib.import_module("steerlab.steering.cli").add_subcommands(sub)
-    for package in ("steerlab.influence", "steerlab.hessian", "steerlab.playground"):
+    for package in ("steerlab.influence", "steerlab.hessian", "steerlab.organisms", "steerlab.playground"):
         importlib.import_module(f"{package}.cli").add_subcommands(sub)
     return parser
 

@@ -1,8 +1,19 @@
 """Measuring behaviour: answer probabilities, word preference, side effects (perplexity/KL, capability on
-MMLU/TruthfulQA), generation, soft metrics of text (BERTScore, embedding similarity), statistics."""
+MMLU/TruthfulQA), generation, soft metrics of text (BERTScore, embedding similarity), refusal judges,
+statistics."""
 
 from steerlab.evaluate.capability import CapabilityResult, evaluate_capability, load_benchmark
 from steerlab.evaluate.generation import generate
+from steerlab.evaluate.judges import (
+    Judge,
+    JudgeError,
+    ModelJudge,
+    PhraseJudge,
+    is_refusal,
+    load_judge,
+    refusal_rate,
+    refusal_score,
+)
 from steerlab.evaluate.probability import (
     ABPrompts,
     ABScores,
@@ -37,6 +48,11 @@ __all__ = [
     "KeywordCounts",
     "NeutralText",
     "PassagePerplexity",
+    "Judge",
+    "JudgeError",
+    "ModelJudge",
+    "NeutralText",
+    "PhraseJudge",
     "SideEffects",
     "WordPreference",
     "ab_scores",
@@ -51,11 +67,16 @@ __all__ = [
     "last_token_logprobs",
     "load_benchmark",
     "passage_perplexity",
+    "is_refusal",
+    "last_token_logprobs",
+    "load_judge",
     "prepare_ab",
     "prepare_neutral",
     "prepare_word_preference",
     "projections",
     "sentence_embeddings",
+    "refusal_rate",
+    "refusal_score",
     "separability",
     "side_effects",
     "similarity_matrix",

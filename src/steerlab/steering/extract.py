@@ -265,3 +265,49 @@ def extract_mean_difference(
         dataset=_dataset_metadata(texts, source),
         **prompt_metadata(lm.tokenizer, system_prompt, chat=chat),
     )
+
+
+# --- prompt difference: mean residual at the last prompt token, one prompt set against another ---
+
+
+def extract_prompt_difference(
+    lm: LoadedModel,
+    positive_prompts: Sequence[str],
+    negative_prompts: Sequence[str],
+    layers: Sequence[int],
+    read: str = "last",
+    chat: bool = True,
+    system_prompt: str | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> SteeringVector:
+    """mean(residual | positive prompts) - mean(residual | negative prompts) at each layer.
+
+    The prompts need not be paired (e.g. harmful versus harmless instructions: the refusal direction).
+    With `chat=True` (default) each prompt is a user turn of the chat template, read at its last token
+    (the end of the generation prompt, where the reply is decided) or averaged over its positions with
+    `read="mean"`; position 0 (BOS / the attention sink) is never read.
+    """
+    check_system_prompt(system_prompt, chat)
+    for side, prompts in (("positive_prompts", positive_prompts), ("negative_prompts", negative_prompts)):
+        if isinstance(prompts, str):
+            raise UserError(f"{side}: expected a list of prompts, got one string")
+        if not prompts:
+            raise UserError(f"{side}: no prompt given")
+        if not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise UserError(f"{side}: every prompt must be a non-empty string")
+    positive = [text_read_spec(lm, p, read, system_prompt, chat) for p in positive_prompts]
+    negative = [text_read_spec(lm, p, read, system_prompt, chat) for p in negative_prompts]
+    if any(spec.positions == [0] for spec in (*positive, *negative)):
+        raise UserError("a prompt is a single token: position 0 (the attention sink) is never read")
+    return difference_vector(
+        lm,
+        positive,
+        negative,
+        layers,
+        method=f"prompt-difference-{read}",
+        batch_size=batch_size,
+        progress=progress,
+        dataset={"positive": len(positive), "negative": len(negative)},
+        **prompt_metadata(lm.tokenizer, system_prompt, chat=chat),
+    )
