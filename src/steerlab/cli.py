@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     importlib.import_module("steerlab.steering.cli").add_subcommands(sub)
-    for package in ("steerlab.influence", "steerlab.hessian"):
+    for package in ("steerlab.influence", "steerlab.hessian", "steerlab.finetune"):
         importlib.import_module(f"{package}.cli").add_subcommands(sub)
     return parser
 
