@@ -19,6 +19,7 @@ EXAMPLES = """examples:
   steerlab extract --experiment builtin:sentiment --out vectors/sentiment
   steerlab extract --data caa:sycophancy --split train --limit 200 --layers 13 --out vectors/syco
   steerlab evaluate --vector vectors/syco --data caa:sycophancy/test_ab --limit 50 --layer 13
+  steerlab compare --layers 15 --steps 30 --rank 4 --out results/compare
 (caa:BEHAVIOUR downloads the pinned CAA file once; everything else runs offline)
 """
 
