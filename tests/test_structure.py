@@ -97,7 +97,7 @@ def test_no_import_cycles():
 
 def test_shared_layers_do_not_import_capabilities():
     """evaluate/data/hooks/models/report serve every capability and import none of them."""
-    capabilities = ("steerlab.steering", "steerlab.influence", "steerlab.hessian")
+    capabilities = ("steerlab.steering", "steerlab.influence", "steerlab.hessian", "steerlab.finetune")
     shared = ("steerlab.evaluate", "steerlab.data", "steerlab.hooks", "steerlab.models", "steerlab.report")
     graph = import_graph()
     offenders = {

@@ -22,6 +22,7 @@ EXAMPLES = """examples:
   steerlab serve --vectors vectors --results results
   steerlab organism build --name smollm2-135m-refusal
   steerlab organism evaluate --out results/organism
+  steerlab compare --layers 15 --steps 30 --rank 4 --out results/compare
 (caa:BEHAVIOUR downloads the pinned CAA file once; everything else runs offline)
 """
 
@@ -41,7 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     importlib.import_module("steerlab.steering.cli").add_subcommands(sub)
-    for package in ("steerlab.influence", "steerlab.hessian", "steerlab.organisms", "steerlab.playground"):
+    for package in (
+        "steerlab.influence",
+        "steerlab.hessian",
+        "steerlab.organisms",
+        "steerlab.finetune",
+        "steerlab.playground",
+    ):
         importlib.import_module(f"{package}.cli").add_subcommands(sub)
     return parser
 

@@ -1,0 +1,114 @@
+"""`steerlab compare` as a library function over its argument dataclass; inputs are checked before the
+model loads (the layer range right after)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from steerlab.data import PairedTexts, PromptSet, load_builtin
+from steerlab.data.sources import load_dataset, load_word_lists
+from steerlab.errors import UserError
+from steerlab.evaluate import prepare_neutral
+from steerlab.finetune.compare import compare_layer, split_like_demo
+from steerlab.finetune.train import LOSSES, TARGETS, TrainConfig
+from steerlab.hooks import Positions
+from steerlab.io import check_output_folder, write_json
+from steerlab.models import LoadedModel
+from steerlab.models.architectures import num_layers
+from steerlab.options import ModelArgs, check_at_least, check_choice, option, parse_layers
+from steerlab.steering.metrics import behaviour_metric
+
+
+@dataclass(kw_only=True)
+class CompareArgs(ModelArgs):
+    """Steering vs a trained bias vector vs LoRA at each of `layers`, on the demo's splits."""
+
+    out: str | os.PathLike = field(metadata=option("output folder"))
+    layers: str | list[int] = field(default="15", metadata=option("layers, e.g. 15 or 9,15,21"))
+    steps: int = field(default=50, metadata=option("Adam steps of each trained method"))
+    lr: float = field(default=1e-2, metadata=option("Adam learning rate"))
+    batch_size: int = field(default=4, metadata=option("training pairs per step"))
+    rank: int = field(default=4, metadata=option("LoRA rank"))
+    target: str = field(default="both", metadata=option("LoRA on attention, MLP or both", choices=TARGETS))
+    loss: str = field(
+        default="positive",
+        metadata=option("positive: NLL of positive texts; contrast: minus that of negatives", choices=LOSSES),
+    )
+    caa_fraction: float = field(default=0.1, metadata=option("CAA multiplier as a fraction of residual norm"))
+    positions: str = field(default="all", metadata=option("where vectors are added: all, from:K, at:I,J"))
+    seed: int = field(default=0, metadata=option("seed of the splits, batches and LoRA init"))
+    pairs: str = field(default="builtin:sentiment", metadata=option("paired texts (training)"))
+    prompts: str = field(default="builtin:sentiment-prompts", metadata=option("prompts (split; test half)"))
+    words: str = field(default="builtin:sentiment-words", metadata=option("word lists of the metric"))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, str):
+            self.layers = parse_layers(self.layers) or []
+        if not self.layers:
+            raise UserError("--layers: give at least one layer")
+        check_at_least(self.steps, 1, "--steps")
+        check_at_least(self.rank, 1, "--rank")
+        check_at_least(self.batch_size, 1, "--batch-size")
+        if not self.lr > 0:
+            raise UserError(f"--lr: must be positive, got {self.lr}")
+        check_choice(self.target, TARGETS, "--target")
+        check_choice(self.loss, LOSSES, "--loss")
+        Positions.parse(self.positions)
+
+
+def run_compare(args: CompareArgs, lm: LoadedModel | None = None) -> dict:
+    """Write the comparison (rows.json, report.md/html, effects.png, trained results) into `args.out`."""
+    from steerlab.finetune.report import write_report
+
+    out = check_output_folder(args.out, "--out")
+    pairs = load_dataset(args.pairs, (PairedTexts,), "--pairs", "compare")
+    prompts = load_dataset(args.prompts, (PromptSet,), "--prompts", "compare")
+    words = load_word_lists(args.words, "--words")
+    pairs_train, _, prompts_test = split_like_demo(pairs, prompts, args.seed)
+    if not len(pairs_train) or not len(prompts_test):
+        raise UserError(
+            f"--pairs/--prompts: too few items to split ({len(pairs)} pairs, {len(prompts)} prompts)"
+        )
+    started = time.perf_counter()
+    lm = lm or args.load()
+    n = num_layers(lm.model)
+    for layer in args.layers:
+        if not 0 <= layer < n:
+            raise UserError(f"--layers: layer {layer} is out of range; the model has layers 0..{n - 1}")
+    out.mkdir(parents=True, exist_ok=True)
+    metric = behaviour_metric(lm, prompts_test, words)
+    neutral = prepare_neutral(lm, load_builtin("neutral-text"))
+    positions = Positions.parse(args.positions)
+    rows = []
+    for layer in args.layers:
+        config = TrainConfig(layer, args.steps, args.lr, args.batch_size, args.seed, args.loss)
+        layer_rows, results = compare_layer(
+            lm, pairs_train, metric, neutral, config, rank=args.rank, target=args.target,
+            caa_fraction=args.caa_fraction, positions=positions, progress=args.progress,
+        )  # fmt: skip
+        results["bias"].save(out / f"layer{layer}-bias")
+        results["lora"].save(out / f"layer{layer}-lora")
+        results["caa"].save(out / f"layer{layer}-caa")
+        rows += layer_rows
+    summary = {
+        "title": f"Steering vs trained interventions on {lm.info.name}",
+        "behaviour": f"{pairs.name}: p(positive next word) on {prompts.name}",
+        "model": lm.info.name,
+        "layers": list(args.layers),
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "loss": args.loss,
+        "rank": args.rank,
+        "target": args.target,
+        "seed": args.seed,
+        "n_pairs_train": len(pairs_train),
+        "n_prompts_test": len(prompts_test),
+        "seconds": time.perf_counter() - started,
+    }
+    write_json(out / "rows.json", rows)
+    write_json(out / "summary.json", summary)
+    write_report(out, rows, summary)
+    return {**summary, "rows": rows}

@@ -1,0 +1,251 @@
+"""Trained interventions at one layer: a bias vector added to the residual stream, and LoRA on the layer's
+attention and/or MLP weights, both trained on the same loss, data, steps and seed.
+
+Loss ("positive"): the mean token NLL of the positive texts. Loss ("contrast"): that minus the mean token
+NLL of the paired negative texts. Each step draws `batch_size` pairs (seeded) and takes one Adam step.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from steerlab.data import PairedTexts, encode
+from steerlab.data.batching import pad_batch
+from steerlab.errors import UserError
+from steerlab.hooks import Positions, add
+from steerlab.io import load_result, save_result
+from steerlab.models import LoadedModel, wrap
+from steerlab.models.architectures import block, hidden_size, num_layers
+
+LOSSES = ("positive", "contrast")
+TARGETS = ("attn", "mlp", "both")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The shared budget and recipe: steps of Adam at `lr` on `batch_size` pairs, seeded."""
+
+    layer: int
+    steps: int = 50
+    lr: float = 1e-2
+    batch_size: int = 4
+    seed: int = 0
+    loss: str = "positive"
+
+    def check(self, n_layers: int | None = None) -> None:
+        """Validate without a model (`n_layers` None) or against the model's depth."""
+        if self.steps <= 0:
+            raise UserError(f"--steps must be at least 1, got {self.steps}")
+        if self.batch_size <= 0:
+            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if self.loss not in LOSSES:
+            raise UserError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if n_layers is not None and not 0 <= self.layer < n_layers:
+            raise UserError(f"--layer {self.layer} is out of range: the model has layers 0..{n_layers - 1}")
+
+
+def check_pairs(pairs: PairedTexts, option: str = "--data") -> None:
+    if not len(pairs.positive):
+        raise UserError(f"{option}: no paired texts to train on")
+
+
+@dataclass
+class TrainedIntervention:
+    """What training produced: tensors (the bias, or LoRA adapter weights), the loss curve and the budget."""
+
+    kind: str  # "bias" or "lora"
+    tensors: dict[str, torch.Tensor]
+    config: dict
+    losses: list[float]
+    trainable_params: int
+    tokens_seen: int
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> Path:
+        metadata = {
+            "kind": self.kind,
+            "config": self.config,
+            "losses": self.losses,
+            "trainable_params": self.trainable_params,
+            "tokens_seen": self.tokens_seen,
+            "seconds": self.seconds,
+            "extra": self.extra,
+        }
+        return save_result(path, self.tensors, metadata, kind="TrainedIntervention")
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainedIntervention:
+        tensors, meta = load_result(path, "TrainedIntervention")
+        meta.pop("model", None)
+        return cls(tensors=tensors, **meta)
+
+
+def _tokenised(lm: LoadedModel, texts: list[str]) -> list[list[int]]:
+    out = [encode(lm.tokenizer, t) for t in texts]
+    if any(len(ids) < 2 for ids in out):
+        raise UserError("every training text needs at least two tokens (one to predict)")
+    return out
+
+
+def mean_nll(lm: LoadedModel, sequences: list[list[int]]) -> tuple[torch.Tensor, int]:
+    """Mean next-token NLL over all predicted tokens of `sequences` (one padded batch) and their count."""
+    ids, mask = pad_batch(sequences, lm.tokenizer.pad_token_id or 0, lm.device)
+    logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+    valid = mask[:, 1:].bool()
+    logprobs = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+    return -logprobs[valid].mean(), int(valid.sum())
+
+
+def behaviour_loss(
+    lm: LoadedModel, pos: list[list[int]], neg: list[list[int]], loss: str
+) -> tuple[torch.Tensor, int]:
+    """The training loss on one batch (see the module docstring) and the tokens it predicted."""
+    value, tokens = mean_nll(lm, pos)
+    if loss == "contrast":
+        neg_value, neg_tokens = mean_nll(lm, neg)
+        value, tokens = value - neg_value, tokens + neg_tokens
+    return value, tokens
+
+
+def _train(
+    lm: LoadedModel,
+    pairs: PairedTexts,
+    config: TrainConfig,
+    params: list[nn.Parameter],
+    context,
+    desc: str,
+    progress: bool,
+) -> tuple[list[float], int, float]:
+    """Adam on `params` with `context()` active during each forward pass; (losses, tokens, seconds)."""
+    pos, neg = _tokenised(lm, pairs.positive), _tokenised(lm, pairs.negative)
+    generator = torch.Generator().manual_seed(config.seed)
+    optimiser = torch.optim.Adam(params, lr=config.lr)
+    losses, tokens_seen = [], 0
+    started = time.perf_counter()
+    for _ in tqdm(range(config.steps), desc=desc, disable=not progress, unit="step"):
+        rows = torch.randperm(len(pos), generator=generator)[: config.batch_size].tolist()
+        optimiser.zero_grad()
+        with context():
+            value, tokens = behaviour_loss(lm, [pos[i] for i in rows], [neg[i] for i in rows], config.loss)
+        value.backward()
+        optimiser.step()
+        losses.append(float(value.detach()))
+        tokens_seen += tokens
+    return losses, tokens_seen, time.perf_counter() - started
+
+
+def _frozen(lm: LoadedModel) -> list[tuple[nn.Parameter, bool]]:
+    state = [(p, p.requires_grad) for p in lm.model.parameters()]
+    for p, _ in state:
+        p.requires_grad_(False)
+    return state
+
+
+def train_bias(
+    lm: LoadedModel,
+    pairs: PairedTexts,
+    config: TrainConfig,
+    positions: Positions | None = None,
+    progress: bool = True,
+) -> TrainedIntervention:
+    """A vector b (zero-initialised) added after block `config.layer` at `positions` (default: all but the
+    sink, as steering adds vectors), trained by Adam; the model's weights are left alone."""
+    config.check(num_layers(lm.model))
+    check_pairs(pairs)
+    torch.manual_seed(config.seed)
+    bias = nn.Parameter(torch.zeros(hidden_size(lm.model), dtype=torch.float32, device=lm.device))
+    state = _frozen(lm)
+    try:
+        losses, tokens, seconds = _train(
+            lm,
+            pairs,
+            config,
+            [bias],
+            lambda: add(lm, {config.layer: bias}, positions),
+            "bias vector",
+            progress,
+        )
+    finally:
+        for p, flag in state:
+            p.requires_grad_(flag)
+    return TrainedIntervention(
+        "bias", {"bias": bias.detach().clone()}, vars(config).copy(), losses, bias.numel(), tokens, seconds
+    )
+
+
+def lora_targets(model: nn.Module, layer: int, target: str) -> list[str]:
+    """Full names of the nn.Linear modules of block `layer` in its attention ("attn"), MLP or both."""
+    if target not in TARGETS:
+        raise UserError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+    owner = block(model, layer)
+    prefix = next(name for name, module in model.named_modules() if module is owner)
+    wanted = ("attn", "mlp") if target == "both" else (target,)
+    names = [
+        f"{prefix}.{name}"
+        for name, module in owner.named_modules()
+        if isinstance(module, nn.Linear) and any(w in name.split(".")[0] for w in wanted)
+    ]
+    if not names:
+        raise UserError(f"block {layer} has no linear layers under its {target} module(s)")
+    return names
+
+
+def lora_model(lm: LoadedModel, tensors: dict[str, torch.Tensor], layer: int, rank: int, target: str):
+    """A copy of `lm` with a LoRA adapter (weights `tensors`, or fresh ones if empty) on `layer`; the
+    original model is untouched."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    copied = copy.deepcopy(lm.model)
+    names = lora_targets(copied, layer, target)
+    peft_config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=names, bias="none")
+    peft_model = get_peft_model(copied, peft_config)
+    if tensors:
+        set_peft_model_state_dict(peft_model, tensors)
+    return peft_model, wrap(peft_model.base_model.model, lm.tokenizer, name=lm.info.name + "+lora")
+
+
+def train_lora(
+    lm: LoadedModel,
+    pairs: PairedTexts,
+    config: TrainConfig,
+    rank: int = 4,
+    target: str = "both",
+    progress: bool = True,
+) -> tuple[TrainedIntervention, LoadedModel]:
+    """LoRA (rank `rank`, alpha = rank) on block `config.layer`'s attention and/or MLP linears, trained
+    like the bias; returns the result and a LoadedModel of a trained copy (the given model is untouched)."""
+    from peft import get_peft_model_state_dict
+
+    if rank <= 0:
+        raise UserError(f"--rank must be at least 1, got {rank}")
+    config.check(num_layers(lm.model))
+    check_pairs(pairs)
+    torch.manual_seed(config.seed)  # LoRA's A matrices are drawn at random
+    peft_model, tuned = lora_model(lm, {}, config.layer, rank, target)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    losses, tokens, seconds = _train(tuned, pairs, config, params, nullcontext, "LoRA", progress)
+    tensors = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    return (
+        TrainedIntervention(
+            "lora",
+            tensors,
+            vars(config).copy(),
+            losses,
+            sum(p.numel() for p in params),
+            tokens,
+            seconds,
+            {"rank": rank, "target": target},
+        ),
+        tuned,
+    )
