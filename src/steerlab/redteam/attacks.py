@@ -389,16 +389,17 @@ def batch_scores(
     batches: Sequence[Batch],
     objective: Objective,
     delta: torch.Tensor | None,
-    use_cache: bool = True,
+    caches: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The objective per prompt (N,) under `delta` ((D,) or one row per prompt (N, D))."""
-    n = sum(len(b.rows) for b in batches)
-    out = torch.empty(n, dtype=torch.float64)
-    for batch in batches:
-        rows = torch.tensor(batch.rows)
-        part = delta[rows] if delta is not None and delta.dim() == 2 else delta
+    """The objective per prompt of `batches` (in row order) under `delta` ((D,) or one row per prompt);
+    `caches` (one `block_input` per batch, reusable across deltas) skip the blocks below `layer`."""
+    rows = [r for b in batches for r in b.rows]
+    out = torch.empty(max(rows) + 1 if rows else 0, dtype=torch.float64)
+    for index, batch in enumerate(batches):
+        where = torch.tensor(batch.rows)
+        part = delta[where] if delta is not None and delta.dim() == 2 else delta
         if part is not None:
             part = part.to(lm.device, lm.dtype)
-        cache = block_input(lm, layer, batch) if use_cache else None
-        out[rows] = objective(forward_logits(lm, layer, batch, part, cache), batch).double().cpu()
-    return out
+        cache = caches[index] if caches is not None else block_input(lm, layer, batch)
+        out[where] = objective(forward_logits(lm, layer, batch, part, cache), batch).double().cpu()
+    return out[rows]

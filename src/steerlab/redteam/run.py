@@ -80,6 +80,16 @@ class Runner:
         self.test = A.make_batches(lm, prompts.harmful_test, None, bs)
         self.test_target = A.make_batches(lm, prompts.harmful_test, target, bs)
         self.neutral: NeutralText | None = None
+        self._caches: dict[tuple[str, int], list[torch.Tensor]] = {}
+
+    def caches(self, which: str, layer: int) -> list[torch.Tensor]:
+        """Block inputs at `layer` of the test or train batches, computed once per layer."""
+        key = (which, layer)
+        if key not in self._caches:
+            self._caches = {k: v for k, v in self._caches.items() if k[1] == layer}
+            batches = self.test if which == "test" else self.train
+            self._caches[key] = [A.block_input(self.lm, layer, b) for b in batches]
+        return self._caches[key]
 
     # -- judging -------------------------------------------------------------------------------
     def refused(
@@ -88,7 +98,11 @@ class Runner:
         """(refused per test prompt, replies) for the first `n` test prompts (all by default)."""
         prompts = self.prompts.harmful_test[: n or None]
         if self.judge is None:  # the first-token refusal score
-            scores = A.batch_scores(self.lm, layer, self.test, self.score, delta)[: len(prompts)]
+            needed = [i for i, b in enumerate(self.test) if b.rows[0] < len(prompts)]
+            caches = self.caches("test", layer)
+            scores = A.batch_scores(
+                self.lm, layer, [self.test[i] for i in needed], self.score, delta, [caches[i] for i in needed]
+            )[: len(prompts)]
             shown = self.args.show
             part = delta[:shown] if delta is not None and delta.dim() == 2 else delta
             replies = generate_perturbed(self.lm, prompts[:shown], layer, part, self.args.max_new_tokens)
@@ -169,8 +183,10 @@ class Runner:
                 args.lr,
                 args.seed,
             )
+            caches = self.caches("train", layer)
             train_scores = [
-                float(A.batch_scores(self.lm, layer, self.train, self.score, v).mean()) for v in vectors
+                float(A.batch_scores(self.lm, layer, self.train, self.score, v, caches).mean())
+                for v in vectors
             ]
             best = min(range(len(vectors)), key=train_scores.__getitem__)
             extra = {"target_layer": target, "train_refusal_scores": train_scores, "selected": best}
