@@ -269,7 +269,7 @@ def universal_attack(
             loss.backward()
             opt.step()
             project(delta, radius)
-            losses.append(float(loss))
+            losses.append(loss.item())
     return delta.detach(), Trace(losses)
 
 
@@ -299,7 +299,7 @@ def per_prompt_attack(
                 loss.sum().backward()  # rows are independent: each gets its own gradient
                 opt.step()
                 project(delta, radius)
-                losses[step] += float(loss.sum()) / sum(len(b.rows) for b in batches)
+                losses[step] += loss.sum().item() / sum(len(b.rows) for b in batches)
             out.append(delta.detach())
     return torch.cat(out), Trace(losses)
 
@@ -364,7 +364,7 @@ def melbo_attack(
                 loss.backward()
                 opt.step()
                 constrain(delta)
-                losses.append(float(loss))
+                losses.append(loss.item())
             found.append(delta.detach())
     return torch.stack(found), Trace(losses)
 
