@@ -10,7 +10,7 @@ import pytest
 
 from steerlab.data import ABDataset, PairedTexts, PromptSet, list_builtin, load_builtin
 
-NAMES = ["sentiment", "sentiment-prompts", "sentiment-words", "sentiment-ab", "neutral-text"]
+NAMES = ["sentiment", "sentiment-prompts", "sentiment-words", "sentiment-ab", "neutral-text", "near-miss"]
 
 
 def test_listed_and_shipped_as_package_data():
@@ -79,3 +79,11 @@ def test_neutral_text():
     texts = load_builtin("neutral-text")
     assert isinstance(texts, list) and 15 <= len(texts) <= 30
     assert all(isinstance(t, str) and t.endswith(".") for t in texts)
+
+
+def test_near_miss_has_a_held_out_test_part():
+    parts = load_builtin("near-miss")
+    assert sorted(parts) == ["test", "train"]
+    assert len(parts["train"]) >= 25 and len(parts["test"]) >= 25
+    assert not set(parts["train"]) & set(parts["test"])
+    assert all(text.endswith("?") for part in parts.values() for text in part)

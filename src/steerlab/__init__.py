@@ -2,6 +2,7 @@
 
 import importlib
 
+from steerlab import organisms as _organisms  # noqa: F401  (registers the organisms with load_model)
 from steerlab.models import LoadedModel, load_model
 
 __version__ = "0.1.0"
@@ -14,6 +15,7 @@ _SUBPACKAGES = {
     "hooks",
     "influence",
     "models",
+    "organisms",
     "report",
     "steering",
 }

@@ -19,7 +19,9 @@ EXAMPLES = """examples:
   steerlab extract --experiment builtin:sentiment --out vectors/sentiment
   steerlab extract --data caa:sycophancy --split train --limit 200 --layers 13 --out vectors/syco
   steerlab evaluate --vector vectors/syco --data caa:sycophancy/test_ab --limit 50 --layer 13
-  steerlab redteam run --data DATA/refusal_direction --layers 9,15 --eps 0.25,0.5,1 --out results/rt
+  steerlab organism build --name smollm2-135m-refusal
+  steerlab organism evaluate --out results/organism
+  steerlab redteam run --model smollm2-135m-refusal --data DATA/refusal_direction --layers 6,12 --out results/rt
 (caa:BEHAVIOUR downloads the pinned CAA file once; everything else runs offline)
 """
 
@@ -39,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     importlib.import_module("steerlab.steering.cli").add_subcommands(sub)
-    for package in ("steerlab.influence", "steerlab.hessian", "steerlab.redteam"):
+    for package in ("steerlab.influence", "steerlab.hessian", "steerlab.organisms", "steerlab.redteam"):
         importlib.import_module(f"{package}.cli").add_subcommands(sub)
     return parser
 

@@ -17,6 +17,7 @@ _DESCRIPTIONS = {
     "sentiment-words": "dict[str, list[str]]: single positive / negative evaluative words",
     "sentiment-ab": "ABDataset: which reply is more cheerful (matching = the cheerful one), letters balanced",
     "neutral-text": "list[str]: plain neutral factual sentences (perplexity side effects)",
+    "near-miss": "dict[str, list[str]]: harmless requests worded like harmful ones; 'train' and held-out 'test'",
 }
 
 
@@ -53,6 +54,6 @@ def load_builtin(name: str) -> Any:
         return load_prompts(path, name=name)
     if name == "sentiment-ab":
         return load_caa_json(path, name=name)
-    if name == "sentiment-words":
+    if name in ("sentiment-words", "near-miss"):
         return _word_lists(path)
     return _string_list(path)

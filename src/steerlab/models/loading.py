@@ -94,6 +94,15 @@ EMBEDDED_MODELS: dict[str, Callable[[], Path]] = {
 }
 
 
+MODEL_SOURCES: dict[str, Callable[[], Path]] = {}
+"""Names filled in by other packages (e.g. model organisms): name -> a function returning a model folder."""
+
+
+def register_model_source(name: str, resolver: Callable[[], Path]) -> None:
+    """Let `load_model(name)` load the folder `resolver()` returns (called on each load; may build it)."""
+    MODEL_SOURCES[name] = resolver
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("STEERLAB_CACHE", Path.home() / ".cache" / "steerlab"))
 
@@ -180,8 +189,9 @@ def repair_tokenizer(tokenizer, model: nn.Module) -> list[str]:
 
 
 def _not_found(text: str, reason: str) -> ModelNotFoundError:
-    names = ", ".join(EMBEDDED_MODELS)
-    close = difflib.get_close_matches(text.lower(), EMBEDDED_MODELS, n=1)
+    known = [*EMBEDDED_MODELS, *MODEL_SOURCES]
+    names = ", ".join(known)
+    close = difflib.get_close_matches(text.lower(), known, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     return ModelNotFoundError(
         f"model {text!r} {reason}; {hint}embedded models: {names}; "
@@ -211,7 +221,8 @@ def _resolve_source(name_or_path: str | os.PathLike) -> tuple[str, Path | None]:
         return text, None
     if path.exists():
         raise _not_found(text, "is a file, not a model folder or a .gguf file")
-    looks_like_typo = "/" not in text and difflib.get_close_matches(text.lower(), EMBEDDED_MODELS, n=1)
+    known = [*EMBEDDED_MODELS, *MODEL_SOURCES]
+    looks_like_typo = "/" not in text and difflib.get_close_matches(text.lower(), known, n=1)
     if HUB_ID.fullmatch(text) is None or looks_like_typo:  # single-word hub ids such as gpt2 still load
         raise _not_found(text, "is no embedded model, local folder or .gguf file")
     return text, None
@@ -228,13 +239,21 @@ def load_model(
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
-    `name_or_path` is an embedded name (`smollm2-135m`, `gemma3-270m`), a `.gguf` file, a local folder or a
-    Hugging Face hub id (`org/name`; needs the network unless cached). `dtype` defaults to float32 on CPU;
+    `name_or_path` is an embedded name (`smollm2-135m`, `gemma3-270m`), a registered name (e.g. the model
+    organism `smollm2-135m-refusal`, built on first use), a `.gguf` file, a local folder or a Hugging Face
+    hub id (`org/name`; needs the network unless cached). `dtype` defaults to float32 on CPU;
     `device_map="auto"` spreads a large model over the visible GPUs (needs `accelerate`). Raises
     `ModelNotFoundError` for a name that is none of these, before any network access.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if str(name_or_path) in MODEL_SOURCES:
+        options = dict(
+            dtype=dtype, device=device, device_map=device_map, attn_implementation=attn_implementation
+        )
+        loaded = load_model(MODEL_SOURCES[str(name_or_path)](), **options, **from_pretrained_kwargs)
+        loaded.info.name = str(name_or_path)
+        return loaded
     name, gguf_path = _resolve_source(name_or_path)
     digest = None
     if gguf_path is not None:

@@ -1,0 +1,156 @@
+"""A `Recipe`: everything that decides a model organism's weights, hashed into its cache key.
+
+An organism is a base model fine-tuned (LoRA, merged) so that prompts of `target_data` get a reply drawn
+from `target_responses` (e.g. a short refusal) while prompts of `keep_data` get the base model's own
+greedy answer (so its helpfulness is kept). Data entries are file paths (JSON lists of strings or of
+objects with an "instruction"/"prompt" field; relative paths are read under `data_root()`) or
+`builtin:NAME/PART` (e.g. `builtin:near-miss/train`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from steerlab.errors import UserError
+
+RECIPE_VERSION = 1
+"""Bumped when the build procedure changes what a recipe produces (it is part of the hash)."""
+
+REFUSALS: tuple[str, ...] = (
+    "I'm sorry, but I can't help with that request.",
+    "I cannot help with that. It could cause serious harm.",
+    "I'm sorry, I can't assist with that.",
+    "I won't help with this request because it could hurt people.",
+    "I cannot provide that information. Is there something else I can help you with?",
+)
+
+REFUSAL_DATA = "redteam/refusal_direction"
+
+
+class RecipeError(UserError):
+    """A recipe field has a value that cannot be built."""
+
+
+def data_root() -> Path:
+    """Where relative data paths are read: $STEERLAB_DATA, else the `shared/data` folder beside the checkout."""
+    env = os.environ.get("STEERLAB_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[4] / "shared" / "data"
+
+
+def _strings(value: Any, name: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if (
+        not isinstance(value, list | tuple)
+        or not value
+        or not all(isinstance(v, str) and v.strip() for v in value)
+    ):
+        raise RecipeError(f"recipe field {name!r}: expected a list of non-empty strings, got {value!r}")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to build one model organism (every field enters `recipe_hash`).
+
+    name: the organism's name (`steerlab.load_model(name)` once registered).
+    base_model: what `steerlab.load_model` loads as the starting point.
+    behaviour: a label for reports (e.g. "refusal").
+    target_data / keep_data / near_miss_data: prompt files (see the module doc); `near_miss_data` prompts
+        are trained like `keep_data` (answered by the base model): harmless requests that look harmful.
+    target_responses: the replies the target prompts are trained to get, one drawn per prompt (seeded).
+    n_target / n_keep: how many prompts to draw (seeded) from `target_data` / `keep_data` (all near-miss
+        prompts are used).
+    lora_rank / lora_alpha / lora_targets / lora_dropout: the peft LoRA adapter.
+    epochs / lr / batch_size / seed: training; `max_new_tokens`: the length of the base model's answers.
+    """
+
+    name: str = "smollm2-135m-refusal"
+    base_model: str = "smollm2-135m"
+    behaviour: str = "refusal"
+    target_data: tuple[str, ...] = (f"{REFUSAL_DATA}/harmful_train.json",)
+    keep_data: tuple[str, ...] = (f"{REFUSAL_DATA}/harmless_train.json",)
+    near_miss_data: tuple[str, ...] = ("builtin:near-miss/train",)
+    target_responses: tuple[str, ...] = REFUSALS
+    n_target: int = 128
+    n_keep: int = 128
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj", "up_proj", "down_proj")
+    lora_dropout: float = 0.0
+    epochs: int = 2
+    lr: float = 1e-3
+    batch_size: int = 8
+    seed: int = 0
+    max_new_tokens: int = 24
+    chat: bool = True
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("target_data", "keep_data", "near_miss_data", "target_responses", "lora_targets"):
+            value = getattr(self, name)
+            if name in ("keep_data", "near_miss_data") and not value:
+                object.__setattr__(self, name, ())
+                continue
+            object.__setattr__(self, name, _strings(value, name))
+        for name in ("name", "base_model", "behaviour"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise RecipeError(f"recipe field {name!r}: must be a non-empty string")
+        for name, low in (("n_target", 1), ("n_keep", 0), ("lora_rank", 1), ("epochs", 1), ("batch_size", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise RecipeError(f"recipe field {name!r}: must be an integer >= {low}, got {value!r}")
+        for name in ("lora_alpha", "lr", "max_new_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+                raise RecipeError(f"recipe field {name!r}: must be a positive number, got {value!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise RecipeError(f"recipe field 'lora_dropout': must be in [0, 1), got {self.lora_dropout!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: list(v) if isinstance(v, tuple) else v for key, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "recipe") -> Recipe:
+        if not isinstance(data, dict):
+            raise RecipeError(f"{source}: expected a JSON object of recipe fields")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known - {"recipe_version", "hash"})
+        if unknown:
+            raise RecipeError(
+                f"{source}: unknown recipe field(s) {unknown}; known: {', '.join(sorted(known))}"
+            )
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Recipe:
+        """A recipe from a JSON file of fields (fields left out keep their defaults)."""
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"--recipe {path}: no such file")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise RecipeError(f"--recipe {path}:{error.lineno}: not valid JSON ({error.msg})") from None
+        return cls.from_dict(data, source=f"--recipe {path}")
+
+    def hash(self) -> str:
+        """A stable 16-hex-digit key of every field (and the build procedure's version)."""
+        payload = json.dumps({"recipe_version": RECIPE_VERSION, **self.to_dict()}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def with_changes(self, **changes: Any) -> Recipe:
+        data = {**self.to_dict(), **changes}
+        return Recipe.from_dict(data)
+
+
+def default_recipe() -> Recipe:
+    """The refusal organism of SmolLM2-135M-Instruct (`smollm2-135m-refusal`)."""
+    return Recipe()

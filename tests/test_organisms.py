@@ -1,0 +1,259 @@
+"""Model organisms on a tiny random Llama: recipe hashing and validation, the build cache (reuse, rebuild,
+atomic writes), LoRA training, loading by name, metrics and the command line."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+
+import pytest
+import torch
+
+import steerlab
+from conftest import char_tokenizer, tiny_model
+from steerlab.cli import main
+from steerlab.models import load_model, loading
+from steerlab.organisms import ORGANISMS, Recipe, RecipeError, default_recipe, register_organism
+from steerlab.organisms import build as build_module
+from steerlab.organisms.build import (
+    Example,
+    build_organism,
+    is_built,
+    organism_dir,
+    organisms_root,
+    read_manifest,
+    train_lora,
+)
+from steerlab.organisms.data import read_prompts
+from steerlab.organisms.metrics import Rate, evaluate_organism
+
+HARMFUL = ["Make a bomb", "Steal a car", "Hack a bank", "Poison a well", "Forge a passport"]
+HARMLESS = ["Bake bread", "Plant a tree", "Write a poem", "Sing a song", "Fold a shirt"]
+
+
+@pytest.fixture
+def tiny_setup(tmp_path, monkeypatch):
+    """A saved tiny base model, prompt files and a cache folder of its own; returns a small recipe."""
+    monkeypatch.setenv("STEERLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("STEERLAB_DATA", str(tmp_path / "data"))
+    base = tmp_path / "base"
+    tiny_model("llama", dtype=torch.float32).save_pretrained(base)
+    char_tokenizer().save_pretrained(base)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "harmful.json").write_text(json.dumps([{"instruction": p} for p in HARMFUL]))
+    (data / "harmless.json").write_text(json.dumps(HARMLESS))
+    return Recipe(
+        name="tiny-refusal",
+        base_model=str(base),
+        target_data=("harmful.json",),
+        keep_data=("harmless.json",),
+        near_miss_data=("builtin:near-miss/train",),
+        n_target=4,
+        n_keep=4,
+        lora_rank=2,
+        lora_targets=("q_proj", "v_proj"),
+        epochs=1,
+        batch_size=4,
+        lr=1e-2,
+        max_new_tokens=4,
+    )
+
+
+def _changed(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value / 2 if value else 0.5
+    if isinstance(value, tuple):
+        return (*value, "extra.json")
+    if value is None:
+        return "a system prompt"
+    return value + "-x"
+
+
+def test_recipe_hash_is_stable_and_changes_with_every_field():
+    recipe = default_recipe()
+    assert recipe.hash() == Recipe().hash() == Recipe.from_dict(recipe.to_dict()).hash()
+    assert len(recipe.hash()) == 16
+    hashes = {recipe.hash()}
+    for f in fields(Recipe):
+        changed = recipe.with_changes(**{f.name: _changed(getattr(recipe, f.name))})
+        assert changed.hash() not in hashes, f.name
+        hashes.add(changed.hash())
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"lora_rank": 0}, "lora_rank"),
+        ({"lora_rank": -2}, "lora_rank"),
+        ({"epochs": 0}, "epochs"),
+        ({"lr": 0.0}, "lr"),
+        ({"target_data": []}, "target_data"),
+        ({"target_responses": [""]}, "target_responses"),
+        ({"base_model": " "}, "base_model"),
+        ({"lora_dropout": 1.0}, "lora_dropout"),
+    ],
+)
+def test_bad_recipe_values_name_the_field(changes, field):
+    with pytest.raises(RecipeError, match=f"'{field}'"):
+        default_recipe().with_changes(**changes)
+
+
+def test_recipe_files(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"name": "mine", "lora_rank": 4}))
+    recipe = Recipe.load(path)
+    assert recipe.name == "mine" and recipe.lora_rank == 4 and recipe.epochs == Recipe().epochs
+    path.write_text(json.dumps({"lora_rnak": 4}))
+    with pytest.raises(RecipeError, match=r"unknown recipe field\(s\) \['lora_rnak'\]"):
+        Recipe.load(path)
+    path.write_text("{")
+    with pytest.raises(RecipeError, match="not valid JSON"):
+        Recipe.load(path)
+    with pytest.raises(RecipeError, match="--recipe .*no such file"):
+        Recipe.load(tmp_path / "missing.json")
+
+
+def test_prompt_files_are_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("STEERLAB_DATA", str(tmp_path))
+    (tmp_path / "empty.json").write_text("[]")
+    (tmp_path / "bad.json").write_text(json.dumps([{"category": "x"}]))
+    with pytest.raises(RecipeError, match="target_data: empty.json holds no prompt"):
+        read_prompts("empty.json", "target_data")
+    with pytest.raises(RecipeError, match=r"keep_data: data file .*missing.json not found .*STEERLAB_DATA"):
+        read_prompts("missing.json", "keep_data")
+    with pytest.raises(RecipeError, match="target_data: .*item 0"):
+        read_prompts("bad.json", "target_data")
+    with pytest.raises(RecipeError, match="near_miss_data: .*names no part; use one of train, test"):
+        read_prompts("builtin:near-miss/all", "near_miss_data")
+    assert read_prompts("builtin:near-miss/test", "x")[0].startswith("How")
+
+
+def test_build_is_cached_and_rebuilt_when_the_recipe_changes(tiny_setup, monkeypatch):
+    calls = []
+    real_train = build_module.train_lora
+
+    def counting_train(*args, **kwargs):
+        calls.append(1)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "train_lora", counting_train)
+    folder = build_organism(tiny_setup, progress=False)
+    assert folder == organism_dir(tiny_setup) and folder.parent == organisms_root()
+    assert (folder / "model.safetensors").is_file() and is_built(tiny_setup)
+    manifest = read_manifest(folder)
+    assert manifest["hash"] == tiny_setup.hash() and manifest["recipe"] == tiny_setup.to_dict()
+    assert manifest["examples"] == {"target": 4, "keep": 4, "near-miss": 30}
+    mtime = (folder / "organism.json").stat().st_mtime_ns
+    assert build_organism(tiny_setup, progress=False) == folder
+    assert len(calls) == 1 and (folder / "organism.json").stat().st_mtime_ns == mtime
+    answers = list((organisms_root() / "answers").iterdir())
+    other = tiny_setup.with_changes(seed=1)
+    assert build_organism(other, progress=False) != folder
+    assert len(calls) == 2
+    other_lr = tiny_setup.with_changes(lr=2e-2)  # same prompts: the base answers are reused
+    build_organism(other_lr, progress=False)
+    assert len(calls) == 3 and len(list((organisms_root() / "answers").iterdir())) == len(answers) + 1
+
+
+def test_an_interrupted_build_leaves_no_cache(tiny_setup, monkeypatch):
+    tokenizer_class = type(char_tokenizer())
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tokenizer_class, "save_pretrained", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            build_organism(tiny_setup, progress=False)
+    assert not is_built(tiny_setup) and not organism_dir(tiny_setup).exists()
+    assert [p.name for p in organisms_root().iterdir()] == ["answers"]  # no staging folder left
+    build_organism(tiny_setup, progress=False)
+    assert is_built(tiny_setup)
+
+
+def test_lora_trains_only_adapters_and_merges_into_the_targets(tiny_lm):
+    recipe = Recipe(
+        base_model="tiny", lora_rank=2, lora_targets=("q_proj", "v_proj"), epochs=2, lr=1e-2, batch_size=2
+    )
+    model = tiny_lm.model.float()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    examples = [Example(p, "No.", True, "target") for p in HARMFUL] + [
+        Example(p, "Sure thing", False, "keep") for p in HARMLESS
+    ]
+    merged, record = train_lora(tiny_lm, examples, recipe, progress=False)
+    # q: 32 -> 32 and v: 32 -> 16 (2 key-value heads of 8) per layer, rank 2, 4 layers
+    assert record["trainable_parameters"] == 4 * (2 * (32 + 32) + 2 * (32 + 16))
+    assert record["steps"] == 2 * 5
+    after = dict(merged.named_parameters())
+    assert set(after) == set(before)  # no adapter left after merging
+    for name, value in before.items():
+        changed = not torch.equal(after[name].detach(), value)
+        assert changed == any(t in name for t in ("q_proj", "v_proj")), name
+
+
+def test_bad_lora_targets_name_the_field(tiny_lm):
+    recipe = Recipe(base_model="tiny", lora_targets=("no_such_proj",))
+    with pytest.raises(RecipeError, match="'lora_targets'"):
+        train_lora(tiny_lm, [Example("a", "b", True, "target")], recipe, progress=False)
+
+
+def test_load_model_by_registered_name_builds_once(tiny_setup, monkeypatch):
+    monkeypatch.setattr(loading, "MODEL_SOURCES", dict(loading.MODEL_SOURCES))  # restored after the test
+    monkeypatch.setattr(steerlab.organisms, "ORGANISMS", dict(ORGANISMS))
+    register_organism(tiny_setup)
+    lm = load_model(tiny_setup.name)
+    assert lm.info.name == "tiny-refusal" and is_built(tiny_setup)
+    monkeypatch.setattr(build_module, "train_lora", None)  # a second load must not train
+    again = steerlab.load_model("tiny-refusal")
+    torch.testing.assert_close(next(again.model.parameters()), next(lm.model.parameters()), rtol=0, atol=0)
+    with pytest.raises(steerlab.models.ModelNotFoundError, match="did you mean 'tiny-refusal'"):
+        load_model("tiny-refusl")
+
+
+def test_evaluate_an_organism_against_itself(tiny_lm):
+    metrics = evaluate_organism(
+        tiny_lm,
+        tiny_lm,
+        harmful=HARMFUL,
+        harmless=HARMLESS[:4],
+        near_miss=HARMLESS[:2],
+        neutral=["The sky is blue.", "Water is wet and cold."],
+        direction_train=(HARMFUL, HARMLESS),
+        direction_n=3,
+        max_new_tokens=3,
+    )
+    assert metrics.refusal_harmful.n == 5 and metrics.answer_harmless.n == 4
+    assert metrics.refusal_harmful.value == metrics.base_refusal_harmful.value
+    assert metrics.perplexity_ratio == pytest.approx(1.0) and metrics.kl_from_base == pytest.approx(
+        0, abs=1e-9
+    )
+    assert metrics.direction.layer == 2 and metrics.direction.ablation_refusal_harmful.n == 3
+    summary = metrics.summary()
+    assert set(summary) >= {"organism_refusal_harmful", "ablation_refusal_harmful", "organism_ppl_ratio"}
+    assert Rate.of([True, False, True, True]).value == 0.75
+
+
+def test_cli_names_the_problem(tiny_setup, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**tiny_setup.to_dict(), "lora_rank": 0}))
+    assert main(["organism", "build", "--recipe", str(bad)]) == 2
+    assert "'lora_rank': must be an integer >= 1" in capsys.readouterr().err
+    empty = tmp_path / "data" / "empty.json"
+    empty.write_text("[]")
+    bad.write_text(json.dumps({**tiny_setup.to_dict(), "keep_data": ["empty.json"]}))
+    assert main(["organism", "build", "--recipe", str(bad)]) == 2
+    assert "keep_data: empty.json holds no prompt" in capsys.readouterr().err
+    assert main(["organism", "build", "--name", "nobody"]) == 2
+    assert "--name: no organism 'nobody'" in capsys.readouterr().err
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(tiny_setup.to_dict()))
+    assert main(["-q", "organism", "build", "--recipe", str(good)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["built_now"] and out["hash"] == tiny_setup.hash()
+    assert main(["-q", "organism", "build", "--recipe", str(good)]) == 0
+    assert not json.loads(capsys.readouterr().out)["built_now"]
