@@ -175,8 +175,8 @@ def main() -> None:
                 methods=args.curve_methods.split(","),
                 judge="score",
                 n_test=args.n_val,
-                random_prompts=None,
-                show=3,
+                random_prompts=args.curve_random_prompts,
+                show=0,
             ),
             lm=lm,
         )
@@ -196,8 +196,10 @@ def main() -> None:
         ]
         summary["val_minimal_eps"] = minimal_eps_rows(curves)
     if "headline" in parts:
-        if chosen is None:
-            chosen = read_json(out / "chosen.json") if (out / "chosen.json").is_file() else None
+        if (out / "chosen.json").is_file():
+            chosen = read_json(out / "chosen.json")
+        elif chosen is None and (out / "val" / "config.json").is_file():
+            chosen = best_cell(asr_table(RedteamResult.load(out / "val")), "optimised", 0.8)
         if chosen is None:
             print("headline: no (layer, eps) reached validation ASR 0.80 with the optimised vector; skipped")
         else:

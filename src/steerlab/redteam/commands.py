@@ -42,7 +42,8 @@ class RunArgs(ModelArgs):
     )
     out: str | os.PathLike = field(metadata=option("run folder (a rerun resumes it)"))
     layers: str | list[int] | None = field(
-        default=None, metadata=option("decoder layers, e.g. 6,12,18 or 3-9 (default: the middle layer)")
+        default=None,
+        metadata=option("decoder layers, run in this order, e.g. 12,6,18 or 3-9 (default: the middle layer)"),
     )
     eps: str | list[float] = field(
         default="0.25,0.5,1", metadata=option("budgets as fractions of the mean residual norm, e.g. 0.1,0.5")
@@ -191,7 +192,7 @@ def run(args: RunArgs, lm=None) -> dict[str, Any]:
     if args.layers is None:
         args.layers = [n // 2]
     try:
-        args.layers = sorted({resolve_layer(lm.model, layer) for layer in args.layers})
+        args.layers = list(dict.fromkeys(resolve_layer(lm.model, layer) for layer in args.layers))
     except (UserError, IndexError, ValueError):
         raise RedteamArgumentsError(
             f"--layers: {args.layers} is out of range for a model with {n} layers"
