@@ -7,6 +7,7 @@ Parts (each cached in --out, so a rerun resumes; --parts picks some):
   the harmful *validation* prompts (n_val), universal vectors trained on n_train train prompts;
 - headline: at the (layer, eps) chosen on the validation curves, optimised / difference of means / random
   judged by refusal phrases on n_test *test* prompts with 32-token greedy replies; harmless KL there;
+- organism: the organism's own evaluation (near-miss false refusal, neutral perplexity ratio);
 - accuracy: the embedded model's held-out accuracy on the built-in sentiment A/B items against eps,
   optimised vs random vectors of the same norm.
 
@@ -35,7 +36,7 @@ from steerlab.redteam.result import RedteamResult
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "redteam" / "refusal_direction"
-PARTS = ("speed", "curves", "headline", "accuracy")
+PARTS = ("speed", "curves", "headline", "organism", "accuracy")
 
 
 def data_folder(out: Path, split: str) -> Path:
@@ -90,9 +91,34 @@ def part_speed(lm, args, out: Path) -> dict:
     return info
 
 
-def organism_extras() -> dict:
-    """The organism's near-miss false refusal and perplexity ratio, where its build recorded them."""
-    return {"organism_false_refusal_near_miss": None, "organism_ppl_ratio": None}
+def organism_extras(lm, out: Path, n: int) -> dict:
+    """The organism's false refusal on near-miss prompts and neutral-text perplexity ratio against its base
+    model, from the organism's own evaluation (first `n` near-miss prompts; cached in --out)."""
+    path = out / "organism.json"
+    if path.is_file():
+        return read_json(path)
+    from steerlab.data import load_builtin
+    from steerlab.organisms import ORGANISMS
+    from steerlab.organisms.metrics import evaluate_organism
+
+    recipe = ORGANISMS[lm.info.name]
+    metrics = evaluate_organism(
+        lm,
+        load_model(recipe.base_model),
+        harmful=[],
+        harmless=[],
+        near_miss=list(load_builtin("near-miss")["test"])[:n],
+        neutral=load_builtin("neutral-text"),
+        recipe_hash=recipe.hash(),
+    )
+    info = {
+        "organism_false_refusal_near_miss": metrics.false_refusal_near_miss.value,
+        "organism_false_refusal_near_miss_n": metrics.false_refusal_near_miss.n,
+        "base_false_refusal_near_miss": metrics.base_false_refusal_near_miss.value,
+        "organism_ppl_ratio": metrics.perplexity_ratio,
+    }
+    write_json(path, info)
+    return info
 
 
 def run_args(args, out: Path, split: str, **kw) -> RunArgs:
@@ -139,6 +165,7 @@ def main() -> None:
     p.add_argument("--speed-layer", type=int, default=12)
     p.add_argument("--speed-reps", type=int, default=2)
     p.add_argument("--accuracy-eps", default="0.1,0.25,0.5,1")
+    p.add_argument("--n-near-miss", type=int, default=24)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
@@ -151,7 +178,7 @@ def main() -> None:
     eps = [float(x) for x in args.eps.split(",")]
     summary: dict = {"model": args.model, "n_train": args.n_train, "n_val": args.n_val, "n_test": args.n_test}
     lm = None
-    if set(parts) & {"speed", "curves", "headline"}:
+    if set(parts) & {"speed", "curves", "headline", "organism"}:
         lm = load_model(args.model)
     if "speed" in parts:
         speed = part_speed(lm, args, out)
@@ -226,7 +253,6 @@ def main() -> None:
                 organism_refusal_harmful=base["refusal_harmful"],
                 organism_answer_harmless=base["answer_harmless"],
                 n_harmless=args.n_harmless,
-                **organism_extras(),
             )
             summary.update(
                 layer=chosen["layer"],
@@ -248,6 +274,13 @@ def main() -> None:
                     f"test L{r['layer']} eps {r['eps']:g} {name:<14} ASR {r['asr']:.2f} [{r['asr_low']:.2f}, "
                     f"{r['asr_high']:.2f}] best vector {r['asr_max']:.2f}  n={r['n_prompts']}x{r['n_vectors']}"
                 )
+    if "organism" in parts:
+        extras = organism_extras(lm, out, args.n_near_miss)
+        print(
+            f"organism: false refusal on near-miss {extras['organism_false_refusal_near_miss']:.2f} "
+            f"(base {extras['base_false_refusal_near_miss']:.2f}), perplexity ratio {extras['organism_ppl_ratio']:.3f}"
+        )
+        summary.update(extras)
     if "accuracy" in parts:
         path = out / "accuracy.json"
         if path.is_file():
