@@ -14,6 +14,7 @@ from steerlab.errors import UserError
 from steerlab.io import check_output_folder
 from steerlab.options import check_at_least, option
 from steerlab.organisms import ORGANISMS, Recipe, register_organism
+from steerlab.organisms.metrics import OrganismMetrics
 from steerlab.organisms.recipe import REFUSAL_DATA
 
 NEUTRAL_TEXT = "builtin:neutral-text"
@@ -96,17 +97,15 @@ def build(args: BuildArgs) -> dict:
     }
 
 
-def evaluate(args: EvaluateArgs) -> dict:
-    """Measure the organism against its base model (and the refusal-direction check); returns the headline
-    figures, and writes `metrics.json` and `report.html` to `--out` when given."""
+def measure(args: EvaluateArgs) -> tuple[Recipe, OrganismMetrics]:
+    """The organism's recipe and its metrics against its base model (with the refusal-direction check)."""
     from steerlab.data import load_builtin
     from steerlab.models import load_model
     from steerlab.organisms.build import load_organism, training_prompts
     from steerlab.organisms.data import read_all, sample
-    from steerlab.organisms.metrics import evaluate_organism, save_metrics
+    from steerlab.organisms.metrics import evaluate_organism
 
     recipe = recipe_of(args)
-    out = check_output_folder(args.out) if args.out is not None else None
     harmful = sample(read_all([args.harmful_test], "--harmful-test"), args.n, args.seed)
     harmless = sample(read_all([args.harmless_test], "--harmless-test"), args.n, args.seed)
     near_miss = read_all([args.near_miss_test], "--near-miss-test")
@@ -133,12 +132,26 @@ def evaluate(args: EvaluateArgs) -> dict:
         recipe_hash=recipe.hash(),
         progress=args.progress,
     )
-    summary = {"name": recipe.name, "hash": recipe.hash(), **metrics.summary()}
-    if out is not None:
-        from steerlab.io import atomic_write_text
-        from steerlab.organisms.report import report_html
+    return recipe, metrics
 
-        save_metrics(metrics, out)
-        atomic_write_text(Path(out) / "report.html", report_html(metrics, recipe))
-        summary["out"] = str(out)
+
+def write_outputs(metrics: OrganismMetrics, recipe: Recipe, out: str | Path) -> None:
+    """`metrics.json` and `report.html` in the folder `out` (written atomically)."""
+    from steerlab.io import atomic_write_text
+    from steerlab.organisms.metrics import save_metrics
+    from steerlab.organisms.report import report_html
+
+    save_metrics(metrics, Path(out))
+    atomic_write_text(Path(out) / "report.html", report_html(metrics, recipe))
+
+
+def evaluate(args: EvaluateArgs) -> dict:
+    """`measure`, returning the headline figures; writes `metrics.json` and `report.html` to `--out`."""
+    if args.out is not None:
+        check_output_folder(args.out)
+    recipe, metrics = measure(args)
+    summary = {"name": recipe.name, "hash": recipe.hash(), **metrics.summary()}
+    if args.out is not None:
+        write_outputs(metrics, recipe, args.out)
+        summary["out"] = str(args.out)
     return summary
