@@ -32,6 +32,7 @@ from steerlab.io import read_json, write_json
 from steerlab.redteam import attacks as A
 from steerlab.redteam.commands import RunArgs, run
 from steerlab.redteam.metrics import asr_table, base_row, best_cell, minimal_eps_rows
+from steerlab.redteam.report import write_report
 from steerlab.redteam.result import RedteamResult
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,6 +169,7 @@ def main() -> None:
     p.add_argument("--n-near-miss", type=int, default=24)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--report-only", action="store_true", help="compute nothing: summarise what --out holds")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -177,10 +179,11 @@ def main() -> None:
     layers = [int(x) for x in args.layers.split(",")]
     eps = [float(x) for x in args.eps.split(",")]
     summary: dict = {"model": args.model, "n_train": args.n_train, "n_val": args.n_val, "n_test": args.n_test}
+    summary.update(dict.fromkeys(("organism_false_refusal_near_miss", "organism_ppl_ratio")))
     lm = None
-    if set(parts) & {"speed", "curves", "headline", "organism"}:
+    if not args.report_only and set(parts) & {"speed", "curves", "headline", "organism"}:
         lm = load_model(args.model)
-    if "speed" in parts:
+    if "speed" in parts and (lm is not None or (out / "speed.json").is_file()):
         speed = part_speed(lm, args, out)
         print(
             f"prefix cache at L{speed['layer']}: step {speed['step_seconds_full']:.2f}s full / "
@@ -192,22 +195,25 @@ def main() -> None:
     chosen = None
     if "curves" in parts:
         t0 = time.perf_counter()
-        run(
-            run_args(
-                args,
-                out,
-                "val",
-                layers=layers,
-                eps=eps,
-                methods=args.curve_methods.split(","),
-                judge="score",
-                n_test=args.n_val,
-                random_prompts=args.curve_random_prompts,
-                show=0,
-            ),
-            lm=lm,
-        )
+        if not args.report_only:
+            run(
+                run_args(
+                    args,
+                    out,
+                    "val",
+                    layers=layers,
+                    eps=eps,
+                    methods=args.curve_methods.split(","),
+                    judge="score",
+                    n_test=args.n_val,
+                    random_prompts=args.curve_random_prompts,
+                    show=0,
+                ),
+                lm=lm,
+            )
         curves = RedteamResult.load(out / "val")
+        if args.report_only:
+            write_report(curves, out / "val")
         rows = asr_table(curves)
         for r in rows:
             print(
@@ -231,23 +237,30 @@ def main() -> None:
             print("headline: no (layer, eps) reached validation ASR 0.80 with the optimised vector; skipped")
         else:
             write_json(out / "chosen.json", chosen)
-            run(
-                run_args(
-                    args,
-                    out,
-                    "test",
-                    layers=[chosen["layer"]],
-                    eps=[chosen["eps"]],
-                    methods=["optimised", "diff-of-means", "random"],
-                    judge="phrases",
-                    n_test=args.n_test,
-                    random_prompts=args.random_prompts,
-                    max_new_tokens=32,
-                ),
-                lm=lm,
-            )
+            if not args.report_only:
+                run(
+                    run_args(
+                        args,
+                        out,
+                        "test",
+                        layers=[chosen["layer"]],
+                        eps=[chosen["eps"]],
+                        methods=["optimised", "diff-of-means", "random"],
+                        judge="phrases",
+                        n_test=args.n_test,
+                        random_prompts=args.random_prompts,
+                        max_new_tokens=32,
+                    ),
+                    lm=lm,
+                )
             test = RedteamResult.load(out / "test")
+            if args.report_only:
+                write_report(test, out / "test")
             rows = {r["method"]: r for r in asr_table(test)}
+
+            def cell(method: str, key: str, rows=rows):
+                return rows.get(method, {}).get(key)
+
             base = base_row(test)
             summary.update(
                 organism_refusal_harmful=base["refusal_harmful"],
@@ -258,30 +271,30 @@ def main() -> None:
                 layer=chosen["layer"],
                 eps=chosen["eps"],
                 asr_unperturbed=base["asr"],
-                asr_optimised=rows["optimised"]["asr"],
-                asr_optimised_ci=[rows["optimised"]["asr_low"], rows["optimised"]["asr_high"]],
-                asr_diff_of_means=rows["diff-of-means"]["asr"],
-                asr_diff_of_means_ci=[rows["diff-of-means"]["asr_low"], rows["diff-of-means"]["asr_high"]],
-                asr_random_mean=rows["random"]["asr"],
-                asr_random_max=rows["random"]["asr_max"],
+                asr_optimised=cell("optimised", "asr"),
+                asr_optimised_ci=[cell("optimised", "asr_low"), cell("optimised", "asr_high")],
+                asr_diff_of_means=cell("diff-of-means", "asr"),
+                asr_diff_of_means_ci=[cell("diff-of-means", "asr_low"), cell("diff-of-means", "asr_high")],
+                asr_random_mean=cell("random", "asr"),
+                asr_random_max=cell("random", "asr_max"),
                 random_prompts=args.random_prompts,
-                kl_harmless_optimised=rows["optimised"]["kl"],
-                ppl_ratio_harmless_optimised=rows["optimised"]["ppl_ratio"],
-                kl_harmless_random=rows["random"]["kl"],
+                kl_harmless_optimised=cell("optimised", "kl"),
+                ppl_ratio_harmless_optimised=cell("optimised", "ppl_ratio"),
+                kl_harmless_random=cell("random", "kl"),
             )
             for name, r in rows.items():
                 print(
                     f"test L{r['layer']} eps {r['eps']:g} {name:<14} ASR {r['asr']:.2f} [{r['asr_low']:.2f}, "
                     f"{r['asr_high']:.2f}] best vector {r['asr_max']:.2f}  n={r['n_prompts']}x{r['n_vectors']}"
                 )
-    if "organism" in parts:
+    if "organism" in parts and (lm is not None or (out / "organism.json").is_file()):
         extras = organism_extras(lm, out, args.n_near_miss)
         print(
             f"organism: false refusal on near-miss {extras['organism_false_refusal_near_miss']:.2f} "
             f"(base {extras['base_false_refusal_near_miss']:.2f}), perplexity ratio {extras['organism_ppl_ratio']:.3f}"
         )
         summary.update(extras)
-    if "accuracy" in parts:
+    if "accuracy" in parts and (not args.report_only or (out / "accuracy.json").is_file()):
         path = out / "accuracy.json"
         if path.is_file():
             acc = read_json(path)
