@@ -153,3 +153,28 @@ def test_cli_overlapping_splits_exit_2(data, tmp_path, capsys):
     (data / "harmful_test.json").write_text(json.dumps(TRAIN[:1]))
     code = main(["redteam", "run", "--data", str(data), "--out", str(tmp_path / "o")])
     assert code == 2 and "both" in capsys.readouterr().err
+
+
+def test_minimal_eps_and_asr_rows_by_hand():
+    from steerlab.redteam.metrics import asr_table, minimal_eps, minimal_eps_rows
+    from steerlab.redteam.result import Cell
+
+    def cell(method, eps, refused):
+        flags = torch.tensor(refused, dtype=torch.bool)
+        return Cell(method, 3, eps, eps * 10, flags, torch.zeros(flags.shape[0], 4))
+
+    result = RedteamResult(
+        {},
+        {"refused": [True, True, True], "harmless_refused": [False], "ppl": 2.0},
+        [
+            cell("optimised", 0.1, [[True, False, True]]),
+            cell("optimised", 0.2, [[False, False, True]]),
+            cell("random", 0.2, [[True, True, True], [True, False, True]]),
+        ],
+    )
+    assert minimal_eps(result, "optimised", 3) == [0.2, 0.1, float("inf")]
+    (row,) = minimal_eps_rows(result)
+    assert row["broken"] == pytest.approx(2 / 3) and row["median_min_eps"] == 0.2
+    random = next(r for r in asr_table(result) if r["method"] == "random")
+    assert random["asr"] == pytest.approx(1 / 6) and random["asr_max"] == pytest.approx(1 / 3)
+    assert random["n_vectors"] == 2 and random["n_prompts"] == 3

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import csv
 import math
+import statistics
 from pathlib import Path
-
-import torch
 
 from steerlab.evaluate.stats import bootstrap_ci
 from steerlab.io import atomic_writer
@@ -103,7 +102,7 @@ def minimal_eps_rows(result: RedteamResult) -> list[dict]:
             if not values:
                 continue
             broken = [v for v in values if math.isfinite(v)]
-            median = float(torch.tensor(values).median()) if values else math.nan
+            median = float(statistics.median(values))
             rows.append(
                 {
                     "method": method,
