@@ -6,6 +6,8 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from matplotlib.ticker import NullFormatter
+
 from steerlab.io import atomic_write_text
 from steerlab.redteam.metrics import asr_table, base_row, minimal_eps_rows, write_csv
 from steerlab.redteam.result import RedteamResult
@@ -48,6 +50,8 @@ def asr_figure(rows: list[dict], base_asr: float | None = None, title: str = "at
         if base_asr is not None:
             ax.axhline(base_asr, color="black", lw=0.8, ls=":", label="unperturbed")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(sorted({r["eps"] for r in rows}), [f"{e:g}" for e in sorted({r["eps"] for r in rows})])
         ax.set_ylim(-0.03, 1.03)
         ax.set_title(f"layer {layer}", fontsize=9)
         ax.set_xlabel("eps (fraction of residual norm)", fontsize=8)
