@@ -23,6 +23,7 @@ EXAMPLES = """examples:
   steerlab organism build --name smollm2-135m-refusal
   steerlab organism evaluate --out results/organism
   steerlab compare --layers 15 --steps 30 --rank 4 --out results/compare
+  steerlab redteam run --model smollm2-135m-refusal --data DATA/refusal_direction --layers 6,12 --out results/rt
 (caa:BEHAVIOUR downloads the pinned CAA file once; everything else runs offline)
 """
 
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         "steerlab.organisms",
         "steerlab.finetune",
         "steerlab.playground",
+        "steerlab.redteam",
     ):
         importlib.import_module(f"{package}.cli").add_subcommands(sub)
     return parser
