@@ -33,7 +33,7 @@ from steerlab.hessian.lanczos import lanczos
 from steerlab.hessian.operator import CurvatureOperator
 from steerlab.hessian.params import block_slices, select_params
 from steerlab.hessian.subspace import perturbed, principal_angles, project_out
-from steerlab.hessian.tasks import classification_task
+from steerlab.hessian.tasks import accuracy, classification_task, train_classifier
 
 
 @dataclass(frozen=True)
@@ -78,28 +78,6 @@ def make_cnn(
         nn.Flatten(),
         nn.Linear(c3, n_classes),
     ).to(dtype)
-
-
-def train_classifier(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, weight_decay: float
-) -> list[float]:
-    """Full-batch Adam on (x, y); returns the loss curve and leaves the model in eval mode."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    losses = []
-    model.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    model.eval()
-    return losses
-
-
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float((model(x).argmax(-1) == y).double().mean())
 
 
 def mean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -31,7 +30,7 @@ from steerlab.hessian.subspace import (
     specialisation,
     specialised_fraction,
 )
-from steerlab.hessian.tasks import classification_task
+from steerlab.hessian.tasks import accuracy, classification_task, train_classifier
 
 
 @dataclass(frozen=True)
@@ -140,34 +139,13 @@ def layer_blocks(model: nn.Module) -> dict[str, str]:
     return {f"layer{layer}": rf"^{layer}\." for layer in layers}
 
 
-def train(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], cfg: HybridConfig) -> list[float]:
-    """Full-batch Adam on the mixed training set; returns the loss curve."""
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    x, y = data
-    losses = []
-    model.train()
-    for _ in range(cfg.train_steps):
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    model.eval()
-    return losses
-
-
-def accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float:
-    with torch.no_grad():
-        return float((model(data[0]).argmax(-1) == data[1]).double().mean())
-
-
 def run_seed(cfg: HybridConfig) -> dict:
     """Train, compute the spectra, run the targeted and random perturbations and the specialisation scores."""
     t0 = time.perf_counter()
     dtype = getattr(torch, cfg.dtype)
     data = {name: (x.to(dtype), y) for name, (x, y) in make_hybrid_digits(cfg).items()}
     model = make_model(cfg)
-    losses = train(model, data["train_mix"], cfg)
+    losses = train_classifier(model, *data["train_mix"], cfg.train_steps, cfg.lr, cfg.weight_decay)
     params = select_params(model)
     task = classification_task()
 
@@ -186,11 +164,11 @@ def run_seed(cfg: HybridConfig) -> dict:
     v_pat = project_out(eig["pattern"].vectors[0], eig["digit"].vectors[: cfg.k_project])
     v_dig = project_out(eig["digit"].vectors[0], eig["pattern"].vectors[: cfg.k_project])
     metrics = {
-        "digit": lambda: accuracy(model, data["test_digit"]),
-        "pattern": lambda: accuracy(model, data["test_pattern"]),
+        "digit": lambda: accuracy(model, *data["test_digit"]),
+        "pattern": lambda: accuracy(model, *data["test_pattern"]),
     }
     base = {name: fn() for name, fn in metrics.items()}
-    base["blend"] = accuracy(model, data["test_blend"])
+    base["blend"] = accuracy(model, *data["test_blend"])
     sweeps = {
         "pattern_dir": perturbation_sweep(params, v_pat, cfg.sweep, metrics),
         "digit_dir": perturbation_sweep(params, v_dig, cfg.sweep, metrics),

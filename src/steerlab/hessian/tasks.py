@@ -82,3 +82,25 @@ def lm_batches(tokenizer, texts: list[str], batch_size: int = 8, max_length: int
         )
         out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     return out
+
+
+def train_classifier(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, weight_decay: float
+) -> list[float]:
+    """Full-batch Adam on (x, y); returns the loss curve and leaves the model in eval mode."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(-1) == y).double().mean())
