@@ -97,8 +97,25 @@ def test_no_import_cycles():
 
 def test_shared_layers_do_not_import_capabilities():
     """evaluate/data/hooks/models/report serve every capability and import none of them."""
-    capabilities = ("steerlab.steering", "steerlab.influence", "steerlab.hessian", "steerlab.finetune")
-    shared = ("steerlab.evaluate", "steerlab.data", "steerlab.hooks", "steerlab.models", "steerlab.report")
+    capabilities = (
+        "steerlab.steering",
+        "steerlab.influence",
+        "steerlab.hessian",
+        "steerlab.finetune",
+        "steerlab.organisms",
+        "steerlab.redteam",
+        "steerlab.playground",
+    )
+    shared = (
+        "steerlab.evaluate",
+        "steerlab.data",
+        "steerlab.hooks",
+        "steerlab.models",
+        "steerlab.report",
+        "steerlab.io",
+        "steerlab.options",
+        "steerlab.errors",
+    )
     graph = import_graph()
     offenders = {
         (module, target)
@@ -117,7 +134,8 @@ def test_no_module_sets_the_matplotlib_backend():
 
 def test_reports_import_without_transformers_or_pyplot():
     code = (
-        "import sys, steerlab.hessian.report, steerlab.influence.report, steerlab.steering.report;"
+        "import sys, steerlab.hessian.report, steerlab.influence.report, steerlab.steering.report,"
+        " steerlab.redteam.report, steerlab.organisms.report, steerlab.finetune.report;"
         "print(sorted(m for m in ('transformers', 'matplotlib.pyplot') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
