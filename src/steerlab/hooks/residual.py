@@ -94,9 +94,7 @@ def _edit_residual(
             if selection is None:
                 return None
             hidden = _hidden_of(output)
-            value = tensor
-            if value.dtype != hidden.dtype or value.device != hidden.device:
-                value = value.to(device=hidden.device, dtype=hidden.dtype)  # differentiable
+            value = _like_hidden(tensor, hidden)
             if value.dim() == 2:
                 value = value[:, None]  # one per row: (B, 1, D)
             edited = edit(hidden, value)
@@ -115,6 +113,13 @@ def _edit_residual(
             handle = block(module, layer).register_forward_hook(make_block_hook(tensor))
             stack.callback(handle.remove)
         yield
+
+
+def _like_hidden(tensor: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """`tensor` in `hidden`'s dtype and on its device; `.to` keeps the gradient path."""
+    if tensor.dtype != hidden.dtype or tensor.device != hidden.device:
+        return tensor.to(device=hidden.device, dtype=hidden.dtype)
+    return tensor
 
 
 def _plus(hidden: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -203,9 +208,7 @@ def add_block(
             if selection is None:  # a cached decode step: nothing to add
                 return None
             hidden = _hidden_of(output)
-            value = tensor
-            if value.dtype != hidden.dtype or value.device != hidden.device:
-                value = value.to(device=hidden.device, dtype=hidden.dtype)  # differentiable
+            value = _like_hidden(tensor, hidden)
             pos = state.pos.to(hidden.device)
             offset = pos - start
             inside = selection[..., 0].to(hidden.device) & (offset < count)
