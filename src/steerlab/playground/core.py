@@ -450,12 +450,12 @@ class Playground:
 
 def sweep_images(rows: list[dict], x: str) -> dict[str, bytes]:
     """The sweep's curves (`steering.plots.score_vs_fraction`) and a layer x strength heat-map, as PNG."""
-    from steerlab.playground.plots import heatmap
     from steerlab.report.figures import figure_png
     from steerlab.steering import plots
+    from steerlab.steering.plots import score_heatmap
 
     split = rows[0]["split"]
     return {
         "curves": figure_png(plots.score_vs_fraction(rows, split, "score", x=x)),
-        "heatmap": figure_png(heatmap(rows, x)),
+        "heatmap": figure_png(score_heatmap(rows, x)),
     }
