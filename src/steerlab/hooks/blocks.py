@@ -4,7 +4,7 @@ pass at a later block (used by influence's pass cache) or after a block whose ou
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -53,29 +53,45 @@ class _PassThrough(nn.Module):
         return hidden_states
 
 
-@contextmanager
-def start_at_block(model, layer: int, hidden: torch.Tensor) -> Iterator[None]:
-    """Inside the context, a forward call skips blocks 0..layer-1 (replaced by a pass-through) and feeds
-    `hidden` to block `layer`; the blocks are restored on exit, also on exceptions."""
-    layers = decoder_layers(as_module(model))
-    saved = [layers[i] for i in range(layer)]
+def _feed(next_hidden: Callable[[tuple], torch.Tensor]) -> Callable:
+    """A forward pre-hook that replaces a block's input hidden states with `next_hidden(input shape)`."""
 
     def pre_hook(_module, args, kwargs):
-        if _block_input(args, kwargs).shape != hidden.shape:
-            raise ValueError(f"cached hidden states {tuple(hidden.shape)} do not fit this batch")
+        hidden = next_hidden(tuple(_block_input(args, kwargs).shape))
         if args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
 
-    handle = layers[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    return pre_hook
+
+
+@contextmanager
+def _bypass(model, stand_ins: dict[int, nn.Module], fed: nn.Module, pre_hook: Callable) -> Iterator[None]:
+    """Swap the given decoder blocks for stand-ins and feed `fed` through `pre_hook`; restore on exit."""
+    layers = decoder_layers(as_module(model))
+    saved = {i: layers[i] for i in stand_ins}
+    handle = fed.register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
-        for i in range(layer):
-            layers[i] = _PassThrough()
+        for i, module in stand_ins.items():
+            layers[i] = module
         yield
     finally:
-        for i, module in enumerate(saved):
+        for i, module in saved.items():
             layers[i] = module
         handle.remove()
+
+
+def start_at_block(model, layer: int, hidden: torch.Tensor):
+    """Inside the context, a forward call skips blocks 0..layer-1 (replaced by a pass-through) and feeds
+    `hidden` to block `layer`; the blocks are restored on exit, also on exceptions."""
+
+    def next_hidden(shape: tuple) -> torch.Tensor:
+        if shape != tuple(hidden.shape):
+            raise ValueError(f"cached hidden states {tuple(hidden.shape)} do not fit this batch")
+        return hidden
+
+    block = decoder_layers(as_module(model))[layer]
+    return _bypass(model, {i: _PassThrough() for i in range(layer)}, block, _feed(next_hidden))
 
 
 class _Resume(_PassThrough):
@@ -90,8 +106,7 @@ class _Resume(_PassThrough):
             self.like = nn.Parameter(empty, requires_grad=False)
 
 
-@contextmanager
-def resume_after_block(model, layer: int, outputs: Sequence[torch.Tensor]) -> Iterator[None]:
+def resume_after_block(model, layer: int, outputs: Sequence[torch.Tensor]):
     """Inside the context, the k-th forward call skips blocks 0..`layer` and takes `outputs[k]` as the
     output of block `layer` (e.g. recorded with `read_residual` in an earlier pass over the same inputs).
 
@@ -99,12 +114,10 @@ def resume_after_block(model, layer: int, outputs: Sequence[torch.Tensor]) -> It
     on that output as they would on the block's own. The blocks are restored on exit, also on exceptions;
     a call beyond `len(outputs)`, or one whose shape differs, raises ValueError.
     """
-    layers = decoder_layers(as_module(model))
-    saved = [layers[i] for i in range(layer + 1)]
-    resume = _Resume(saved[layer])
+    resume = _Resume(decoder_layers(as_module(model))[layer])
     calls = [0]
 
-    def pre_hook(_module, args, kwargs):
+    def next_hidden(shape: tuple) -> torch.Tensor:
         index = calls[0]
         calls[0] += 1
         if index >= len(outputs):
@@ -112,21 +125,12 @@ def resume_after_block(model, layer: int, outputs: Sequence[torch.Tensor]) -> It
                 f"forward call {index + 1} after block {layer}, but {len(outputs)} outputs were given"
             )
         hidden = outputs[index]
-        if _block_input(args, kwargs).shape != hidden.shape:
+        if shape != tuple(hidden.shape):
             raise ValueError(
                 f"given output {tuple(hidden.shape)} of block {layer} does not fit forward call {index + 1}"
             )
-        if args:
-            return (hidden, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
+        return hidden
 
-    handle = resume.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
-        for i in range(layer):
-            layers[i] = _PassThrough()
-        layers[layer] = resume
-        yield
-    finally:
-        for i, module in enumerate(saved):
-            layers[i] = module
-        handle.remove()
+    stand_ins: dict[int, nn.Module] = {i: _PassThrough() for i in range(layer)}
+    stand_ins[layer] = resume
+    return _bypass(model, stand_ins, resume, _feed(next_hidden))
