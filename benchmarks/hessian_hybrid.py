@@ -4,9 +4,14 @@ MLP: config (including t) fixed on development seeds 0-2; fresh seeds 10-14 repo
 the 8x8 image, 2 886 parameters; same data, probes, projection and controls; no mixed-data methods): t fixed
 on development seeds 0-2 as the largest sweep value whose worst random drop stayed <= 0.03; fresh seeds
 10-14 reported as `cnn_*` fields of the same shape, with 95% Student-t intervals and per-layer figures.
+Unsupervised separation (`--part unsupervised`, pre-registered in docs/hessian.md): the tempered-equalisation
+candidates are scored on development seeds 0-2 (MLP) and one is chosen by the stated rule; it then runs once on
+fresh seeds 20-24 for the MLP and the CNN, beside the control (top-20 mixed-Hessian eigenvectors):
+`unsupervised_*` / `cnn_unsupervised_*` fields, unsupervised_dev.json and unsupervised_fresh.json in --out.
 Writes hybrid_digits.json (+ hybrid_cnn.json), figures and report.html to --out. Last line: one JSON object.
 
     PYTHONPATH=src python benchmarks/hessian_hybrid.py [--seeds 10 11 12 13 14] [--arch both] [--out results/hessian_hybrid]
+    PYTHONPATH=src python benchmarks/hessian_hybrid.py --part unsupervised [--stage dev|fresh|both]
 """
 
 from __future__ import annotations
@@ -21,12 +26,19 @@ import numpy as np
 import torch
 from scipy import stats
 
-from steerlab.hessian.hybrid import SUMMARY_KEYS, HybridConfig, run_experiment
+from steerlab.hessian.hybrid import (
+    SUMMARY_KEYS,
+    HybridConfig,
+    choose_candidate,
+    run_experiment,
+    unsupervised_study,
+)
 from steerlab.hessian.report import hybrid_report
 from steerlab.io import atomic_write_text
 
 CNN_T = 1.0  # chosen on development seeds 0-2: worst random drop 0.017-0.020 at t = 1, 0.057-0.075 at t = 2
 CNN_KEYS = SUMMARY_KEYS[:5]
+CNN_CONFIG = {"arch": "cnn", "dtype": "float32", "lanczos_tol": 1e-4}
 
 
 def ci95(vals: list[float]) -> list[float]:
@@ -53,16 +65,89 @@ def cnn_fields(result: dict) -> dict:
     return out
 
 
+def method_fields(runs: list[dict], method: str, prefix: str) -> dict:
+    """Mean, sd and per-seed values of a method's scores over the fresh-seed `runs` (`unsupervised_study`)."""
+    out: dict = {}
+    for key, name in (
+        ("specialised_fraction_balanced", "balanced_fraction"),
+        ("specialised_fraction", "fraction"),
+        ("n_pattern_specialised_balanced", "n_pattern_specialised_balanced"),
+        ("n_pattern_specialised", "n_pattern_specialised"),
+    ):
+        vals = [r["methods"][method][key] for r in runs]
+        out[f"{prefix}_{name}_fresh"] = float(np.mean(vals))
+        out[f"{prefix}_{name}_fresh_sd"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+        out[f"{prefix}_{name}_fresh_per_seed"] = vals
+    return out
+
+
+def study(seeds: list[int], cfg: HybridConfig, candidates=None) -> list[dict]:
+    runs = []
+    for seed in seeds:
+        run = unsupervised_study(replace(cfg, seed=seed), candidates)
+        print(
+            run["arch"],
+            seed,
+            {name: round(m["specialised_fraction_balanced"], 2) for name, m in run["methods"].items()},
+            f"{run['seconds']:.0f}s",
+            flush=True,
+        )
+        runs.append(run)
+    return runs
+
+
+def unsupervised_part(args: argparse.Namespace) -> dict:
+    """Development stage (all candidates, the rule picks one) and/or the fresh-seed stage (that one + control)."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    line: dict = {}
+    if args.stage in ("dev", "both"):
+        dev = study(args.dev_seeds, HybridConfig())
+        chosen = choose_candidate(dev)
+        atomic_write_text(
+            out / "unsupervised_dev.json",
+            json.dumps({"seeds": args.dev_seeds, "chosen": chosen, "runs": dev}, indent=1),
+        )
+        line["unsupervised_dev_mean_balanced_fraction"] = {
+            name: float(np.mean([r["methods"][name]["specialised_fraction_balanced"] for r in dev]))
+            for name in dev[0]["methods"]
+        }
+    else:
+        chosen = json.loads((out / "unsupervised_dev.json").read_text())["chosen"]
+    line["unsupervised_method"] = chosen
+    if args.stage in ("fresh", "both"):
+        alpha, ica = float(chosen.split("_a")[1].removesuffix("_ica")), chosen.endswith("_ica")
+        fresh = {
+            "mlp": study(args.fresh_seeds, HybridConfig(), ((alpha, ica),)),
+            "cnn": study(args.fresh_seeds, HybridConfig(**CNN_CONFIG), ((alpha, ica),)),
+        }
+        atomic_write_text(
+            out / "unsupervised_fresh.json",
+            json.dumps({"seeds": args.fresh_seeds, "chosen": chosen, **fresh}, indent=1),
+        )
+        for arch, prefix in (("mlp", ""), ("cnn", "cnn_")):
+            line |= method_fields(fresh[arch], chosen, f"{prefix}unsupervised")
+            line |= method_fields(fresh[arch], "mixed", f"{prefix}mixed_control")
+        line["unsupervised_fresh_seeds"] = args.fresh_seeds
+    return line
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[10, 11, 12, 13, 14])
     parser.add_argument("--arch", choices=("mlp", "cnn", "both"), default="both")
     parser.add_argument("--out", default="results/hessian_hybrid")
+    parser.add_argument("--part", choices=("separation", "unsupervised", "all"), default="all")
+    parser.add_argument("--stage", choices=("dev", "fresh", "both"), default="both")
+    parser.add_argument("--dev-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--fresh-seeds", type=int, nargs="+", default=[20, 21, 22, 23, 24])
     args = parser.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     line: dict = {}
-    if args.arch in ("mlp", "both"):
+    if args.part in ("unsupervised", "all"):
+        line |= unsupervised_part(args)
+    if args.part != "unsupervised" and args.arch in ("mlp", "both"):
         result = run_experiment(args.seeds, HybridConfig())
         hybrid_report(result, Path(args.out))
         for run in result["runs"]:
@@ -73,17 +158,15 @@ def main() -> None:
                 run["n_pattern_specialised"],
                 run["n_digit_specialised"],
             )
-        line = result["summary"]
+        line |= result["summary"]
         line["pattern_dir_ratio"] = line["pattern_drop_on_pattern_dir"] / max(
             line["digit_drop_on_pattern_dir"], 1e-12
         )
         line["digit_dir_ratio"] = line["digit_drop_on_digit_dir"] / max(
             line["pattern_drop_on_digit_dir"], 1e-12
         )
-    if args.arch in ("cnn", "both"):
-        cfg = replace(
-            HybridConfig(), arch="cnn", unsupervised=False, dtype="float32", lanczos_tol=1e-4, t=CNN_T
-        )
+    if args.part != "unsupervised" and args.arch in ("cnn", "both"):
+        cfg = replace(HybridConfig(**CNN_CONFIG), unsupervised=False, t=CNN_T)
         cnn = run_experiment(args.seeds, cfg)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(args.out) / "hybrid_cnn.json", json.dumps(cnn, indent=1, default=float))

@@ -135,3 +135,91 @@ def test_hybrid_cnn_runs_with_blockwise_shares():
         assert sum(r["blockwise"][name].values()) == pytest.approx(1.0)
     assert set(r["blockwise"]["top_eigenvalue_digit"]) == {"layer1", "layer3", "layer7"}
     assert len(r["random_sweep_max_drop"]) == 2 and r["random_sweep_max_drop"][0] == 0.0
+
+
+def test_tempered_weights_exact():
+    from steerlab.hessian.separate import tempered_weights
+
+    traces = torch.tensor([1.0, 4.0, 16.0, 0.25], dtype=torch.float64)
+    raw = torch.tensor([1.0, 0.5, 0.25, 2.0], dtype=torch.float64)  # traces^(-1/2)
+    assert torch.allclose(tempered_weights(traces, 0.5), raw / 0.9375, rtol=1e-14)
+    assert torch.equal(tempered_weights(traces, 0.0), torch.ones(4, dtype=torch.float64))
+    w1 = tempered_weights(traces, 1.0)
+    assert torch.allclose(w1 * traces, torch.full((4,), float((w1 * traces)[0]), dtype=torch.float64))
+    assert float(w1.mean()) == pytest.approx(1.0)
+
+
+def test_tempered_equalisation_recovers_weak_planted_skill():
+    """A linear softmax classifier sees two kinds of inputs: kind A spans a 6-d subspace with 3x the scale,
+    kind B an orthogonal 2-d one. Every sample's Gauss-Newton matrix is L (x) x x^T, so the curvature of
+    kind A dominates and the plain top-4 eigenvectors (alpha = 0) hold no kind-B direction; with full
+    equalisation (alpha = 1) each kind-B sample carries as much curvature as a kind-A one, spread over 2
+    instead of 6 dimensions, so the top-2 directions are exactly kind-B-specialised (balanced r = 0)."""
+    from torch import nn
+
+    from steerlab.hessian import CurvatureOperator, classification_task, select_params
+    from steerlab.hessian.separate import per_sample_ggn_traces, tempered_directions
+    from steerlab.hessian.subspace import specialisation
+
+    gen = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(10, 10, generator=gen, dtype=torch.float64))
+    xa = 3.0 * torch.randn(200, 6, generator=gen, dtype=torch.float64) @ q[:, :6].T
+    xb = torch.randn(200, 2, generator=gen, dtype=torch.float64) @ q[:, 6:8].T
+    x = torch.cat([xa, xb])
+    model = nn.Linear(10, 2, bias=False).double()
+    nn.init.zeros_(model.weight)
+    params = select_params(model)
+    zeros = torch.zeros(200, dtype=torch.long)
+    g = {
+        kind: CurvatureOperator(model, classification_task(), [(xs, zeros)], params, kind="ggn")
+        for kind, xs in (("a", xa), ("b", xb))
+    }
+    lam = {kind: float(torch.linalg.eigvalsh(xs.T @ xs / 200).max()) for kind, xs in (("a", xa), ("b", xb))}
+    traces = per_sample_ggn_traces(model, params, x)
+    assert torch.allclose(traces, 0.5 * x.pow(2).sum(1), rtol=1e-12)  # tr(L) = 1/2 at uniform p
+
+    def balanced_r(dirs):  # share of kind A's curvature, each kind scaled by its own top eigenvalue
+        return specialisation(g["a"].quadratics(dirs) / lam["a"], g["b"].quadratics(dirs) / lam["b"])
+
+    plain, _ = tempered_directions(model, params, x, 0.0, 4, ica=False, tol=1e-10, traces=traces)
+    equal, info = tempered_directions(model, params, x, 1.0, 4, ica=False, tol=1e-10, traces=traces)
+    assert (balanced_r(plain) > 1 - 1e-8).all()  # all kind A: the weak skill is absent
+    r = balanced_r(equal)
+    assert (r[:2] < 1e-8).all() and (r[2:] > 1 - 1e-8).all(), r
+    assert info["weight_ratio_max_min"] == pytest.approx(float(traces.max() / traces.min()))
+    # alpha = 0.5 is not enough here (kind A's per-dimension curvature still leads): no kind-B direction
+    half, _ = tempered_directions(model, params, x, 0.5, 2, ica=False, tol=1e-10, traces=traces)
+    assert (balanced_r(half) > 1 - 1e-8).all()
+
+
+def test_choose_candidate_follows_the_preregistered_rule():
+    from steerlab.hessian.hybrid import candidate_name, choose_candidate
+
+    def run(fracs):
+        return {"methods": {name: {"specialised_fraction_balanced": f} for name, f in fracs.items()}}
+
+    a, b, c = candidate_name(0.5, True), candidate_name(0.25, False), candidate_name(0.25, True)
+    assert (a, b) == ("tempered_a0.5_ica", "tempered_a0.25")
+    # the control never wins; the best mean does; equal means go to the smaller alpha, then to no ICA
+    runs = [run({"mixed": 1.0, a: 0.6, b: 0.4, c: 0.5}), run({"mixed": 1.0, a: 0.5, b: 0.4, c: 0.5})]
+    assert choose_candidate(runs) == a
+    runs = [run({a: 0.5, b: 0.45, c: 0.55}), run({a: 0.5, b: 0.55, c: 0.45})]
+    assert choose_candidate(runs) == b
+
+
+@pytest.mark.parametrize("arch", ["mlp", pytest.param("cnn", marks=pytest.mark.slow)])
+def test_unsupervised_study_scores_control_and_candidate(arch):
+    """Wiring on a briefly trained model: the control and the candidate are scored, and balanced r is
+    exactly the ratio of the per-subset curvatures each scaled by its subset's top eigenvalue."""
+    from steerlab.hessian.hybrid import HybridConfig, unsupervised_study
+
+    extra = {"dtype": "float32", "lanczos_tol": 1e-4} if arch == "cnn" else {"lanczos_tol": 1e-6}
+    cfg = HybridConfig(seed=0, arch=arch, train_steps=30, n_top=3, **extra)
+    run = unsupervised_study(cfg, ((0.5, True),))
+    assert set(run["methods"]) == {"mixed", "tempered_a0.5_ica"}
+    for m in run["methods"].values():
+        qd, qp = np.array(m["q_digit_rel"]), np.array(m["q_pattern_rel"])
+        assert np.allclose(m["r_balanced"], qd / (qd + qp), rtol=1e-12)
+        assert m["specialised_fraction_balanced"] == np.mean((qd / (qd + qp) < 0.1) | (qd / (qd + qp) > 0.9))
+        assert len(m["r"]) == 3
+    assert run["info"]["tempered_a0.5_ica"]["weight_ratio_max_min"] > 1

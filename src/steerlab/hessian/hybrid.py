@@ -21,7 +21,13 @@ from tqdm.auto import tqdm
 from steerlab.hessian.lanczos import lanczos
 from steerlab.hessian.operator import CurvatureOperator
 from steerlab.hessian.params import block_slices, select_params
-from steerlab.hessian.separate import cluster_directions, equalised_directions, separable_directions
+from steerlab.hessian.separate import (
+    cluster_directions,
+    equalised_directions,
+    per_sample_ggn_traces,
+    separable_directions,
+    tempered_directions,
+)
 from steerlab.hessian.subspace import (
     perturbation_sweep,
     principal_angles,
@@ -139,13 +145,19 @@ def layer_blocks(model: nn.Module) -> dict[str, str]:
     return {f"layer{layer}": rf"^{layer}\." for layer in layers}
 
 
-def run_seed(cfg: HybridConfig) -> dict:
-    """Train, compute the spectra, run the targeted and random perturbations and the specialisation scores."""
-    t0 = time.perf_counter()
+def _trained(cfg: HybridConfig) -> tuple[dict, nn.Module, list[float]]:
+    """The seed's data (in the model's dtype), the model trained on `train_mix`, and its training losses."""
     dtype = getattr(torch, cfg.dtype)
     data = {name: (x.to(dtype), y) for name, (x, y) in make_hybrid_digits(cfg).items()}
     model = make_model(cfg)
     losses = train_classifier(model, *data["train_mix"], cfg.train_steps, cfg.lr, cfg.weight_decay)
+    return data, model, losses
+
+
+def run_seed(cfg: HybridConfig) -> dict:
+    """Train, compute the spectra, run the targeted and random perturbations and the specialisation scores."""
+    t0 = time.perf_counter()
+    data, model, losses = _trained(cfg)
     params = select_params(model)
     task = classification_task()
 
@@ -295,6 +307,93 @@ def _blockwise(model, params, data, dirs, cfg: HybridConfig) -> dict:
         )
         out[f"top_eigenvalue_{split}"] = {label: v["values"][0] for label, v in spectra.items()}
     return out
+
+
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # tempering exponents of the pre-registered candidates
+
+
+def candidate_name(alpha: float, ica: bool) -> str:
+    return f"tempered_a{alpha:g}" + ("_ica" if ica else "")
+
+
+def unsupervised_study(
+    cfg: HybridConfig, candidates: tuple[tuple[float, bool], ...] | None = None, progress: bool = False
+) -> dict:
+    """Score mixed-data methods on one seed (same data and training as `run_seed`): the control (top
+    `n_top` mixed-Hessian eigenvectors) and each (alpha, ica) tempered-equalisation candidate
+    (`tempered_directions`, from the unlabelled mixed inputs only). Per method: r, balanced r (each GGN
+    scaled by its top eigenvalue, computed with subset membership for scoring only), specialised fractions
+    and counts of pattern-/digit-specialised directions."""
+    candidates = candidates or tuple((a, ica) for a in ALPHAS for ica in (False, True))
+    t0 = time.perf_counter()
+    data, model, losses = _trained(cfg)
+    params = select_params(model)
+    task = classification_task()
+
+    def op(split: str, kind: str) -> CurvatureOperator:
+        return CurvatureOperator(model, task, [data[split]], params, kind=kind, cache_graph=True)
+
+    def top(o: CurvatureOperator, k: int):
+        return lanczos(o.matvec, o.dim, k=k, which="LA", tol=cfg.lanczos_tol, seed=cfg.seed, progress=False)
+
+    g_d, g_p = op("train_digit", "ggn"), op("train_pattern", "ggn")
+    top_d, top_p = top(g_d, 1).values[0].item(), top(g_p, 1).values[0].item()
+    x_mix = data["train_mix"][0]  # inputs only: no labels, no subset membership
+    directions = {"mixed": top(op("train_mix", "hessian"), cfg.n_top).vectors[: cfg.n_top].double()}
+    traces = per_sample_ggn_traces(model, params, x_mix)
+    infos, bases = {}, {}
+    for alpha, ica in tqdm(candidates, disable=not progress, desc=f"seed {cfg.seed} candidates"):
+        name = candidate_name(alpha, ica)
+        if ica and alpha in bases:  # ICA rotates within the same tempered basis: reuse it
+            dirs, info = separable_directions(model, params, x_mix, bases[alpha], cfg.n_top, seed=cfg.seed)
+        else:
+            dirs, info = tempered_directions(
+                model, params, x_mix, alpha, cfg.n_top, ica, cfg.seed, cfg.lanczos_tol, traces
+            )
+            if not ica:
+                bases[alpha] = dirs
+        directions[name] = dirs
+        infos[name] = {k: v for k, v in info.items() if k != "concentration"}
+    methods = {}
+    for name, v in directions.items():
+        qd, qp = g_d.quadratics(v), g_p.quadratics(v)
+        r, rb = specialisation(qd, qp), specialisation(qd / top_d, qp / top_p)
+        methods[name] = {
+            "r": r.tolist(),
+            "r_balanced": rb.tolist(),
+            "specialised_fraction": specialised_fraction(r),
+            "specialised_fraction_balanced": specialised_fraction(rb),
+            "n_pattern_specialised": int((r < 0.1).sum()),
+            "n_pattern_specialised_balanced": int((rb < 0.1).sum()),
+            "n_digit_specialised_balanced": int((rb > 0.9).sum()),
+            # each direction's curvature in units of the subset's top eigenvalue (how curved, not just how skewed)
+            "q_digit_rel": (np.abs(qd) / top_d).tolist(),
+            "q_pattern_rel": (np.abs(qp) / top_p).tolist(),
+        }
+    return {
+        "seed": cfg.seed,
+        "arch": cfg.arch,
+        "dim": g_d.dim,
+        "final_train_loss": losses[-1],
+        "base_accuracy": {s: accuracy(model, *data[f"test_{s}"]) for s in ("digit", "pattern")},
+        "top_eigenvalue_ggn": {"digit": top_d, "pattern": top_p},
+        "methods": methods,
+        "info": infos,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def choose_candidate(dev_runs: list[dict]) -> str:
+    """The pre-registered rule: highest mean balanced fraction over the development runs; a tie (equal to 3
+    decimals) goes to the smaller alpha, then to no ICA. Never looks at anything but the dev runs."""
+    names = [n for n in dev_runs[0]["methods"] if n != "mixed"]
+
+    def key(name: str) -> tuple:
+        mean = np.mean([r["methods"][name]["specialised_fraction_balanced"] for r in dev_runs])
+        alpha = float(name.split("_a")[1].removesuffix("_ica"))
+        return (-round(float(mean), 3), alpha, name.endswith("_ica"))
+
+    return min(names, key=key)
 
 
 SUMMARY_KEYS = (

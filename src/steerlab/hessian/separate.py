@@ -244,6 +244,53 @@ def equalised_ggn_task():
     )
 
 
+def tempered_weights(traces: torch.Tensor, alpha: float) -> torch.Tensor:
+    """w_i = tr(G_i)^(-alpha), scaled to mean 1 (float64). alpha = 0 is the plain GGN, alpha = 1 gives every
+    sample equal total curvature; in between tempers the dominance of a few very confident samples."""
+    t = traces.double().clamp_min(1e-12 * float(traces.max()))
+    w = t.pow(-alpha)
+    return w / w.mean()
+
+
+def tempered_directions(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    inputs: torch.Tensor,
+    alpha: float,
+    n_components: int = 20,
+    ica: bool = True,
+    seed: int = 0,
+    tol: float = 1e-6,
+    traces: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Top eigenvectors of the tempered, sample-weighted Gauss-Newton matrix sum_i w_i G_i with
+    w_i = tr(G_i)^(-alpha) (`tempered_weights`), optionally rotated by curvature ICA within their span.
+    Uses the unlabelled `inputs` only; pass `traces` (`per_sample_ggn_traces`) to reuse them."""
+    from steerlab.hessian.lanczos import lanczos
+    from steerlab.hessian.operator import CurvatureOperator
+
+    if traces is None:
+        traces = per_sample_ggn_traces(model, params, inputs)
+    w = tempered_weights(traces, alpha)
+    with torch.no_grad():
+        q = torch.softmax(model(inputs), -1)
+    op = CurvatureOperator(
+        model, equalised_ggn_task(), [(inputs, q, w.to(q.dtype))], params, kind="ggn", cache_graph=True
+    )
+    eig = lanczos(op.matvec, op.dim, k=n_components, which="LA", tol=tol, seed=seed, progress=False)
+    info = {
+        "alpha": alpha,
+        "n_products": eig.n_products,
+        "trace_ratio_max_min": float(traces.max() / traces.min()),
+        "weight_ratio_max_min": float(w.max() / w.min()),
+        "eigenvalues": eig.values.tolist(),
+    }
+    if not ica:
+        return eig.vectors[:n_components].double(), info
+    dirs, ica_info = separable_directions(model, params, inputs, eig.vectors, n_components, seed=seed)
+    return dirs, {**info, **ica_info}
+
+
 def equalised_directions(
     model: nn.Module,
     params: dict[str, nn.Parameter],
@@ -254,21 +301,6 @@ def equalised_directions(
 ) -> tuple[torch.Tensor, dict]:
     """Third method: top eigenvectors of the *sample-equalised* Gauss-Newton matrix sum_i G_i / tr(G_i)
     (so confidently-handled samples, whose skill carries little raw curvature, are not drowned out), then
-    curvature ICA inside them. Uses the unlabelled mixed inputs only."""
-    from steerlab.hessian.lanczos import lanczos
-    from steerlab.hessian.operator import CurvatureOperator
-
-    traces = per_sample_ggn_traces(model, params, inputs)
-    with torch.no_grad():
-        q = torch.softmax(model(inputs), -1)
-    w = 1.0 / traces.clamp_min(1e-12 * traces.max())
-    op = CurvatureOperator(
-        model, equalised_ggn_task(), [(inputs, q, w.to(q.dtype))], params, kind="ggn", cache_graph=True
-    )
-    eig = lanczos(op.matvec, op.dim, k=n_components, which="LA", tol=tol, seed=seed, progress=False)
-    dirs, info = separable_directions(model, params, inputs, eig.vectors, n_components, seed=seed)
-    return dirs, {
-        **info,
-        "n_products": eig.n_products,
-        "trace_ratio_max_min": float(traces.max() / traces.min()),
-    }
+    curvature ICA inside them: `tempered_directions` with alpha = 1."""
+    dirs, info = tempered_directions(model, params, inputs, 1.0, n_components, ica=True, seed=seed, tol=tol)
+    return dirs, {k: v for k, v in info.items() if k not in ("alpha", "weight_ratio_max_min", "eigenvalues")}
