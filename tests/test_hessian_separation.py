@@ -221,5 +221,6 @@ def test_unsupervised_study_scores_control_and_candidate(arch):
         qd, qp = np.array(m["q_digit_rel"]), np.array(m["q_pattern_rel"])
         assert np.allclose(m["r_balanced"], qd / (qd + qp), rtol=1e-12)
         assert m["specialised_fraction_balanced"] == np.mean((qd / (qd + qp) < 0.1) | (qd / (qd + qp) > 0.9))
-        assert len(m["r"]) == 3
+        assert len(m["r"]) == len(m["digit_drop"]) == len(m["pattern_drop"]) == 3
+        assert all(-1 <= x <= 1 for x in m["digit_drop"] + m["pattern_drop"])
     assert run["info"]["tempered_a0.5_ica"]["weight_ratio_max_min"] > 1

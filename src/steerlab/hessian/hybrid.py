@@ -323,7 +323,8 @@ def unsupervised_study(
     `n_top` mixed-Hessian eigenvectors) and each (alpha, ica) tempered-equalisation candidate
     (`tempered_directions`, from the unlabelled mixed inputs only). Per method: r, balanced r (each GGN
     scaled by its top eigenvalue, computed with subset membership for scoring only), specialised fractions
-    and counts of pattern-/digit-specialised directions."""
+    and counts of pattern-/digit-specialised directions; and the test-accuracy drops at +-`t` along every
+    direction, beside `n_random` random unit directions."""
     candidates = candidates or tuple((a, ica) for a in ALPHAS for ica in (False, True))
     t0 = time.perf_counter()
     data, model, losses = _trained(cfg)
@@ -354,9 +355,26 @@ def unsupervised_study(
                 bases[alpha] = dirs
         directions[name] = dirs
         infos[name] = {k: v for k, v in info.items() if k != "concentration"}
+    # every curvature product before any perturbation (the operators cache graphs of the current weights)
+    curv = {name: (g_d.quadratics(v), g_p.quadratics(v)) for name, v in directions.items()}
+    metrics = {
+        "digit": lambda: accuracy(model, *data["test_digit"]),
+        "pattern": lambda: accuracy(model, *data["test_pattern"]),
+    }
+    base = {name: fn() for name, fn in metrics.items()}
+
+    def drops(v: torch.Tensor) -> dict[str, float]:  # accuracy drop at +-t along a unit direction
+        at_t = perturbation_sweep(params, v, [cfg.t], metrics)
+        return {m: base[m] - at_t[m][0] for m in metrics}
+
+    gen = torch.Generator().manual_seed(10_000 + cfg.seed)
+    random = [
+        drops(r / r.norm()) for r in torch.randn(cfg.n_random, g_d.dim, generator=gen, dtype=torch.float64)
+    ]
     methods = {}
     for name, v in directions.items():
-        qd, qp = g_d.quadratics(v), g_p.quadratics(v)
+        qd, qp = curv[name]
+        d = [drops(u) for u in v]
         r, rb = specialisation(qd, qp), specialisation(qd / top_d, qp / top_p)
         methods[name] = {
             "r": r.tolist(),
@@ -369,13 +387,17 @@ def unsupervised_study(
             # each direction's curvature in units of the subset's top eigenvalue (how curved, not just how skewed)
             "q_digit_rel": (np.abs(qd) / top_d).tolist(),
             "q_pattern_rel": (np.abs(qp) / top_p).tolist(),
+            "digit_drop": [x["digit"] for x in d],
+            "pattern_drop": [x["pattern"] for x in d],
         }
     return {
         "seed": cfg.seed,
         "arch": cfg.arch,
         "dim": g_d.dim,
         "final_train_loss": losses[-1],
-        "base_accuracy": {s: accuracy(model, *data[f"test_{s}"]) for s in ("digit", "pattern")},
+        "base_accuracy": base,
+        "t": cfg.t,
+        "random_max_drop": max(max(x.values()) for x in random),
         "top_eigenvalue_ggn": {"digit": top_d, "pattern": top_p},
         "methods": methods,
         "info": infos,
