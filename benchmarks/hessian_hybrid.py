@@ -78,6 +78,20 @@ def method_fields(runs: list[dict], method: str, prefix: str) -> dict:
         out[f"{prefix}_{name}_fresh"] = float(np.mean(vals))
         out[f"{prefix}_{name}_fresh_sd"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
         out[f"{prefix}_{name}_fresh_per_seed"] = vals
+    # what the directions do: mean accuracy drops at +-t along the pattern- (r_bal < 0.1) and digit-specialised
+    # (r_bal > 0.9) directions, pooled over seeds; random unit directions as the control
+    for kind, pick in (("pattern", lambda r: r < 0.1), ("digit", lambda r: r > 0.9)):
+        for metric in ("pattern", "digit"):
+            vals = [
+                drop
+                for run in runs
+                for r, drop in zip(
+                    run["methods"][method]["r_balanced"], run["methods"][method][f"{metric}_drop"]
+                )
+                if pick(r)
+            ]
+            out[f"{prefix}_{kind}_dirs_{metric}_drop_fresh"] = float(np.mean(vals)) if vals else None
+    out[f"{prefix}_random_max_drop_fresh"] = max(run["random_max_drop"] for run in runs)
     return out
 
 
