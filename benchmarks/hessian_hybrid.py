@@ -8,10 +8,12 @@ Unsupervised separation (`--part unsupervised`, pre-registered in docs/hessian.m
 candidates are scored on development seeds 0-2 (MLP) and one is chosen by the stated rule; it then runs once on
 fresh seeds 20-24 for the MLP and the CNN, beside the control (top-20 mixed-Hessian eigenvectors):
 `unsupervised_*` / `cnn_unsupervised_*` fields, unsupervised_dev.json and unsupervised_fresh.json in --out.
+A second pre-registered round (ICA within a deeper tempered basis, weighted ICA) uses fresh seeds 30-34:
+`round2_*` / `cnn_round2_*` fields and the `_round2` files.
 Writes hybrid_digits.json (+ hybrid_cnn.json), figures and report.html to --out. Last line: one JSON object.
 
     PYTHONPATH=src python benchmarks/hessian_hybrid.py [--seeds 10 11 12 13 14] [--arch both] [--out results/hessian_hybrid]
-    PYTHONPATH=src python benchmarks/hessian_hybrid.py --part unsupervised [--stage dev|fresh|both]
+    PYTHONPATH=src python benchmarks/hessian_hybrid.py --part unsupervised [--stage dev|fresh|both] [--rounds 1 2]
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ import torch
 from scipy import stats
 
 from steerlab.hessian.hybrid import (
+    ROUND1,
+    ROUND2,
     SUMMARY_KEYS,
+    Candidate,
     HybridConfig,
     choose_candidate,
     run_experiment,
@@ -95,7 +100,7 @@ def method_fields(runs: list[dict], method: str, prefix: str) -> dict:
     return out
 
 
-def study(seeds: list[int], cfg: HybridConfig, candidates=None) -> list[dict]:
+def study(seeds: list[int], cfg: HybridConfig, candidates: tuple[Candidate, ...]) -> list[dict]:
     runs = []
     for seed in seeds:
         run = unsupervised_study(replace(cfg, seed=seed), candidates)
@@ -110,39 +115,49 @@ def study(seeds: list[int], cfg: HybridConfig, candidates=None) -> list[dict]:
     return runs
 
 
-def unsupervised_part(args: argparse.Namespace) -> dict:
+# pre-registered rounds: candidates, fresh seeds, file suffix and JSON prefix
+ROUNDS = {
+    1: (ROUND1, [20, 21, 22, 23, 24], "", "unsupervised"),
+    2: (ROUND2, [30, 31, 32, 33, 34], "_round2", "round2"),
+}
+
+
+def unsupervised_part(args: argparse.Namespace, round_: int) -> dict:
     """Development stage (all candidates, the rule picks one) and/or the fresh-seed stage (that one + control)."""
+    candidates, fresh_seeds, suffix, prefix = ROUNDS[round_]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     line: dict = {}
     if args.stage in ("dev", "both"):
-        dev = study(args.dev_seeds, HybridConfig())
+        dev = study(args.dev_seeds, HybridConfig(), candidates)
         chosen = choose_candidate(dev)
         atomic_write_text(
-            out / "unsupervised_dev.json",
+            out / f"unsupervised_dev{suffix}.json",
             json.dumps({"seeds": args.dev_seeds, "chosen": chosen, "runs": dev}, indent=1),
         )
-        line["unsupervised_dev_mean_balanced_fraction"] = {
+        line[f"{prefix}_dev_mean_balanced_fraction"] = {
             name: float(np.mean([r["methods"][name]["specialised_fraction_balanced"] for r in dev]))
             for name in dev[0]["methods"]
         }
     else:
-        chosen = json.loads((out / "unsupervised_dev.json").read_text())["chosen"]
-    line["unsupervised_method"] = chosen
+        dev = json.loads((out / f"unsupervised_dev{suffix}.json").read_text())["runs"]
+        chosen = choose_candidate(dev)
+    line[f"{prefix}_method"] = chosen
     if args.stage in ("fresh", "both"):
-        alpha, ica = float(chosen.split("_a")[1].removesuffix("_ica")), chosen.endswith("_ica")
+        picked = (Candidate(**dev[0]["candidates"][chosen]),)
         fresh = {
-            "mlp": study(args.fresh_seeds, HybridConfig(), ((alpha, ica),)),
-            "cnn": study(args.fresh_seeds, HybridConfig(**CNN_CONFIG), ((alpha, ica),)),
+            "mlp": study(fresh_seeds, HybridConfig(), picked),
+            "cnn": study(fresh_seeds, HybridConfig(**CNN_CONFIG), picked),
         }
         atomic_write_text(
-            out / "unsupervised_fresh.json",
-            json.dumps({"seeds": args.fresh_seeds, "chosen": chosen, **fresh}, indent=1),
+            out / f"unsupervised_fresh{suffix}.json",
+            json.dumps({"seeds": fresh_seeds, "chosen": chosen, **fresh}, indent=1),
         )
-        for arch, prefix in (("mlp", ""), ("cnn", "cnn_")):
-            line |= method_fields(fresh[arch], chosen, f"{prefix}unsupervised")
-            line |= method_fields(fresh[arch], "mixed", f"{prefix}mixed_control")
-        line["unsupervised_fresh_seeds"] = args.fresh_seeds
+        for arch, arch_prefix in (("mlp", ""), ("cnn", "cnn_")):
+            name = "unsupervised" if round_ == 1 else f"{prefix}_unsupervised"
+            line |= method_fields(fresh[arch], chosen, f"{arch_prefix}{name}")
+            line |= method_fields(fresh[arch], "mixed", f"{arch_prefix}{prefix}_mixed_control")
+        line[f"{prefix}_fresh_seeds"] = fresh_seeds
     return line
 
 
@@ -154,13 +169,14 @@ def main() -> None:
     parser.add_argument("--part", choices=("separation", "unsupervised", "all"), default="all")
     parser.add_argument("--stage", choices=("dev", "fresh", "both"), default="both")
     parser.add_argument("--dev-seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--fresh-seeds", type=int, nargs="+", default=[20, 21, 22, 23, 24])
+    parser.add_argument("--rounds", type=int, nargs="+", choices=sorted(ROUNDS), default=sorted(ROUNDS))
     args = parser.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     line: dict = {}
     if args.part in ("unsupervised", "all"):
-        line |= unsupervised_part(args)
+        for round_ in args.rounds:
+            line |= unsupervised_part(args, round_)
     if args.part != "unsupervised" and args.arch in ("mlp", "both"):
         result = run_experiment(args.seeds, HybridConfig())
         hybrid_report(result, Path(args.out))

@@ -193,30 +193,87 @@ def test_tempered_equalisation_recovers_weak_planted_skill():
 
 
 def test_choose_candidate_follows_the_preregistered_rule():
-    from steerlab.hessian.hybrid import candidate_name, choose_candidate
+    from steerlab.hessian.hybrid import ROUND1, ROUND2, Candidate, choose_candidate
+
+    a, b, c = Candidate(0.5, True), Candidate(0.25, False), Candidate(0.25, True)
+    assert (a.name, b.name) == ("tempered_a0.5_ica", "tempered_a0.25")
+    assert Candidate(1.0, True, 40, True).name == "tempered_a1_ica_m40_wica"
+    assert len({x.name for x in ROUND1}) == 10 and len({x.name for x in ROUND2}) == 12
 
     def run(fracs):
-        return {"methods": {name: {"specialised_fraction_balanced": f} for name, f in fracs.items()}}
+        return {
+            "methods": {name: {"specialised_fraction_balanced": f} for name, f in fracs.items()},
+            "candidates": {x.name: x._asdict() for x in (a, b, c)},
+        }
 
-    a, b, c = candidate_name(0.5, True), candidate_name(0.25, False), candidate_name(0.25, True)
-    assert (a, b) == ("tempered_a0.5_ica", "tempered_a0.25")
     # the control never wins; the best mean does; equal means go to the smaller alpha, then to no ICA
-    runs = [run({"mixed": 1.0, a: 0.6, b: 0.4, c: 0.5}), run({"mixed": 1.0, a: 0.5, b: 0.4, c: 0.5})]
-    assert choose_candidate(runs) == a
-    runs = [run({a: 0.5, b: 0.45, c: 0.55}), run({a: 0.5, b: 0.55, c: 0.45})]
-    assert choose_candidate(runs) == b
+    runs = [
+        run({"mixed": 1.0, a.name: 0.6, b.name: 0.4, c.name: 0.5}),
+        run({a.name: 0.5, b.name: 0.4, c.name: 0.5}),
+    ]
+    assert choose_candidate(runs) == a.name
+    runs = [run({a.name: 0.5, b.name: 0.45, c.name: 0.55}), run({a.name: 0.5, b.name: 0.55, c.name: 0.45})]
+    assert choose_candidate(runs) == b.name
+    # round 2: at equal means and alpha, unweighted before weighted, then the smaller basis
+    d, e, f = Candidate(0.5, True, 40), Candidate(0.5, True, None, True), Candidate(0.5, True)
+    tie = {"methods": {x.name: {"specialised_fraction_balanced": 0.5} for x in (d, e, f)}}
+    tie["candidates"] = {x.name: x._asdict() for x in (d, e, f)}
+    assert choose_candidate([tie]) == f.name
+    del tie["methods"][f.name], tie["candidates"][f.name]
+    assert choose_candidate([tie]) == d.name
+
+
+def test_weighted_curvature_ica_recovers_non_orthogonal_planted_skills():
+    """Linear softmax classifier, kind A inputs in a 6-d subspace at 3x the scale, kind B in a 2-d subspace
+    *not* orthogonal to it: within the 8 tempered eigenvectors, ICA on the w_i-weighted per-sample
+    curvatures returns 2 directions that only kind B curves and 6 that only kind A curves (balanced r
+    exactly 0 or 1), while the tempered eigenvectors themselves mix the two kinds."""
+    from torch import nn
+
+    from steerlab.hessian import CurvatureOperator, classification_task, select_params
+    from steerlab.hessian.separate import per_sample_ggn_traces, tempered_directions
+    from steerlab.hessian.subspace import specialisation
+
+    gen = torch.Generator().manual_seed(5)
+    sa = torch.linalg.qr(torch.randn(10, 6, generator=gen, dtype=torch.float64))[0]
+    sb = torch.linalg.qr(torch.randn(10, 2, generator=gen, dtype=torch.float64))[0]
+    xa = 3.0 * torch.randn(200, 6, generator=gen, dtype=torch.float64) @ sa.T
+    xb = torch.randn(200, 2, generator=gen, dtype=torch.float64) @ sb.T
+    x = torch.cat([xa, xb])
+    model = nn.Linear(10, 2, bias=False).double()
+    nn.init.zeros_(model.weight)
+    params = select_params(model)
+    zeros = torch.zeros(200, dtype=torch.long)
+    g = {
+        kind: CurvatureOperator(model, classification_task(), [(xs, zeros)], params, kind="ggn")
+        for kind, xs in (("a", xa), ("b", xb))
+    }
+    lam = {kind: float(torch.linalg.eigvalsh(xs.T @ xs / 200).max()) for kind, xs in (("a", xa), ("b", xb))}
+    traces = per_sample_ggn_traces(model, params, x)
+
+    def balanced_r(dirs):
+        return specialisation(g["a"].quadratics(dirs) / lam["a"], g["b"].quadratics(dirs) / lam["b"])
+
+    kw = {"tol": 1e-10, "traces": traces, "seed": 1}
+    eig, _ = tempered_directions(model, params, x, 1.0, 8, ica=False, **kw)
+    r_eig = balanced_r(eig)
+    assert ((r_eig > 0.1) & (r_eig < 0.9)).sum() >= 2  # the baseline the method must beat
+    dirs, info = tempered_directions(model, params, x, 1.0, 8, ica=True, weighted_ica=True, **kw)
+    r = np.sort(balanced_r(dirs))
+    assert (r[:2] < 1e-6).all() and (r[2:] > 1 - 1e-6).all(), r
+    assert info["whitened_dim"] == 8
 
 
 @pytest.mark.parametrize("arch", ["mlp", pytest.param("cnn", marks=pytest.mark.slow)])
 def test_unsupervised_study_scores_control_and_candidate(arch):
     """Wiring on a briefly trained model: the control and the candidate are scored, and balanced r is
     exactly the ratio of the per-subset curvatures each scaled by its subset's top eigenvalue."""
-    from steerlab.hessian.hybrid import HybridConfig, unsupervised_study
+    from steerlab.hessian.hybrid import Candidate, HybridConfig, unsupervised_study
 
     extra = {"dtype": "float32", "lanczos_tol": 1e-4} if arch == "cnn" else {"lanczos_tol": 1e-6}
     cfg = HybridConfig(seed=0, arch=arch, train_steps=30, n_top=3, **extra)
-    run = unsupervised_study(cfg, ((0.5, True),))
-    assert set(run["methods"]) == {"mixed", "tempered_a0.5_ica"}
+    run = unsupervised_study(cfg, (Candidate(0.5, True), Candidate(0.5, True, 4, True)))
+    assert set(run["methods"]) == {"mixed", "tempered_a0.5_ica", "tempered_a0.5_ica_m4_wica"}
     for m in run["methods"].values():
         qd, qp = np.array(m["q_digit_rel"]), np.array(m["q_pattern_rel"])
         assert np.allclose(m["r_balanced"], qd / (qd + qp), rtol=1e-12)

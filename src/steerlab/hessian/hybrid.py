@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from steerlab.hessian.separate import (
     equalised_directions,
     per_sample_ggn_traces,
     separable_directions,
-    tempered_directions,
+    tempered_basis,
 )
 from steerlab.hessian.subspace import (
     perturbation_sweep,
@@ -309,23 +310,45 @@ def _blockwise(model, params, data, dirs, cfg: HybridConfig) -> dict:
     return out
 
 
-ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # tempering exponents of the pre-registered candidates
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # tempering exponents of the pre-registered round-1 candidates
 
 
-def candidate_name(alpha: float, ica: bool) -> str:
-    return f"tempered_a{alpha:g}" + ("_ica" if ica else "")
+class Candidate(NamedTuple):
+    """A tempered-equalisation method: weights tr(G_i)^(-alpha); curvature ICA or not; the ICA works within
+    the top-`basis` tempered eigenvectors (None: as many as directions wanted), on per-sample curvatures
+    weighted by the same w_i if `weighted_ica`."""
+
+    alpha: float
+    ica: bool
+    basis: int | None = None
+    weighted_ica: bool = False
+
+    @property
+    def name(self) -> str:
+        return (
+            f"tempered_a{self.alpha:g}"
+            + ("_ica" if self.ica else "")
+            + (f"_m{self.basis}" if self.basis else "")
+            + ("_wica" if self.weighted_ica else "")
+        )
+
+
+# the pre-registered candidate sets (docs/hessian.md)
+ROUND1 = tuple(Candidate(a, ica) for a in ALPHAS for ica in (False, True))
+ROUND2 = tuple(
+    Candidate(a, True, m, wt) for a in (0.5, 0.75, 1.0) for m in (None, 40) for wt in (False, True)
+)
 
 
 def unsupervised_study(
-    cfg: HybridConfig, candidates: tuple[tuple[float, bool], ...] | None = None, progress: bool = False
+    cfg: HybridConfig, candidates: tuple[Candidate, ...] = ROUND1, progress: bool = False
 ) -> dict:
     """Score mixed-data methods on one seed (same data and training as `run_seed`): the control (top
-    `n_top` mixed-Hessian eigenvectors) and each (alpha, ica) tempered-equalisation candidate
-    (`tempered_directions`, from the unlabelled mixed inputs only). Per method: r, balanced r (each GGN
-    scaled by its top eigenvalue, computed with subset membership for scoring only), specialised fractions
-    and counts of pattern-/digit-specialised directions; and the test-accuracy drops at +-`t` along every
-    direction, beside `n_random` random unit directions."""
-    candidates = candidates or tuple((a, ica) for a in ALPHAS for ica in (False, True))
+    `n_top` mixed-Hessian eigenvectors) and each tempered-equalisation `Candidate` (from the unlabelled
+    mixed inputs only). Per method: r, balanced r (each GGN scaled by its top eigenvalue, computed with
+    subset membership for scoring only), specialised fractions and counts of pattern-/digit-specialised
+    directions; and the test-accuracy drops at +-`t` along every direction, beside `n_random` random unit
+    directions."""
     t0 = time.perf_counter()
     data, model, losses = _trained(cfg)
     params = select_params(model)
@@ -342,19 +365,28 @@ def unsupervised_study(
     x_mix = data["train_mix"][0]  # inputs only: no labels, no subset membership
     directions = {"mixed": top(op("train_mix", "hessian"), cfg.n_top).vectors[: cfg.n_top].double()}
     traces = per_sample_ggn_traces(model, params, x_mix)
-    infos, bases = {}, {}
-    for alpha, ica in tqdm(candidates, disable=not progress, desc=f"seed {cfg.seed} candidates"):
-        name = candidate_name(alpha, ica)
-        if ica and alpha in bases:  # ICA rotates within the same tempered basis: reuse it
-            dirs, info = separable_directions(model, params, x_mix, bases[alpha], cfg.n_top, seed=cfg.seed)
-        else:
-            dirs, info = tempered_directions(
-                model, params, x_mix, alpha, cfg.n_top, ica, cfg.seed, cfg.lanczos_tol, traces
+    bases = {}  # one Lanczos run per alpha, as deep as its deepest candidate needs
+    for alpha in dict.fromkeys(c.alpha for c in candidates):
+        k = max((c.basis or cfg.n_top) if c.ica else cfg.n_top for c in candidates if c.alpha == alpha)
+        bases[alpha] = tempered_basis(model, params, x_mix, alpha, k, cfg.seed, cfg.lanczos_tol, traces)
+    infos = {}
+    for c in tqdm(candidates, disable=not progress, desc=f"seed {cfg.seed} candidates"):
+        vectors, w, info = bases[c.alpha]
+        if c.ica:
+            dirs, ica_info = separable_directions(
+                model,
+                params,
+                x_mix,
+                vectors[: c.basis or cfg.n_top],
+                cfg.n_top,
+                seed=cfg.seed,
+                sample_weights=w if c.weighted_ica else None,
             )
-            if not ica:
-                bases[alpha] = dirs
-        directions[name] = dirs
-        infos[name] = {k: v for k, v in info.items() if k != "concentration"}
+            info = {**info, **{k: v for k, v in ica_info.items() if k != "concentration"}}
+        else:
+            dirs = vectors[: cfg.n_top]
+        directions[c.name] = dirs
+        infos[c.name] = info
     # every curvature product before any perturbation (the operators cache graphs of the current weights)
     curv = {name: (g_d.quadratics(v), g_p.quadratics(v)) for name, v in directions.items()}
     metrics = {
@@ -400,6 +432,7 @@ def unsupervised_study(
         "random_max_drop": max(max(x.values()) for x in random),
         "top_eigenvalue_ggn": {"digit": top_d, "pattern": top_p},
         "methods": methods,
+        "candidates": {c.name: c._asdict() for c in candidates},
         "info": infos,
         "seconds": time.perf_counter() - t0,
     }
@@ -407,15 +440,16 @@ def unsupervised_study(
 
 def choose_candidate(dev_runs: list[dict]) -> str:
     """The pre-registered rule: highest mean balanced fraction over the development runs; a tie (equal to 3
-    decimals) goes to the smaller alpha, then to no ICA. Never looks at anything but the dev runs."""
-    names = [n for n in dev_runs[0]["methods"] if n != "mixed"]
+    decimals) goes to the smaller alpha, then to no ICA, then to unweighted ICA, then to the smaller basis.
+    Never looks at anything but the dev runs."""
+    candidates = {name: Candidate(**c) for name, c in dev_runs[0]["candidates"].items()}
 
     def key(name: str) -> tuple:
         mean = np.mean([r["methods"][name]["specialised_fraction_balanced"] for r in dev_runs])
-        alpha = float(name.split("_a")[1].removesuffix("_ica"))
-        return (-round(float(mean), 3), alpha, name.endswith("_ica"))
+        c = candidates[name]
+        return (-round(float(mean), 3), c.alpha, c.ica, c.weighted_ica, c.basis or 0)
 
-    return min(names, key=key)
+    return min(candidates, key=key)
 
 
 SUMMARY_KEYS = (

@@ -101,13 +101,17 @@ def separable_directions(
     n_components: int | None = None,
     seed: int = 0,
     loss_curvature: Callable[[torch.Tensor], torch.Tensor] = softmax_ce_curvature,
+    sample_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Curvature-ICA directions (k, dim) inside the row space of `basis` (m, dim, orthonormal rows),
-    computed from unlabelled mixed `inputs` of a classifier (labels are not needed: the GGN is label-free)."""
+    computed from unlabelled mixed `inputs` of a classifier (labels are not needed: the GGN is label-free).
+    `sample_weights` w_i, if given, replace every per-sample curvature A_i by w_i A_i."""
     with torch.no_grad():
         logits = model(inputs)
     jus = output_jvps(model, params, inputs, basis)
     a = per_sample_curvatures(jus, loss_curvature(logits))
+    if sample_weights is not None:
+        a = a * sample_weights.double()[:, None, None]
     coeffs, conc, info = curvature_ica(a, n_components, seed=seed)
     dirs = coeffs @ basis.double()
     dirs = dirs / dirs.norm(dim=1, keepdim=True)
@@ -252,20 +256,19 @@ def tempered_weights(traces: torch.Tensor, alpha: float) -> torch.Tensor:
     return w / w.mean()
 
 
-def tempered_directions(
+def tempered_basis(
     model: nn.Module,
     params: dict[str, nn.Parameter],
     inputs: torch.Tensor,
     alpha: float,
-    n_components: int = 20,
-    ica: bool = True,
+    k: int = 20,
     seed: int = 0,
     tol: float = 1e-6,
     traces: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict]:
-    """Top eigenvectors of the tempered, sample-weighted Gauss-Newton matrix sum_i w_i G_i with
-    w_i = tr(G_i)^(-alpha) (`tempered_weights`), optionally rotated by curvature ICA within their span.
-    Uses the unlabelled `inputs` only; pass `traces` (`per_sample_ggn_traces`) to reuse them."""
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Top-`k` eigenvectors (k, dim) of the tempered, sample-weighted Gauss-Newton matrix sum_i w_i G_i with
+    w_i = tr(G_i)^(-alpha) (`tempered_weights`), the weights, and info. Uses the unlabelled `inputs` only;
+    pass `traces` (`per_sample_ggn_traces`) to reuse them."""
     from steerlab.hessian.lanczos import lanczos
     from steerlab.hessian.operator import CurvatureOperator
 
@@ -277,7 +280,7 @@ def tempered_directions(
     op = CurvatureOperator(
         model, equalised_ggn_task(), [(inputs, q, w.to(q.dtype))], params, kind="ggn", cache_graph=True
     )
-    eig = lanczos(op.matvec, op.dim, k=n_components, which="LA", tol=tol, seed=seed, progress=False)
+    eig = lanczos(op.matvec, op.dim, k=k, which="LA", tol=tol, seed=seed, progress=False)
     info = {
         "alpha": alpha,
         "n_products": eig.n_products,
@@ -285,9 +288,34 @@ def tempered_directions(
         "weight_ratio_max_min": float(w.max() / w.min()),
         "eigenvalues": eig.values.tolist(),
     }
+    return eig.vectors[:k].double(), w, info
+
+
+def tempered_directions(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    inputs: torch.Tensor,
+    alpha: float,
+    n_components: int = 20,
+    ica: bool = True,
+    seed: int = 0,
+    tol: float = 1e-6,
+    traces: torch.Tensor | None = None,
+    basis: int | None = None,
+    weighted_ica: bool = False,
+) -> tuple[torch.Tensor, dict]:
+    """`n_components` directions from the tempered GGN (`tempered_basis`): its top eigenvectors, or (`ica`)
+    curvature ICA within its top-`basis` eigenvectors (default `n_components`), with each sample's curvature
+    weighted by the same w_i if `weighted_ica`."""
+    m = basis or n_components
+    vectors, w, info = tempered_basis(
+        model, params, inputs, alpha, m if ica else n_components, seed, tol, traces
+    )
     if not ica:
-        return eig.vectors[:n_components].double(), info
-    dirs, ica_info = separable_directions(model, params, inputs, eig.vectors, n_components, seed=seed)
+        return vectors, info
+    dirs, ica_info = separable_directions(
+        model, params, inputs, vectors, n_components, seed=seed, sample_weights=w if weighted_ica else None
+    )
     return dirs, {**info, **ica_info}
 
 
