@@ -1,6 +1,8 @@
 """`steerlab hessian spectrum|density|trace|separate`: each command builds its argument dataclass from
 the options (generated from its fields) and calls its function in `steerlab.hessian.commands`, which
-checks every input before a model loads."""
+checks every input before a model loads. Under `torchrun` (e.g. `torchrun --nproc_per_node 2 -m
+steerlab.cli hessian spectrum ...`) the curvature products of spectrum, density and trace are sharded
+over the processes; rank 0 alone prints and writes."""
 
 from __future__ import annotations
 
@@ -24,12 +26,18 @@ def _run(cls, function):
     """A command function: options -> `cls` -> `function` -> one JSON line on stdout (`-q`: no progress)."""
 
     def command(ns: argparse.Namespace) -> None:
+        from steerlab import distributed
+
         if ns.threads:
             import torch
 
             torch.set_num_threads(ns.threads)
-        args = from_namespace(cls, ns, progress=not getattr(ns, "quiet", False))
-        print(json.dumps(function(args)))
+        distributed.init()
+        main = distributed.is_main()
+        args = from_namespace(cls, ns, progress=main and not getattr(ns, "quiet", False))
+        summary = function(args)
+        if main:
+            print(json.dumps(summary))
 
     return command
 

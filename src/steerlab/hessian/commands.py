@@ -9,12 +9,23 @@ are written atomically; each function returns the summary the command prints as 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from steerlab import distributed
+from steerlab.data.errors import read_text
 from steerlab.errors import UserError
-from steerlab.hessian.lm import PARTS, layer_params, read_texts, text_curvature, two_set_spectra
+from steerlab.hessian.lm import (
+    PARTS,
+    layer_params,
+    read_texts,
+    text_curvature,
+    token_chunks,
+    two_set_spectra,
+)
 from steerlab.hessian.operator import CurvatureOperator
 from steerlab.hessian.outputs import (
     write_density,
@@ -48,6 +59,17 @@ class CurvatureArgs(ModelArgs):
     n_texts: int = field(default=8, metadata=option("paragraphs read per text file"))
     max_length: int = field(default=48, metadata=option("tokens per paragraph"))
     batch_size: int = field(default=4, metadata=option("paragraphs per batch"))
+    stream: bool = field(
+        default=False,
+        metadata=option(
+            "read --text as one token stream cut into --n-texts sequences of exactly --max-length tokens "
+            "(e.g. a WikiText split) instead of paragraphs"
+        ),
+    )
+    cache_graph: bool = field(
+        default=False,
+        metadata=option("keep each batch's first-order graph between products (faster, more memory)"),
+    )
     include: list[str] | None = field(
         default=None, metadata=option("regex on parameter names (repeatable)", append=True)
     )
@@ -74,12 +96,30 @@ class SpectrumArgs(CurvatureArgs):
     basis_dir: str | os.PathLike | None = field(
         default=None, metadata=option("keep the Krylov basis in a file in this folder instead of RAM")
     )
+    checkpoint_every: int = field(
+        default=0,
+        metadata=option(
+            "save the Lanczos state in OUT/checkpoint every N products and resume from it when rerun "
+            "(the basis then lives in a file there; 0: no checkpoint)"
+        ),
+    )
 
 
 @dataclass(kw_only=True)
 class DensityArgs(CurvatureArgs):
     probes: int = field(default=4, metadata=option("random probe vectors"))
     steps: int = field(default=60, metadata=option("Lanczos steps per probe"))
+    basis_dtype: str = field(
+        default="float64",
+        metadata=option("storage of each probe's Krylov basis", choices=("float64", "float32")),
+    )
+    checkpoint_every: int = field(
+        default=0,
+        metadata=option(
+            "save each probe's Lanczos state in OUT/checkpoint every N products and resume from it when "
+            "rerun (0: no checkpoint)"
+        ),
+    )
 
 
 @dataclass(kw_only=True)
@@ -129,11 +169,17 @@ def curvature(args: CurvatureArgs) -> tuple[CurvatureOperator, dict]:
     check_choice(args.kind, KINDS, "--kind", HessianArgumentsError)
     _counts(args, "n_texts", "max_length", "batch_size")
     parse_dtype(args.dtype)
-    texts = read_texts(args.text, args.n_texts, option="--text")
+    if not args.stream:
+        texts = read_texts(args.text, args.n_texts, option="--text")
+    else:
+        read_text(args.text, "--text")
     layers = _layers(args.layers)
     check_output_folder(args.out)
+    loaded = _load(args)
+    if args.stream:
+        texts = token_chunks(loaded.tokenizer, args.text, args.n_texts, args.max_length, option="--text")
     op, meta = text_curvature(
-        _load(args),
+        loaded,
         texts,
         layers,
         args.part,
@@ -143,14 +189,32 @@ def curvature(args: CurvatureArgs) -> tuple[CurvatureOperator, dict]:
         args.batch_size,
         args.max_length,
         source=str(args.text),
+        shard=True,
+        cache_graph=args.cache_graph,
     )
+    meta["stream"] = args.stream
+    if args.stream:
+        meta["tokens"] = args.n_texts * args.max_length
     if args.progress:
         print(
             f"operator: {args.kind} over {op.dim:,} parameters in {len(op.params)} tensors, "
-            f"{len(texts)} texts",
+            f"{len(texts)} {'sequences' if args.stream else 'texts'}, {distributed.world_size()} process(es)",
             file=sys.stderr,
         )
     return op, meta
+
+
+def _checkpoint(args, name: str) -> Path | None:
+    """OUT/checkpoint/NAME when `--checkpoint-every` is on (a rerun resumes from it), else None."""
+    return Path(args.out) / "checkpoint" / name if args.checkpoint_every > 0 else None
+
+
+def _done(folder: Path | None) -> None:
+    """Remove a checkpoint once its result is written (rank 0, which owns it)."""
+    if folder is not None and distributed.is_main():
+        shutil.rmtree(folder, ignore_errors=True)
+        if not any(folder.parent.iterdir()):
+            folder.parent.rmdir()
 
 
 def spectrum(args: SpectrumArgs) -> dict:
@@ -164,7 +228,9 @@ def spectrum(args: SpectrumArgs) -> dict:
     if args.basis_dir is not None and os.path.exists(args.basis_dir) and not os.path.isdir(args.basis_dir):
         raise HessianArgumentsError(f"--basis-dir: not a folder: {args.basis_dir}")
     _counts(args, "k", "max_iter")
+    check_at_least(args.checkpoint_every, 0, "--checkpoint-every", HessianArgumentsError)
     op, meta = curvature(args)
+    checkpoint = _checkpoint(args, "spectrum")
     res = lanczos(
         op.matvec,
         op.dim,
@@ -176,22 +242,45 @@ def spectrum(args: SpectrumArgs) -> dict:
         progress=args.progress,
         basis_dtype=getattr(torch, args.basis_dtype),
         basis_dir=args.basis_dir,
+        checkpoint=checkpoint,
+        checkpoint_every=max(args.checkpoint_every, 1),
     )
     res.meta.update(meta)
-    return write_spectrum(res, args.out, f"top-{args.k} {args.which} {args.kind}")
+    if not distributed.is_main():
+        return {}
+    summary = write_spectrum(res, args.out, f"top-{args.k} {args.which} {args.kind}")
+    _done(checkpoint)
+    return summary
 
 
 def density(args: DensityArgs) -> dict:
     """Spectral density by stochastic Lanczos quadrature: `density.*` and `density.png` in `args.out`."""
+    import torch
+
     from steerlab.hessian.density import slq_density
 
     _counts(args, "probes", "steps")
+    check_choice(args.basis_dtype, ("float64", "float32"), "--basis-dtype", HessianArgumentsError)
+    check_at_least(args.checkpoint_every, 0, "--checkpoint-every", HessianArgumentsError)
     op, meta = curvature(args)
+    checkpoint = _checkpoint(args, "density")
     dens = slq_density(
-        op.matvec, op.dim, n_probes=args.probes, steps=args.steps, seed=args.seed, progress=args.progress
+        op.matvec,
+        op.dim,
+        n_probes=args.probes,
+        steps=args.steps,
+        seed=args.seed,
+        progress=args.progress,
+        checkpoint=checkpoint,
+        checkpoint_every=max(args.checkpoint_every, 1),
+        basis_dtype=getattr(torch, args.basis_dtype),
     )
     dens.meta.update(meta)
-    return write_density(dens, args.out)
+    if not distributed.is_main():
+        return {}
+    summary = write_density(dens, args.out)
+    _done(checkpoint)
+    return summary
 
 
 def trace(args: TraceArgs) -> dict:
@@ -202,7 +291,7 @@ def trace(args: TraceArgs) -> dict:
     est = METHODS[args.method](
         op.matvec, op.dim, args.products, confidence=args.confidence, seed=args.seed, progress=args.progress
     )
-    return write_trace(est, args.out, meta)
+    return write_trace(est, args.out, meta) if distributed.is_main() else {}
 
 
 def separate(args: SeparateArgs) -> dict:

@@ -63,19 +63,51 @@ class SpectralDensity:
         return cls(nodes, weights, meta.pop("n_products"), meta)
 
 
+def tridiagonal_density(alphas, betas, meta: dict | None = None) -> SpectralDensity:
+    """The one-probe quadrature of a Lanczos tridiagonal T (diagonal `alphas`, off-diagonal `betas`):
+    nodes the eigenvalues of T, weights the squared first components of its eigenvectors. A `lanczos` run
+    from its random start (v0=None) is thus one probe of `slq_density` with the same seed and steps."""
+    theta, s = _tridiag_eig(list(alphas), list(betas))
+    return SpectralDensity([theta], [s[0] ** 2], len(alphas), dict(meta or {}))
+
+
 def slq_density(
-    matvec: MatVec, dim: int, n_probes: int = 4, steps: int = 80, seed: int = 0, progress: bool = True
+    matvec: MatVec,
+    dim: int,
+    n_probes: int = 4,
+    steps: int = 80,
+    seed: int = 0,
+    progress: bool = True,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 5,
+    basis_dtype: torch.dtype = torch.float64,
+    basis_dir: str | Path | None = None,
 ) -> SpectralDensity:
     """Stochastic Lanczos quadrature: per Gaussian probe, run `steps` Lanczos steps; nodes are the Ritz values,
     weights the squared first components of T's eigenvectors. For probe q, sum_i w_i theta_i^p equals
-    q^T A^p q / |q|^2 exactly for p <= 2*steps - 1."""
+    q^T A^p q / |q|^2 exactly for p <= 2*steps - 1.
+
+    `checkpoint`: a folder with one sub-folder per probe (see `lanczos_tridiagonal`); a rerun after an
+    interruption skips finished probes and resumes the current one, giving the identical density.
+    `basis_dtype` / `basis_dir`: storage of each probe's Krylov basis, as in `lanczos`."""
     gen = torch.Generator().manual_seed(seed)
     nodes, weights, products = [], [], 0
-    for _ in tqdm(range(n_probes), disable=not progress, desc="slq probes"):
+    bar = tqdm(total=n_probes * min(steps, dim), disable=not progress, desc="slq products")
+
+    def counted(v: torch.Tensor) -> torch.Tensor:
+        bar.update(1)
+        return matvec(v)
+
+    for i in range(n_probes):
         q = torch.randn(dim, generator=gen, dtype=torch.float64)
-        alphas, betas = lanczos_tridiagonal(matvec, q, steps)
+        folder = Path(checkpoint) / f"probe-{i}" if checkpoint is not None else None
+        alphas, betas = lanczos_tridiagonal(
+            counted, q, steps, True, folder, checkpoint_every, basis_dtype=basis_dtype, basis_dir=basis_dir
+        )
         products += len(alphas)
-        theta, s = _tridiag_eig(list(alphas), list(betas))
-        nodes.append(theta)
-        weights.append(s[0] ** 2)
-    return SpectralDensity(nodes, weights, products, {"steps": steps, "seed": seed, "dim": dim})
+        one = tridiagonal_density(alphas, betas)
+        nodes += one.nodes
+        weights += one.weights
+    bar.close()
+    meta = {"steps": steps, "seed": seed, "dim": dim, "basis_dtype": str(basis_dtype).removeprefix("torch.")}
+    return SpectralDensity(nodes, weights, products, meta)

@@ -38,6 +38,24 @@ def read_texts(
     return out[:n]
 
 
+def token_chunks(
+    tokenizer, path: str | os.PathLike, n: int, length: int, option: str | None = None
+) -> list[torch.Tensor]:
+    """`n` consecutive, non-overlapping sequences of exactly `length` tokens from the start of a text
+    file read as one stream (e.g. a WikiText split). Too short a file is a `DataFormatError` naming it."""
+    text = read_text(path, option)
+    need = n * length
+    ids: list[int] = []
+    start, step = 0, max(4 * need, 4096)
+    while len(ids) < need and start < len(text):
+        start += step
+        ids = tokenizer(text[:start], add_special_tokens=False)["input_ids"]
+    if len(ids) < need:
+        raise DataFormatError(path, f"{len(ids)} tokens, fewer than the {n} x {length} asked for")
+    stream = torch.tensor(ids[:need], dtype=torch.long)
+    return list(stream.view(n, length))
+
+
 PARTS = ("mlp", "attention", "block")
 
 
@@ -68,19 +86,32 @@ def layer_params(
 def text_operator(
     model: nn.Module,
     tokenizer,
-    texts: list[str],
+    texts: list[str] | list[torch.Tensor],
     params: dict[str, nn.Parameter],
     kind: str = "hessian",
     batch_size: int = 4,
     max_length: int = 48,
+    shard: bool = False,
+    cache_graph: bool = False,
 ) -> CurvatureOperator:
-    """The curvature of the next-token loss on `texts` (padded batches on the parameters' device)."""
+    """The curvature of the next-token loss on `texts` (padded batches on the parameters' device), or on
+    token sequences of equal length (see `token_chunks`; batches without padding). `shard`: split the
+    batches over torchrun processes; `cache_graph`: keep each batch's first-order graph between products
+    (see `CurvatureOperator`)."""
     device = next(iter(params.values())).device
-    batches = [
-        {key: value.to(device) for key, value in batch.items()}
-        for batch in lm_batches(tokenizer, texts, batch_size, max_length)
-    ]
-    return CurvatureOperator(model, lm_task(), batches, params, kind=kind)
+    if texts and isinstance(texts[0], torch.Tensor):
+        batches = [
+            {"input_ids": torch.stack(texts[i : i + batch_size]).to(device)}
+            for i in range(0, len(texts), batch_size)
+        ]
+    else:
+        batches = [
+            {key: value.to(device) for key, value in batch.items()}
+            for batch in lm_batches(tokenizer, texts, batch_size, max_length)
+        ]
+    return CurvatureOperator(
+        model, lm_task(), batches, params, kind=kind, cache_graph=cache_graph, shard=shard
+    )
 
 
 def text_curvature(
@@ -94,11 +125,16 @@ def text_curvature(
     batch_size: int = 4,
     max_length: int = 48,
     source: str | None = None,
+    shard: bool = False,
+    cache_graph: bool = False,
 ) -> tuple[CurvatureOperator, dict]:
-    """The curvature operator of a `LoadedModel`'s next-token loss on `texts` over the chosen parameters
-    (see `layer_params`), and the metadata its results are saved with (`source`: where the texts came from)."""
+    """The curvature operator of a `LoadedModel`'s next-token loss on `texts` (or token sequences) over the
+    chosen parameters (see `layer_params`), and the metadata its results are saved with (`source`: where the
+    texts came from)."""
     params = layer_params(loaded.model, layers, part, include, exclude)
-    op = text_operator(loaded.model, loaded.tokenizer, texts, params, kind, batch_size, max_length)
+    op = text_operator(
+        loaded.model, loaded.tokenizer, texts, params, kind, batch_size, max_length, shard, cache_graph
+    )
     meta = {"model": loaded.info.to_dict(), "operator": op.describe(), "text": source, "n_texts": len(texts)}
     return op, meta
 

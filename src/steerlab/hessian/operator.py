@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from steerlab import distributed
 from steerlab.hessian.params import block_slices, flatten, select_params, unflatten
 from steerlab.hessian.tasks import LossTask
 from steerlab.hooks.modes import curvature_mode
@@ -25,6 +26,9 @@ class CurvatureOperator:
     With `cache_graph=True` the first-order graph of every batch is built once and kept, so each product
     costs one backward pass per batch instead of a forward and two backwards (memory: one graph per batch).
     `n_products` counts full-dataset products, the unit every estimator reports its cost in.
+    With `shard=True` under torchrun, each process works on its share of the batches
+    (`steerlab.distributed.shard`) and every product, gradient and loss is summed over the processes, so
+    each one gets the full result (one process: the same as `shard=False`).
     """
 
     def __init__(
@@ -35,6 +39,7 @@ class CurvatureOperator:
         params: dict[str, nn.Parameter] | None = None,
         kind: Kind = "hessian",
         cache_graph: bool = False,
+        shard: bool = False,
     ) -> None:
         if kind not in ("hessian", "ggn"):
             raise ValueError(f"kind must be 'hessian' or 'ggn', not {kind!r}")
@@ -51,6 +56,8 @@ class CurvatureOperator:
         if total <= 0:
             raise ValueError("batches carry no weight (no samples / no target tokens)")
         self.fractions = [w / total for w in weights]
+        self.shard = shard
+        self.local = distributed.shard(range(len(self.batches))) if shard else list(range(len(self.batches)))
         self.cache_graph = cache_graph
         self._cache: dict[int, tuple] = {}
         self.n_products = 0
@@ -109,10 +116,14 @@ class CurvatureOperator:
         vs = unflatten(v, self.tensors)
         total = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
         with curvature_mode(self.model):
-            for i, frac in enumerate(self.fractions):
-                total += frac * flatten(self._batch_product(i, vs))
+            for i in self.local:
+                total += self.fractions[i] * flatten(self._batch_product(i, vs))
         self.n_products += 1
-        return total
+        return self._reduce(total)
+
+    def _reduce(self, total: torch.Tensor) -> torch.Tensor:
+        """The sum over processes of each one's partial result (itself unless sharded)."""
+        return distributed.all_reduce_sum(total) if self.shard else total
 
     def matmat(self, vs: torch.Tensor, progress: bool = False) -> torch.Tensor:
         """Apply the operator to each column of `vs` (dim x m)."""
@@ -134,20 +145,19 @@ class CurvatureOperator:
         """Flat float64 gradient of the dataset loss."""
         total = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
         with curvature_mode(self.model), torch.enable_grad():
-            for batch, frac in zip(self.batches, self.fractions):
-                loss = self.task(self.model, batch)
+            for i in self.local:
+                loss = self.task(self.model, self.batches[i])
                 grads = torch.autograd.grad(loss, self.tensors, allow_unused=True)
-                total += frac * flatten(
+                total += self.fractions[i] * flatten(
                     [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.tensors)]
                 )
-        return total
+        return self._reduce(total)
 
     def loss(self) -> float:
         """The weighted-mean dataset loss."""
         with curvature_mode(self.model), torch.no_grad():
-            return float(
-                sum(frac * float(self.task(self.model, b)) for b, frac in zip(self.batches, self.fractions))
-            )
+            part = sum(self.fractions[i] * float(self.task(self.model, self.batches[i])) for i in self.local)
+        return float(self._reduce(torch.tensor([float(part)], dtype=torch.float64))[0])
 
     def as_linear_operator(self):
         """A scipy LinearOperator view (float64), e.g. for `scipy.sparse.linalg.eigsh`."""
@@ -166,6 +176,7 @@ class CurvatureOperator:
             "task": self.task.name,
             "dim": self.dim,
             "n_batches": len(self.batches),
+            "processes": distributed.world_size() if self.shard else 1,
             "params": {n: list(p.shape) for n, p in self.params.items()},
         }
 
