@@ -4,12 +4,17 @@ baseline's norm matching, saving, and clear errors."""
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import torch
 
 import steerlab.finetune.distill as distill_module
 from conftest import char_tokenizer, tiny_model
+from steerlab.cli import main
 from steerlab.errors import UserError
+from steerlab.finetune.commands import DistillArgs, run_distill
 from steerlab.finetune.distill import (
     DistillConfig,
     Distilled,
@@ -174,3 +179,54 @@ def test_bad_inputs_name_the_argument(lm, tmp_path):
         DistillConfig("vectors", layers=(1, 4)).check(4)
     with pytest.raises(UserError, match="--layers: a layer is named twice"):
         DistillConfig("vectors", layers=(1, 1)).check()
+
+
+def test_command_writes_every_method_and_the_report(lm, tmp_path):
+    system = tmp_path / "system.txt"
+    system.write_text(SYSTEM + "\n")
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"train": PROMPTS, "test": ["What is red?", "Count to three.", "Hello."]}))
+    args = DistillArgs(
+        system_prompt=str(system), out=tmp_path / "out", layers="1,2", methods="vectors,actadd,lowrank,lora",
+        rank=2, steps=3, lr=0.002, lora_lr=0.002, batch_size=2, reply_tokens=4, prompts=str(prompts),
+        generations=2, progress=False,
+    )  # fmt: skip
+    result = run_distill(args, lm=lm)
+    out = tmp_path / "out"
+    rows = {row["method"]: row for row in result["rows"]}
+    assert list(rows) == ["unprompted", "vectors L1,2", "actadd L1,2", "lowrank r2 L1,2", "lora r2 L1"]
+    assert rows["unprompted"]["removed"] == 0.0 and result["n_test"] == 3
+    assert rows["actadd L1,2"]["norm"] == pytest.approx(rows["vectors L1,2"]["norm"], rel=1e-6)
+    for row in result["rows"][1:]:
+        assert row["kl_low"] <= row["kl"] <= row["kl_high"]
+        assert row["removed_low"] <= row["removed"] <= row["removed_high"]
+    assert result["tokens_saved_per_call"] == 1 + len("system: " + SYSTEM + "\n")
+    for name in ("rows.json", "summary.json", "generations.json", "report.html", "report.md", "kl.png"):
+        assert (out / name).is_file(), name
+    assert Distilled.load(out / "lowrank-r2-L1_2").method == "lowrank"
+    generations = json.loads((out / "generations.json").read_text())
+    assert len(generations) == 2 and set(generations[0]) == {
+        "prompt",
+        "prompted",
+        "unprompted",
+        *list(rows)[1:],
+    }
+    assert "lora r2 L1" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--rank", "0"], "--rank"),
+        (["--methods", "vectors,rlhf"], "--methods"),
+        (["--system-prompt", "EMPTY"], "--system-prompt: .* is empty"),
+        (["--prompts", "builtin:sentiment-words"], "--prompts: expected a JSON object"),
+    ],
+)
+def test_cli_rejects_bad_input_before_loading(tmp_path, capsys, argv, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    base = ["distill", "--system-prompt", "builtin:pirate-persona", "--out", str(tmp_path / "o")]
+    argv = [str(empty) if a == "EMPTY" else a for a in argv]
+    assert main([*base, *argv, "--model", "no-such-model"]) == 2
+    assert re.search(message, capsys.readouterr().err)

@@ -27,6 +27,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -482,3 +483,110 @@ def evaluate_kl(
         with context():
             values += student_kl(student, targets, rows).tolist()
     return values
+
+
+def fraction_removed(
+    unprompted: Sequence[float], injected: Sequence[float], n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """1 - mean(injected KL) / mean(unprompted KL) over the same prompts, with a percentile bootstrap 95%
+    interval (prompts resampled, paired)."""
+    base, kl = np.asarray(unprompted, dtype=np.float64), np.asarray(injected, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(base), size=(n_boot, len(base)))
+    ratios = 1 - kl[draws].mean(axis=1) / base[draws].mean(axis=1)
+    low, high = np.quantile(ratios, [0.025, 0.975])
+    return float(1 - kl.mean() / base.mean()), float(low), float(high)
+
+
+def label(result: Distilled) -> str:
+    """A short name: e.g. "vectors L15", "lowrank r4 L0-29", "lora r4 L15", "actadd L15"."""
+    layers = result.layers
+    where = f"L{layers[0]}" if len(layers) == 1 else f"L{','.join(map(str, layers))}"
+    if len(layers) > 2 and layers == list(range(layers[0], layers[-1] + 1)):
+        where = f"L{layers[0]}-{layers[-1]}"
+    rank = f" r{result.config['rank']}" if result.method in ("lowrank", "lora") else ""
+    return f"{result.method}{rank} {where}"
+
+
+def compare_methods(
+    lm: LoadedModel,
+    system_prompt: str,
+    train: Targets,
+    test: Targets,
+    configs: Sequence[DistillConfig],
+    progress: bool = True,
+    out: Path | None = None,
+) -> tuple[list[dict], list[Distilled]]:
+    """Train (or, for "actadd", extract) each configured injection on `train` and measure it on `test`.
+
+    An "actadd" vector is rescaled, layer by layer, to the norm of the last trained "vectors" result with
+    the same layers (if any). With `out`, each result is saved there and training checkpoints (and
+    resumes) in `out/checkpoints`. Rows: KL(prompted || student) on the test prompts with a bootstrap CI,
+    the fraction of KL(prompted || unprompted) removed with its CI, norms, parameters, seconds.
+    """
+    from steerlab.evaluate import bootstrap_ci
+
+    for config in configs:
+        config.check(num_layers(lm.model))
+    base = evaluate_kl(lm, test, None)
+    mean, low, high = bootstrap_ci(base)
+    rows = [{"method": "unprompted", "kl": mean, "kl_low": low, "kl_high": high, "removed": 0.0}]
+    results: list[Distilled] = []
+    trained_norms: dict[tuple[int, ...], dict[int, float]] = {}
+    for config in configs:
+        if config.method == "actadd":
+            norms = trained_norms.get(tuple(config.layers))
+            result = actadd_injection(lm, system_prompt, train.prompts, config.layers, norms, progress)
+            result.config = {**vars(config), "layers": list(config.layers)}
+        else:
+            name = f"{config.method}-r{config.rank}-L{'_'.join(map(str, config.layers))}"
+            checkpoint = out / "checkpoints" / name if out is not None else None
+            result = distill(lm, train, config, progress, checkpoint)
+            if config.method == "vectors":
+                trained_norms[tuple(config.layers)] = result.norms()
+        kls = evaluate_kl(lm, test, result)
+        mean, low, high = bootstrap_ci(kls)
+        removed, removed_low, removed_high = fraction_removed(base, kls)
+        norms = result.norms()
+        rows.append(
+            {
+                "method": label(result),
+                "kl": mean,
+                "kl_low": low,
+                "kl_high": high,
+                "removed": removed,
+                "removed_low": removed_low,
+                "removed_high": removed_high,
+                "norm": float(np.sqrt(sum(n**2 for n in norms.values()))) if norms else None,
+                "params": result.trainable_params,
+                "steps": config.steps if config.method in TRAINED else 0,
+                "seconds": result.seconds,
+            }
+        )
+        result.extra["test_kl"] = kls
+        if out is not None:
+            result.save(out / label(result).replace(" ", "-").replace(",", "_"))
+        results.append(result)
+    return rows, results
+
+
+def side_by_side(
+    lm: LoadedModel,
+    system_prompt: str,
+    prompts: Sequence[str],
+    results: Sequence[Distilled],
+    tokens: int = 40,
+) -> list[dict]:
+    """Greedy replies to `prompts`: prompted (teacher), unprompted, and unprompted under each injection."""
+    from steerlab.evaluate.generation import generate
+
+    columns = {
+        "prompt": list(prompts),
+        "prompted": generate(lm, prompts, max_new_tokens=tokens, system_prompt=system_prompt),
+        "unprompted": generate(lm, prompts, max_new_tokens=tokens),
+    }
+    for result in results:
+        student, context = result.student(lm)
+        with context():
+            columns[label(result)] = generate(student, prompts, max_new_tokens=tokens)
+    return [{key: values[i] for key, values in columns.items()} for i in range(len(prompts))]
