@@ -230,3 +230,13 @@ def test_cli_rejects_bad_input_before_loading(tmp_path, capsys, argv, message):
     argv = [str(empty) if a == "EMPTY" else a for a in argv]
     assert main([*base, *argv, "--model", "no-such-model"]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.slow
+def test_a_vector_absorbs_part_of_the_pirate_persona_on_smollm2(smollm2):
+    prompts = ["What is the capital of Australia?", "How do I make a good cup of tea?"]
+    targets = teacher_targets(smollm2, read_system_prompt("builtin:pirate-persona"), prompts, 6, False)
+    config = DistillConfig("vectors", (15,), steps=6, lr=0.05, batch_size=2)
+    before = sum(evaluate_kl(smollm2, targets, None))
+    after = sum(evaluate_kl(smollm2, targets, distill(smollm2, targets, config, progress=False)))
+    assert before > 0.1 and after < 0.8 * before
