@@ -17,14 +17,16 @@ removed, with bootstrap 95% CIs over prompts (paired). Methods, all with the sam
 Results, reports (HTML with generations side by side) and checkpoints go to OUT/<prompt>/; an interrupted
 run resumes its training from the checkpoints. The last line is one JSON object.
 
-    .venv/bin/python benchmarks/distill.py [--out results/distill] [--steps 40] [--layer 15]
+    .venv/bin/python benchmarks/distill.py [--out results/distill] [--steps 30] [--layer 15]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -88,27 +90,35 @@ def run_prompt(lm, name: str, args, out: Path) -> dict:
     return {"unprompted": rows[0], **dict(zip(configs, rows[1:], strict=True)), "summary": summary}
 
 
+def _worker(name: str, args: argparse.Namespace, out: Path) -> dict:
+    torch.set_num_threads(args.threads)
+    return run_prompt(steerlab.load_model(), name, args, out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="results/distill")
     parser.add_argument("--layer", type=int, default=15, help="layer of the single vector, actadd and LoRA")
     parser.add_argument("--layers", default="6,12,18,24", help="layers of the multi-layer vectors")
     parser.add_argument("--rank", type=int, default=4, help="rank of lowrank and LoRA")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--lora-lr", type=float, default=0.003)
-    parser.add_argument("--reply-tokens", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=0.08)
+    parser.add_argument("--lora-lr", type=float, default=0.005)
+    parser.add_argument("--reply-tokens", type=int, default=12)
     parser.add_argument("--generations", type=int, default=3)
     parser.add_argument("--generation-tokens", type=int, default=32)
     parser.add_argument("--prompts", default="pirate-persona,constitution")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=2, help="system prompts measured in parallel processes")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    lm = steerlab.load_model()
     out = Path(args.out)
-    measured = {name: run_prompt(lm, name, args, out / name) for name in args.prompts.split(",")}
+    names = args.prompts.split(",")
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
+        futures = {name: pool.submit(_worker, name, args, out / name) for name in names}
+        measured = {name: future.result() for name, future in futures.items()}
     result = {}
     for name, rows in measured.items():
         prefix = "" if name == "pirate-persona" else f"{name}_"

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from steerlab.data import encode, format_prompt, load_builtin
 from steerlab.data.batching import pad_batch
 from steerlab.errors import UserError
-from steerlab.hooks import add
+from steerlab.hooks import add, resume_after_block, run_to_layers
 from steerlab.io import load_result, save_result
 from steerlab.models import LoadedModel
 from steerlab.models.architectures import hidden_size, num_layers
@@ -147,6 +147,36 @@ def greedy_replies(
     return replies
 
 
+def _tail_logprobs(
+    lm: LoadedModel,
+    sequences: Sequence[list[int]],
+    counts: Sequence[int],
+    lower: Sequence[torch.Tensor] | None = None,
+    layer: int | None = None,
+) -> list[torch.Tensor]:
+    """Log-probs at the last `counts[i]` positions of each sequence, in one left-padded forward pass that
+    runs the output head on those positions only. With `lower` (the recorded output of block `layer` for
+    each sequence, (len, D)), blocks 0..`layer` are skipped and those outputs are used instead; hooks on
+    block `layer` entered inside this call's caller still see them (`hooks.resume_after_block`)."""
+    ids, mask = pad_batch(sequences, lm.tokenizer.pad_token_id or 0, lm.device, left=True)
+    keep = max(counts)
+    inputs = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        use_cache=False,
+        logits_to_keep=keep,
+    )
+    if lower is None:
+        logits = lm.model(**inputs).logits
+    else:
+        width = ids.shape[1]
+        hidden = torch.stack([torch.nn.functional.pad(h, (0, 0, width - h.shape[0], 0)) for h in lower])
+        with resume_after_block(lm, layer, [hidden.to(lm.device)]):
+            logits = lm.model(**inputs).logits
+    return [_wide(logits[row, keep - n :]).log_softmax(-1) for row, n in enumerate(counts)]
+
+
 @torch.no_grad()
 def teacher_targets(
     lm: LoadedModel,
@@ -167,9 +197,7 @@ def teacher_targets(
     ):
         if not reply:
             raise UserError("the teacher wrote an empty reply; give --reply-tokens >= 1")
-        full = torch.tensor([ids + reply[:-1]], device=lm.device)
-        logits = lm.model(input_ids=full, use_cache=False).logits[0, len(ids) - 1 :]
-        logprobs.append(_wide(logits).log_softmax(-1).cpu())
+        logprobs += [t.cpu() for t in _tail_logprobs(lm, [ids + reply[:-1]], [len(reply)])]
     for prompt, reply in zip(prompts, replies, strict=True):
         plain = encode(tok, format_prompt(tok, prompt))
         student_ids.append(plain + reply[:-1])
@@ -177,16 +205,35 @@ def teacher_targets(
     return Targets(list(prompts), student_ids, starts, logprobs, replies)
 
 
-def student_kl(lm: LoadedModel, targets: Targets, rows: Sequence[int]) -> torch.Tensor:
+@torch.no_grad()
+def block_outputs(lm: LoadedModel, targets: Targets, layer: int) -> list[torch.Tensor]:
+    """The output of block `layer` (len, D) for each student sequence, one sequence per pass."""
+    outputs: list[torch.Tensor] = []
+
+    def keep(_layer: int, hidden: torch.Tensor) -> None:
+        outputs.append(hidden[0].detach().clone())
+
+    for ids in targets.student_ids:
+        run_to_layers(lm, [layer], keep, input_ids=torch.tensor([ids], device=lm.device))
+    return outputs
+
+
+def student_kl(
+    lm: LoadedModel,
+    targets: Targets,
+    rows: Sequence[int],
+    lower: Sequence[torch.Tensor] | None = None,
+    layer: int | None = None,
+) -> torch.Tensor:
     """KL(teacher || student) per prompt of `rows` (B,), averaged over each prompt's reply positions; the
-    student is `lm` as it runs now (inside any injection context). Right padding, one forward pass."""
-    ids, mask = pad_batch([targets.student_ids[i] for i in rows], lm.tokenizer.pad_token_id or 0, lm.device)
-    logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    student is `lm` as it runs now (inside any injection context). `lower`/`layer`: the recorded outputs
+    of block `layer` for every prompt of `targets` (`block_outputs`), to start the pass above it."""
+    counts = [targets.teacher_logprobs[i].shape[0] for i in rows]
+    chosen = None if lower is None else [lower[i] for i in rows]
+    students = _tail_logprobs(lm, [targets.student_ids[i] for i in rows], counts, chosen, layer)
     kls = []
-    for row, i in enumerate(rows):
-        teacher = targets.teacher_logprobs[i].to(device=logits.device)
-        start = targets.starts[i]
-        student = _wide(logits[row, start : start + teacher.shape[0]]).log_softmax(-1)
+    for i, student in zip(rows, students, strict=True):
+        teacher = targets.teacher_logprobs[i].to(device=student.device)
         kls.append((teacher.exp() * (teacher - student)).sum(-1).mean())
     return torch.stack(kls)
 
@@ -389,6 +436,9 @@ def distill(
         raise UserError("--prompts: no training prompt")
     started = time.perf_counter()
     layers = list(config.layers)
+    # Nothing changes below the lowest edited block: record the output of the block under it once.
+    below = (layers[0] if config.method == "lora" else min(layers)) - 1
+    lower = block_outputs(lm, targets, below) if below >= 0 else None
     if config.method == "lora":
         from peft import get_peft_model_state_dict
 
@@ -399,7 +449,7 @@ def distill(
         params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
         losses = fit(
             params,
-            lambda rows: student_kl(tuned, targets, rows).mean(),
+            lambda rows: student_kl(tuned, targets, rows, lower, below).mean(),
             len(targets),
             config,
             "LoRA",
@@ -416,7 +466,7 @@ def distill(
         try:
             losses = fit(
                 params,
-                lambda rows: _injected_kl(lm, targets, rows, probe),
+                lambda rows: _injected_kl(lm, targets, rows, probe, lower, below),
                 len(targets),
                 config,
                 f"{config.method} injection",
@@ -439,9 +489,17 @@ def distill(
     )
 
 
-def _injected_kl(lm: LoadedModel, targets: Targets, rows: list[int], injection: Distilled) -> torch.Tensor:
+def _injected_kl(
+    lm: LoadedModel,
+    targets: Targets,
+    rows: list[int],
+    injection: Distilled,
+    lower: Sequence[torch.Tensor] | None = None,
+    layer: int | None = None,
+) -> torch.Tensor:
+    """Mean KL over `rows` with the injection added (blocks above `layer` only, given `lower`)."""
     with add(lm, injection.deltas()):
-        return student_kl(lm, targets, rows).mean()
+        return student_kl(lm, targets, rows, lower, layer).mean()
 
 
 def actadd_injection(
