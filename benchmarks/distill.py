@@ -11,13 +11,13 @@ removed, with bootstrap 95% CIs over prompts (paired). Methods, all with the sam
 - `actadd L`: the mean residual difference (prompt vs no prompt, last prompt token) at L, rescaled to the
   norm of the learned vector at L;
 - `vectors L1,..`: one vector at each of several layers;
-- `lowrank rR L0-29`: a vector at every layer, all in one learned R-dimensional subspace;
+- `lowrank rR La-b`: a vector at every layer from a to b, all in one learned R-dimensional subspace;
 - `lora rR L`: LoRA of rank R on layer L's attention and MLP (context distillation into weights).
 
 Results, reports (HTML with generations side by side) and checkpoints go to OUT/<prompt>/; an interrupted
 run resumes its training from the checkpoints. The last line is one JSON object.
 
-    .venv/bin/python benchmarks/distill.py [--out results/distill] [--steps 30] [--layer 15]
+    .venv/bin/python benchmarks/distill.py [--out results/distill] [--steps 20] [--layer 15]
 """
 
 from __future__ import annotations
@@ -53,13 +53,15 @@ def run_prompt(lm, name: str, args, out: Path) -> dict:
     test = teacher_targets(lm, system_prompt, prompts["test"], args.reply_tokens)
     common = dict(steps=args.steps, batch_size=args.batch_size, seed=args.seed, rank=args.rank)
     layers = tuple(int(x) for x in args.layers.split(","))
-    configs = {
+    kinds = args.methods if name == "pirate-persona" else args.other_methods
+    available = {
         "distilled": DistillConfig("vectors", (args.layer,), lr=args.lr, **common),
         "actadd": DistillConfig("actadd", (args.layer,), lr=args.lr, **common),
         "multilayer": DistillConfig("vectors", layers, lr=args.lr, **common),
-        "lowrank": DistillConfig("lowrank", tuple(range(lm.info.num_layers)), lr=args.lr, **common),
+        "lowrank": DistillConfig("lowrank", tuple(range(layers[0], layers[-1] + 1)), lr=args.lr, **common),
         "lora": DistillConfig("lora", (args.layer,), lr=args.lora_lr, **common),
     }
+    configs = {kind: available[kind] for kind in kinds.split(",")}
     out.mkdir(parents=True, exist_ok=True)
     rows, results = compare_methods(lm, system_prompt, train, test, list(configs.values()), True, out)
     shown = prompts["test"][: args.generations]
@@ -99,16 +101,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="results/distill")
     parser.add_argument("--layer", type=int, default=15, help="layer of the single vector, actadd and LoRA")
-    parser.add_argument("--layers", default="6,12,18,24", help="layers of the multi-layer vectors")
+    parser.add_argument(
+        "--layers",
+        default="9,15,21",
+        help="layers of the multi-layer vectors (lowrank: every layer from the first to the last)",
+    )
     parser.add_argument("--rank", type=int, default=4, help="rank of lowrank and LoRA")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=0.08)
-    parser.add_argument("--lora-lr", type=float, default=0.005)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--lora-lr", type=float, default=0.01)
     parser.add_argument("--reply-tokens", type=int, default=12)
     parser.add_argument("--generations", type=int, default=3)
     parser.add_argument("--generation-tokens", type=int, default=32)
     parser.add_argument("--prompts", default="pirate-persona,constitution")
+    kinds = "distilled,actadd,multilayer,lowrank,lora"
+    parser.add_argument("--methods", default=kinds, help="measured on the pirate persona")
+    parser.add_argument("--other-methods", default="distilled,actadd,multilayer,lora", help="on the others")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=2, help="system prompts measured in parallel processes")
@@ -124,6 +133,8 @@ def main() -> None:
         prefix = "" if name == "pirate-persona" else f"{name}_"
         result[f"{prefix}kl_unprompted"] = rows["unprompted"]["kl"]
         for kind in ("distilled", "actadd", "lora", "multilayer", "lowrank"):
+            if kind not in rows:
+                continue
             result[f"{prefix}kl_{kind}"] = rows[kind]["kl"]
             result[f"{prefix}removed_{kind}"] = rows[kind]["removed"]
         result[f"{prefix}removed_distilled_ci"] = [
