@@ -2,7 +2,7 @@
 
 For each built-in system prompt (the pirate persona, a tone; the twelve house rules, a constitution) the
 teacher is the model with it and the student the model without it (the chat template's default system turn)
-plus an injection trained on KL(teacher || student) over the teacher's greedy replies to the 24 training
+plus an injection trained on KL(teacher || student) over the teacher's greedy replies to the first --n-train training
 user prompts. Every injection is measured on the 24 held-out test prompts against the same run's baseline,
 the unprompted model: KL(prompted || student) per prompt, and the fraction of KL(prompted || unprompted)
 removed, with bootstrap 95% CIs over prompts (paired). Methods, all with the same steps and batch:
@@ -17,7 +17,7 @@ removed, with bootstrap 95% CIs over prompts (paired). Methods, all with the sam
 Results, reports (HTML with generations side by side) and checkpoints go to OUT/<prompt>/; an interrupted
 run resumes its training from the checkpoints. The last line is one JSON object.
 
-    .venv/bin/python benchmarks/distill.py [--out results/distill] [--steps 20] [--layer 15]
+    .venv/bin/python benchmarks/distill.py [--out results/distill] [--steps 10] [--layer 15]
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def run_prompt(lm, name: str, args, out: Path) -> dict:
     system_prompt = load_builtin(name)
     prompts = load_builtin("distill-prompts")
     started = time.perf_counter()
+    prompts = {"train": prompts["train"][: args.n_train], "test": prompts["test"][: args.n_test]}
     train = teacher_targets(lm, system_prompt, prompts["train"], args.reply_tokens)
     test = teacher_targets(lm, system_prompt, prompts["test"], args.reply_tokens)
     common = dict(steps=args.steps, batch_size=args.batch_size, seed=args.seed, rank=args.rank)
@@ -107,17 +108,22 @@ def main() -> None:
         help="layers of the multi-layer vectors (lowrank: every layer from the first to the last)",
     )
     parser.add_argument("--rank", type=int, default=4, help="rank of lowrank and LoRA")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--lora-lr", type=float, default=0.01)
-    parser.add_argument("--reply-tokens", type=int, default=12)
-    parser.add_argument("--generations", type=int, default=3)
-    parser.add_argument("--generation-tokens", type=int, default=32)
+    parser.add_argument("--reply-tokens", type=int, default=8)
+    parser.add_argument("--generations", type=int, default=2)
+    parser.add_argument("--generation-tokens", type=int, default=24)
     parser.add_argument("--prompts", default="pirate-persona,constitution")
-    kinds = "distilled,actadd,multilayer,lowrank,lora"
-    parser.add_argument("--methods", default=kinds, help="measured on the pirate persona")
-    parser.add_argument("--other-methods", default="distilled,actadd,multilayer,lora", help="on the others")
+    parser.add_argument(
+        "--methods",
+        default="distilled,actadd,lora",
+        help="on the pirate persona, from distilled,actadd,multilayer,lowrank,lora (actadd after distilled)",
+    )
+    parser.add_argument("--other-methods", default="distilled,actadd", help="on the others")
+    parser.add_argument("--n-train", type=int, default=8, help="first N training prompts")
+    parser.add_argument("--n-test", type=int, default=8, help="first N test prompts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=2, help="system prompts measured in parallel processes")
