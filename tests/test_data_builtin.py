@@ -10,7 +10,17 @@ import pytest
 
 from steerlab.data import ABDataset, PairedTexts, PromptSet, list_builtin, load_builtin
 
-NAMES = ["sentiment", "sentiment-prompts", "sentiment-words", "sentiment-ab", "neutral-text", "near-miss"]
+NAMES = [
+    "sentiment",
+    "sentiment-prompts",
+    "sentiment-words",
+    "sentiment-ab",
+    "neutral-text",
+    "near-miss",
+    "pirate-persona",
+    "constitution",
+    "distill-prompts",
+]
 
 
 def test_listed_and_shipped_as_package_data():
@@ -87,3 +97,13 @@ def test_near_miss_has_a_held_out_test_part():
     assert len(parts["train"]) >= 25 and len(parts["test"]) >= 25
     assert not set(parts["train"]) & set(parts["test"])
     assert all(text.endswith("?") for part in parts.values() for text in part)
+
+
+def test_distillation_data():
+    prompts = load_builtin("distill-prompts")
+    assert {k: len(v) for k, v in prompts.items()} == {"train": 24, "val": 12, "test": 24}
+    every = [p for split in prompts.values() for p in split]
+    assert len(set(every)) == len(every)  # disjoint splits, no duplicate
+    assert "Arr!" in load_builtin("pirate-persona")
+    rules = load_builtin("constitution")
+    assert len(re.findall(r"^\d+\. ", rules, flags=re.MULTILINE)) == 12

@@ -18,6 +18,9 @@ _DESCRIPTIONS = {
     "sentiment-ab": "ABDataset: which reply is more cheerful (matching = the cheerful one), letters balanced",
     "neutral-text": "list[str]: plain neutral factual sentences (perplexity side effects)",
     "near-miss": "dict[str, list[str]]: harmless requests worded like harmful ones; 'train' and held-out 'test'",
+    "pirate-persona": "str: a pirate persona system prompt (distillation into an activation injection)",
+    "constitution": "str: a system prompt of twelve numbered house rules (distillation)",
+    "distill-prompts": "dict[str, list[str]]: generic user requests split 'train' / 'val' / 'test'",
 }
 
 
@@ -43,6 +46,13 @@ def _string_list(path: Path) -> list[str]:
     return list(data)
 
 
+def _text(path: Path) -> str:
+    data = read_json(path)
+    if not isinstance(data, str) or not data.strip():
+        raise DataFormatError(path, "expected a non-empty JSON string")
+    return data
+
+
 def load_builtin(name: str) -> Any:
     """Load a built-in dataset by name (see `list_builtin`) as its natural type."""
     if name not in _DESCRIPTIONS:
@@ -54,6 +64,8 @@ def load_builtin(name: str) -> Any:
         return load_prompts(path, name=name)
     if name == "sentiment-ab":
         return load_caa_json(path, name=name)
-    if name in ("sentiment-words", "near-miss"):
+    if name in ("sentiment-words", "near-miss", "distill-prompts"):
         return _word_lists(path)
+    if name in ("pirate-persona", "constitution"):
+        return _text(path)
     return _string_list(path)

@@ -112,3 +112,141 @@ def run_compare(args: CompareArgs, lm: LoadedModel | None = None) -> dict:
     write_json(out / "summary.json", summary)
     write_report(out, rows, summary)
     return {**summary, "rows": rows}
+
+
+DISTILL_METHODS = ("vectors", "lowrank", "lora", "actadd")
+
+
+def load_user_prompts(spec: str, option: str = "--prompts") -> dict[str, list[str]]:
+    """`builtin:distill-prompts` or a JSON object with "train" and "test" lists of user prompts."""
+    from steerlab.io import read_json
+
+    if spec.startswith("builtin:"):
+        try:
+            data = load_builtin(spec[len("builtin:") :])
+        except KeyError as error:
+            raise UserError(f"{option}: {error.args[0]}") from None
+    else:
+        if not os.path.isfile(spec):
+            raise UserError(f"{option}: no such file {spec}")
+        data = read_json(spec)
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("train", "test")):
+        raise UserError(f'{option}: expected a JSON object with "train" and "test" lists of user prompts')
+    for key in ("train", "test"):
+        if not data[key] or not all(isinstance(p, str) and p.strip() for p in data[key]):
+            raise UserError(f'{option}: "{key}" must be a non-empty list of non-empty strings')
+    return {"train": list(data["train"]), "test": list(data["test"])}
+
+
+@dataclass(kw_only=True)
+class DistillArgs(ModelArgs):
+    """Distil a system prompt into an injection; compare methods on held-out user prompts."""
+
+    system_prompt: str = field(metadata=option("system prompt: a text file or builtin:NAME", required=True))
+    out: str | os.PathLike = field(metadata=option("output folder"))
+    layers: str | list[int] = field(default="15", metadata=option("injection layers, e.g. 15 or 6,12,18,24"))
+    methods: str | list[str] = field(
+        default="vectors,actadd,lora",
+        metadata=option(f"comma-separated, from {', '.join(DISTILL_METHODS)} (actadd after vectors)"),
+    )
+    rank: int = field(default=4, metadata=option("rank of lowrank and LoRA"))
+    steps: int = field(default=60, metadata=option("Adam steps of each trained method"))
+    lr: float = field(default=5e-2, metadata=option("Adam learning rate of the injections"))
+    lora_lr: float = field(default=1e-2, metadata=option("Adam learning rate of LoRA"))
+    batch_size: int = field(default=8, metadata=option("user prompts per step"))
+    reply_tokens: int = field(default=24, metadata=option("teacher reply tokens per prompt (KL positions)"))
+    prompts: str = field(
+        default="builtin:distill-prompts", metadata=option('JSON {"train": [...], "test": [...]}')
+    )
+    generations: int = field(default=4, metadata=option("test prompts shown side by side in the report"))
+    seed: int = field(default=0, metadata=option("seed of the batches and initialisations"))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, str):
+            self.layers = parse_layers(self.layers) or []
+        if not self.layers:
+            raise UserError("--layers: give at least one layer")
+        if isinstance(self.methods, str):
+            self.methods = [m.strip() for m in self.methods.split(",") if m.strip()]
+        if not self.methods:
+            raise UserError("--methods: give at least one method")
+        for method in self.methods:
+            check_choice(method, DISTILL_METHODS, "--methods")
+        check_at_least(self.rank, 1, "--rank")
+        check_at_least(self.steps, 1, "--steps")
+        check_at_least(self.batch_size, 1, "--batch-size")
+        check_at_least(self.reply_tokens, 1, "--reply-tokens")
+        check_at_least(self.generations, 0, "--generations")
+        for name, value in (("--lr", self.lr), ("--lora-lr", self.lora_lr)):
+            if not value > 0:
+                raise UserError(f"{name}: must be positive, got {value}")
+
+    def configs(self) -> list:
+        """One DistillConfig per method, in the given order."""
+        from steerlab.finetune.distill import DistillConfig
+
+        return [
+            DistillConfig(
+                method=m,
+                layers=tuple(self.layers),
+                rank=self.rank,
+                steps=self.steps,
+                lr=self.lora_lr if m == "lora" else self.lr,
+                batch_size=self.batch_size,
+                seed=self.seed,
+            )
+            for m in self.methods
+        ]
+
+
+def run_distill(args: DistillArgs, lm: LoadedModel | None = None) -> dict:
+    """Write the distilled injections, rows.json, summary.json and report.html into `args.out`."""
+    from steerlab.finetune.distill import (
+        check_prompts,
+        compare_methods,
+        read_system_prompt,
+        side_by_side,
+        teacher_targets,
+        tokens_saved,
+    )
+    from steerlab.finetune.distill_report import write_distill_report
+
+    out = check_output_folder(args.out, "--out")
+    system_prompt = read_system_prompt(args.system_prompt)
+    prompts = load_user_prompts(args.prompts)
+    configs = args.configs()
+    started = time.perf_counter()
+    lm = lm or args.load()
+    for config in configs:
+        config.check(num_layers(lm.model))
+    check_prompts(lm, system_prompt, prompts["train"] + prompts["test"], args.reply_tokens)
+    out.mkdir(parents=True, exist_ok=True)
+    train = teacher_targets(lm, system_prompt, prompts["train"], args.reply_tokens, args.progress)
+    test = teacher_targets(lm, system_prompt, prompts["test"], args.reply_tokens, args.progress)
+    rows, results = compare_methods(lm, system_prompt, train, test, configs, args.progress, out)
+    shown = prompts["test"][: args.generations]
+    generations = side_by_side(lm, system_prompt, shown, results) if shown else []
+    summary = {
+        "title": f"Distilling a system prompt into an injection on {lm.info.name}",
+        "model": lm.info.name,
+        "system_prompt": args.system_prompt,
+        "system_prompt_text": system_prompt,
+        "tokens_saved_per_call": tokens_saved(lm, system_prompt, prompts["test"]),
+        "layers": list(args.layers),
+        "methods": list(args.methods),
+        "rank": args.rank,
+        "steps": args.steps,
+        "lr": args.lr,
+        "lora_lr": args.lora_lr,
+        "batch_size": args.batch_size,
+        "reply_tokens": args.reply_tokens,
+        "seed": args.seed,
+        "n_train": len(train),
+        "n_test": len(test),
+        "seconds": time.perf_counter() - started,
+    }
+    write_json(out / "rows.json", rows)
+    write_json(out / "generations.json", generations)
+    write_json(out / "summary.json", summary)
+    write_distill_report(out, rows, summary, generations)
+    return {**summary, "rows": rows}
