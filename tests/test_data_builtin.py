@@ -10,7 +10,16 @@ import pytest
 
 from steerlab.data import ABDataset, PairedTexts, PromptSet, list_builtin, load_builtin
 
-NAMES = ["sentiment", "sentiment-prompts", "sentiment-words", "sentiment-ab", "neutral-text", "near-miss"]
+NAMES = [
+    "sentiment",
+    "sentiment-prompts",
+    "sentiment-words",
+    "sentiment-ab",
+    "neutral-text",
+    "near-miss",
+    "sentiment-pool",
+    "sentiment-lengths",
+]
 
 
 def test_listed_and_shipped_as_package_data():
