@@ -223,9 +223,7 @@ def test_run_search_end_to_end_and_result_round_trip(tiny_lm, tmp_path):
     assert test["effect_per_norm_searched"] == pytest.approx(chosen["effect_per_norm"])
     assert test["ci_low_difference"] <= test["difference"] <= test["ci_high_difference"]
     assert [r["length"] for r in result.lengths] == [1, 4]
-    assert result.lengths[0]["measured_tokens"] == pytest.approx(
-        len(encode(tiny_lm.tokenizer, "g"))
-    )
+    assert result.lengths[0]["measured_tokens"] == pytest.approx(len(encode(tiny_lm.tokenizer, "g")))
     again = run_search(
         tiny_lm, handwritten, pool, PROMPTS[:2], PROMPTS[2:], _words(tiny_lm), config, progress=False
     )
@@ -274,3 +272,46 @@ def test_smollm2_metric_and_lengths(smollm2):
             assert counts == [length] * len(counts), (length, counts)
         else:
             assert abs(np.mean(counts) - length) <= length / 3, (length, counts)
+
+
+def test_report_files(tiny_lm, tmp_path):
+    from steerlab.finetune.pair_search_report import write_report
+
+    handwritten = PairedTexts(["good day", "so nice!"], ["bad day", "so sad!!"])
+    pool = PairedTexts(["great", "yes"], ["awful", "no!"])
+    lengths = {1: PairedTexts(["g", "j"], ["b", "k"]), 2: PairedTexts(["go", "up"], ["no", "dn"])}
+    config = SearchConfig(layer=LAYER, max_pairs=1, steps=1, top_k=2, candidates=2)
+    result = run_search(
+        tiny_lm, handwritten, pool, PROMPTS[:2], PROMPTS[2:], _words(tiny_lm), config, lengths=lengths,
+        progress=False,
+    )  # fmt: skip
+    write_report(tmp_path, result)
+    for name in ("report.md", "report.html", "lengths.png", "search.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "length vs strength" in (tmp_path / "report.md").read_text().lower()
+
+
+def test_command_refuses_bad_input_before_loading_a_model(tmp_path):
+    from steerlab.finetune.commands import PairSearchArgs, run_pair_search
+
+    with pytest.raises(UserError, match="--top-k"):
+        PairSearchArgs(out=tmp_path, top_k=0)
+    with pytest.raises(UserError, match="--max-pairs"):
+        PairSearchArgs(out=tmp_path, max_pairs=0)
+    empty = tmp_path / "pool.json"
+    empty.write_text(json.dumps({"positive": [], "negative": []}))
+    with pytest.raises(UserError, match="pool.json.*no texts"):
+        run_pair_search(PairSearchArgs(out=tmp_path, pool=str(empty)), lm=None)
+    lengths = tmp_path / "lengths.json"
+    lengths.write_text(json.dumps({"-2": {"positive": ["a"], "negative": ["b"]}}))
+    with pytest.raises(UserError, match="field '-2'"):
+        run_pair_search(PairSearchArgs(out=tmp_path, lengths=str(lengths)), lm=None)
+    with pytest.raises(UserError, match="--lengths"):
+        run_pair_search(PairSearchArgs(out=tmp_path, lengths="builtin:sentiment"), lm=None)
+
+
+def test_cli_refuses_bad_input_with_status_2(capsys):
+    from steerlab.cli import main
+
+    assert main(["pair-search", "--out", "x", "--top-k", "0"]) == 2
+    assert "--top-k: must be at least 1" in capsys.readouterr().err

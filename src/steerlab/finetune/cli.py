@@ -22,4 +22,19 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
     )
     add_arguments(parser, CompareArgs)
     parser.set_defaults(func=_compare)
+    from steerlab.finetune.commands import PairSearchArgs
+
+    search = subparsers.add_parser(
+        "pair-search", help="search contrast pairs for a stronger steering vector; length vs strength"
+    )
+    add_arguments(search, PairSearchArgs)
+    search.set_defaults(func=_pair_search)
     return parser
+
+
+def _pair_search(ns: argparse.Namespace) -> None:
+    from steerlab.finetune.commands import PairSearchArgs, run_pair_search
+
+    args = from_namespace(PairSearchArgs, ns, progress=not getattr(ns, "quiet", False))
+    result = run_pair_search(args)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("candidates", "lengths")}))
