@@ -14,6 +14,7 @@ from conftest import char_tokenizer, tiny_model
 from steerlab.data import PairedTexts, PromptSet, encode, load_builtin
 from steerlab.data.builtin import load_length_pairs
 from steerlab.errors import UserError
+from steerlab.evaluate import prepare_neutral
 from steerlab.evaluate.probability import WordPreference, word_preference
 from steerlab.finetune.pair_search import (
     PairSearchResult,
@@ -283,8 +284,10 @@ def test_report_files(tiny_lm, tmp_path):
     config = SearchConfig(layer=LAYER, max_pairs=1, steps=1, top_k=2, candidates=2)
     result = run_search(
         tiny_lm, handwritten, pool, PROMPTS[:2], PROMPTS[2:], _words(tiny_lm), config, lengths=lengths,
-        progress=False,
+        neutral=prepare_neutral(tiny_lm, ["plain words here.", "more of them"]), progress=False,
     )  # fmt: skip
+    assert result.test["perplexity_unsteered"] > 1
+    assert all(r["kl"] > 0 and r["perplexity"] > 1 for r in result.candidates)
     write_report(tmp_path, result)
     for name in ("report.md", "report.html", "lengths.png", "search.png"):
         assert (tmp_path / name).stat().st_size > 0

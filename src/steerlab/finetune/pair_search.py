@@ -323,7 +323,8 @@ def gcg_search(
     state = _checkpoint(checkpoint, key)
     if state is None:
         pos, neg = list(start[0]), list(start[1])
-        first = float(effect_per_norm(probe, pair_differences(lm, [(pos, neg)], probe.layer)).mean())
+        with torch.no_grad():
+            first = float(effect_per_norm(probe, pair_differences(lm, [(pos, neg)], probe.layer)).mean())
         state = {
             "key": key,
             "step": 0,
@@ -601,6 +602,9 @@ def run_search(
         "n_prompts_test": test.n_prompts,
         "n_prompts_validation": val.n_prompts,
     }
+    if neutral is not None:
+        with torch.no_grad():
+            test_summary["perplexity_unsteered"] = side_effects(lm, neutral).perplexity
     length_rows = length_strength(lm, test, lengths, seed, progress) if lengths else []
     directions = {k: v / v.norm() for k, v in directions.items()}
     return PairSearchResult(

@@ -80,6 +80,11 @@ def _summary_text(result: PairSearchResult) -> str:
         f"prompts, effect per norm: hand-written {t['effect_per_norm_handwritten']:.4f}, searched "
         f"{t['effect_per_norm_searched']:.4f}; difference {t['difference']:+.4f} "
         f"[{t['ci_low_difference']:+.4f}, {t['ci_high_difference']:+.4f}] (paired bootstrap over prompts)."
+        + (
+            f" Unsteered perplexity on neutral text: {t['perplexity_unsteered']:.2f}."
+            if "perplexity_unsteered" in t
+            else ""
+        )
     )
 
 
