@@ -28,7 +28,7 @@ from steerlab.data import PairedTexts, PromptSet, encode
 from steerlab.data.batching import pad_batch
 from steerlab.data.templating import adds_bos
 from steerlab.errors import UserError
-from steerlab.evaluate import NeutralText, side_effects
+from steerlab.evaluate import NeutralText, bootstrap_ci, side_effects
 from steerlab.evaluate.probability import WordPreference, prepare_word_preference
 from steerlab.hooks import Positions, add, no_param_grads, resume_after_block, run_to_layers
 from steerlab.io import load_result, read_json, save_result, write_json
@@ -393,8 +393,6 @@ def paired_bootstrap(
     a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0
 ) -> tuple[float, float, float]:
     """Mean of a - b over items and its percentile bootstrap 95% CI (items resampled together)."""
-    from steerlab.evaluate import bootstrap_ci
-
     return bootstrap_ci(np.asarray(a) - np.asarray(b), n_boot=n_boot, seed=seed)
 
 
@@ -492,8 +490,6 @@ class SearchConfig:
 
 
 def _scored(probe: EffectProbe, direction: torch.Tensor, seed: int) -> tuple[np.ndarray, dict]:
-    from steerlab.evaluate import bootstrap_ci
-
     with torch.no_grad():
         per_prompt = effect_per_norm(probe, direction[None])[0].double().cpu().numpy()
     mean, low, high = bootstrap_ci(per_prompt, seed=seed)
@@ -622,8 +618,6 @@ def length_strength(
 ) -> list[dict]:
     """Per nominal length: the mean effect per norm of its pairs' single-pair vectors (95% CI resampling
     pairs and prompts), that of the mean vector of its pairs (CI over prompts), and the measured length."""
-    from steerlab.evaluate import bootstrap_ci
-
     rows = []
     for length, pairs in tqdm(lengths.items(), desc="length vs strength", disable=not progress):
         diffs = pair_differences(lm, pairs, probe.layer)
