@@ -20,6 +20,8 @@ NAMES = [
     "pirate-persona",
     "constitution",
     "distill-prompts",
+    "sentiment-pool",
+    "sentiment-lengths",
 ]
 
 

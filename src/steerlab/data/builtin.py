@@ -7,7 +7,7 @@ from typing import Any
 
 from steerlab.data.contrast import load_caa_json
 from steerlab.data.errors import DataFormatError, read_json
-from steerlab.data.texts import load_paired_texts, load_prompts
+from steerlab.data.texts import PairedTexts, load_paired_texts, load_prompts
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 
@@ -21,6 +21,8 @@ _DESCRIPTIONS = {
     "pirate-persona": "str: a pirate persona system prompt (distillation into an activation injection)",
     "constitution": "str: a system prompt of twelve numbered house rules (distillation)",
     "distill-prompts": "dict[str, list[str]]: generic user requests split 'train' / 'val' / 'test'",
+    "sentiment-pool": "PairedTexts: varied candidate sentiment pairs (words to stories, two null pairs) to search",
+    "sentiment-lengths": "dict[int, PairedTexts]: sentiment pairs of 1, 2, 4, ..., 64 tokens (SmolLM2 tokenizer)",
 }
 
 
@@ -53,13 +55,45 @@ def _text(path: Path) -> str:
     return data
 
 
+def load_length_pairs(path: str | Path, name: str = "") -> dict[int, PairedTexts]:
+    """{"LENGTH": {"positive": [...], "negative": [...]}, ...} as {length: PairedTexts}, lengths ascending."""
+    path = Path(path)
+    data = read_json(path)
+    if not isinstance(data, dict) or not data:
+        raise DataFormatError(path, "expected a non-empty JSON object {length: {positive, negative}}")
+    groups = {}
+    for key, value in data.items():
+        if not key.isdigit() or int(key) < 1:
+            raise DataFormatError(path, "expected a length of at least 1 token as the key", field=key)
+        if not isinstance(value, dict) or set(value) != {"positive", "negative"}:
+            raise DataFormatError(path, "expected {'positive': [...], 'negative': [...]}", field=key)
+        for side in ("positive", "negative"):
+            texts = value[side]
+            if (
+                not isinstance(texts, list)
+                or not texts
+                or not all(isinstance(t, str) and t.strip() for t in texts)
+            ):
+                raise DataFormatError(
+                    path, "expected a non-empty list of non-empty strings", field=f"{key}.{side}"
+                )
+        if len(value["positive"]) != len(value["negative"]):
+            raise DataFormatError(path, "the positive and negative lists differ in length", field=key)
+        groups[int(key)] = PairedTexts(
+            list(value["positive"]), list(value["negative"]), f"{name}/{key}", str(path)
+        )
+    return dict(sorted(groups.items()))
+
+
 def load_builtin(name: str) -> Any:
     """Load a built-in dataset by name (see `list_builtin`) as its natural type."""
     if name not in _DESCRIPTIONS:
         raise KeyError(f"no built-in dataset {name!r}; available: {', '.join(_DESCRIPTIONS)}")
     path = BUILTIN_DIR / f"{name}.json"
-    if name == "sentiment":
+    if name in ("sentiment", "sentiment-pool"):
         return load_paired_texts(path, name=name)
+    if name == "sentiment-lengths":
+        return load_length_pairs(path, name)
     if name == "sentiment-prompts":
         return load_prompts(path, name=name)
     if name == "sentiment-ab":

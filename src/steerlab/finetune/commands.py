@@ -250,3 +250,108 @@ def run_distill(args: DistillArgs, lm: LoadedModel | None = None) -> dict:
     write_json(out / "summary.json", summary)
     write_distill_report(out, rows, summary, generations)
     return {**summary, "rows": rows}
+
+
+@dataclass(kw_only=True)
+class PairSearchArgs(ModelArgs):
+    """Search a pool of contrast pairs (greedy subset, gradient-guided token edits) for a stronger steering
+    vector than the hand-written pairs', on the demo's splits; effect per norm against pair length."""
+
+    out: str | os.PathLike = field(metadata=option("output folder (a rerun with the same settings resumes)"))
+    layer: int = field(default=20, metadata=option("layer the vectors are read at and added after"))
+    fraction: float = field(default=0.1, metadata=option("injected norm as a fraction of the residual norm"))
+    max_pairs: int = field(default=5, metadata=option("most pairs the greedy selection keeps"))
+    steps: int = field(default=8, metadata=option("token-search steps"))
+    top_k: int = field(default=16, metadata=option("token-search substitutions per position (by gradient)"))
+    candidates: int = field(default=24, metadata=option("token-search swaps scored per step"))
+    seed: int = field(default=0, metadata=option("seed of the splits and the token search"))
+    pool: str = field(default="builtin:sentiment-pool", metadata=option("candidate pairs to search"))
+    lengths: str = field(
+        default="builtin:sentiment-lengths",
+        metadata=option("pairs by length, JSON {LENGTH: {positive, negative}}; 'none' to skip"),
+    )
+    positions: str = field(default="all", metadata=option("where vectors are added: all, from:K, at:I,J"))
+    pairs: str = field(default="builtin:sentiment", metadata=option("hand-written pairs (training split)"))
+    prompts: str = field(default="builtin:sentiment-prompts", metadata=option("prompts (validation/test)"))
+    words: str = field(default="builtin:sentiment-words", metadata=option("word lists of the metric"))
+
+    def __post_init__(self) -> None:
+        for value, name in (
+            (self.max_pairs, "--max-pairs"),
+            (self.steps, "--steps"),
+            (self.top_k, "--top-k"),
+            (self.candidates, "--candidates"),
+        ):
+            check_at_least(value, 1, name)
+        check_at_least(self.layer, 0, "--layer")
+        if not self.fraction > 0:
+            raise UserError(f"--fraction: must be positive, got {self.fraction}")
+        Positions.parse(self.positions)
+
+
+def load_lengths(spec: str, option: str = "--lengths") -> dict[int, PairedTexts] | None:
+    """Pairs by length from `builtin:NAME` or a JSON file; None for 'none'."""
+    from steerlab.data.builtin import load_length_pairs
+    from steerlab.data.errors import check_file
+
+    if spec.lower() == "none":
+        return None
+    if spec.startswith("builtin:"):
+        name = spec.removeprefix("builtin:")
+        if name != "sentiment-lengths":
+            raise UserError(
+                f"{option}: {spec} holds no pairs by length; use builtin:sentiment-lengths or a file"
+            )
+        return load_builtin(name)
+    path = check_file(spec, option)
+    return load_length_pairs(path, path.stem)
+
+
+def run_pair_search(args: PairSearchArgs, lm: LoadedModel | None = None) -> dict:
+    """Write result (safetensors + JSON), summary.json, report.md/html and the plots into `args.out`;
+    checkpoints in `args.out`/checkpoints let a rerun resume."""
+    from steerlab.finetune.pair_search import SearchConfig, run_search
+    from steerlab.finetune.pair_search_report import write_report
+
+    out = check_output_folder(args.out, "--out")
+    pairs = load_dataset(args.pairs, (PairedTexts,), "--pairs", "pair-search")
+    pool = load_dataset(args.pool, (PairedTexts,), "--pool", "pair-search")
+    prompts = load_dataset(args.prompts, (PromptSet,), "--prompts", "pair-search")
+    words = load_word_lists(args.words, "--words")
+    lengths = load_lengths(args.lengths)
+    pairs_train, prompts_val, prompts_test = split_like_demo(pairs, prompts, args.seed)
+    if not len(pairs_train) or not len(prompts_val) or not len(prompts_test):
+        raise UserError(
+            f"--pairs/--prompts: too few items to split ({len(pairs)} pairs, {len(prompts)} prompts)"
+        )
+    config = SearchConfig(
+        args.layer, args.fraction, args.max_pairs, args.steps, args.top_k, args.candidates, args.seed
+    )
+    config.check()
+    started = time.perf_counter()
+    lm = lm or args.load()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "checkpoints").mkdir(exist_ok=True)
+    neutral = prepare_neutral(lm, load_builtin("neutral-text"))
+    result = run_search(
+        lm, pairs_train, pool, prompts_val, prompts_test, words, config, neutral=neutral, lengths=lengths,
+        checkpoints=out / "checkpoints", positions=Positions.parse(args.positions), progress=args.progress,
+    )  # fmt: skip
+    result.save(out / "result")
+    summary = {
+        "model": lm.info.name,
+        "layer": args.layer,
+        "fraction": args.fraction,
+        **result.test,
+        "found_pairs": result.greedy["pairs"],
+        "token_search": {
+            "start": result.gcg["start"],
+            "found": [result.gcg["positive"], result.gcg["negative"]],
+        },
+        "n_pairs_handwritten": len(pairs_train),
+        "n_pool": len(pool),
+        "seconds": time.perf_counter() - started,
+    }
+    write_json(out / "summary.json", summary)
+    write_report(out, result)
+    return {**summary, "candidates": result.candidates, "lengths": result.lengths}
