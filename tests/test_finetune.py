@@ -168,7 +168,8 @@ def test_compare_layer_rows_and_report(tiny_lm, tmp_path):
     rows, results = compare_layer(tiny_lm, PAIRS, metric, neutral, config, rank=2, progress=False)
     by = {r["method"]: r for r in rows}
     assert set(by) == {"unsteered", "caa@0.1", "caa@|bias|", "bias", "lora-r2-both"}
-    bias = results["bias"].tensors["bias"]
+    assert set(results) == {"caa", "bias-seed0", "lora-seed0"}
+    bias = results["bias-seed0"].tensors["bias"]
     caa = results["caa"].vectors[1].float()
     assert by["bias"]["cos_with_caa"] == pytest.approx(
         float(torch.nn.functional.cosine_similarity(bias, caa, dim=0))
