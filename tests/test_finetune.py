@@ -191,3 +191,16 @@ def test_compare_layer_rows_and_report(tiny_lm, tmp_path):
     write_report(tmp_path, rows, summary)
     assert (tmp_path / "effects.png").stat().st_size > 0 and (tmp_path / "report.html").is_file()
     assert markdown_table(rows).count("\n") == len(rows) + 2
+
+
+def test_full_mlp_tunes_exactly_the_layers_mlp_on_a_copy(tiny_lm):
+    from steerlab.finetune.train import train_mlp
+
+    before = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
+    result, tuned = train_mlp(tiny_lm, PAIRS, TrainConfig(layer=2, steps=3, lr=0.01), progress=False)
+    assert result.trainable_params == 3 * 32 * 64  # gate, up, down of a 32 -> 64 -> 32 MLP, no biases
+    assert sorted(result.tensors) == ["down_proj.weight", "gate_proj.weight", "up_proj.weight"]
+    assert all(torch.equal(before[k], v) for k, v in tiny_lm.model.state_dict().items())
+    changed = {k for k, v in tuned.model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed == {f"model.layers.2.mlp.{name}" for name in result.tensors}
+    assert result.losses[-1] < result.losses[0]

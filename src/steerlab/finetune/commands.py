@@ -71,6 +71,9 @@ class CompareArgs(ModelArgs):
         default=None, metadata=option("capability A/B items scored under each method: mmlu or a file")
     )
     capability_limit: int = field(default=50, metadata=option("capability items (seeded subset)"))
+    full_mlp: bool = field(
+        default=False, metadata=option("also fine-tune all of block L's MLP (upper bound)")
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, str):
@@ -162,7 +165,7 @@ def run_compare(args: CompareArgs, lm: LoadedModel | None = None) -> dict:
             **vars(config), "rank": args.rank, "target": args.target, "seeds": seeds, "model": lm.info.name,
             "caa_fraction": args.caa_fraction, "positions": args.positions, "behaviour": behaviour,
             "n_train": len(train), "n_test": len(test), "capability": args.capability,
-            "capability_limit": args.capability_limit,
+            "capability_limit": args.capability_limit, "full_mlp": args.full_mlp,
         }  # fmt: skip
         done = out / f"layer{layer}-rows.json"
         layer_rows = _resumed(done, settings)
@@ -170,7 +173,7 @@ def run_compare(args: CompareArgs, lm: LoadedModel | None = None) -> dict:
             layer_rows, results = compare_layer(
                 lm, train, metric, neutral, config, rank=args.rank, target=args.target,
                 caa_fraction=args.caa_fraction, positions=positions, progress=args.progress, seeds=seeds,
-                capability_items=capability_items, baseline=baseline,
+                capability_items=capability_items, baseline=baseline, full_mlp=args.full_mlp,
             )  # fmt: skip
             for name, result in results.items():
                 result.save(out / f"layer{layer}-{name}")

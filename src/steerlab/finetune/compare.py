@@ -20,7 +20,7 @@ import torch
 from steerlab.data import ABDataset, PairedTexts, PromptSet
 from steerlab.evaluate import ABPrompts, NeutralText, bootstrap_ci, side_effects
 from steerlab.evaluate.capability import capability
-from steerlab.finetune.train import TrainConfig, TrainingData, train_bias, train_lora
+from steerlab.finetune.train import TrainConfig, TrainingData, train_bias, train_lora, train_mlp
 from steerlab.hooks import Positions, add
 from steerlab.models import LoadedModel
 from steerlab.steering import SteeringVector, extract_caa, extract_mean_difference
@@ -131,11 +131,13 @@ def compare_layer(
     seeds: Sequence[int] | None = None,
     capability_items: ABPrompts | None = None,
     baseline: Baseline | None = None,
+    full_mlp: bool = False,
 ) -> tuple[list[dict], dict]:
     """The comparison rows at `config.layer` (`metric`: per-item behaviour scores on the test split, e.g.
     `behaviour_metric` of the test prompts or A/B items) and the results {"caa": vector, "bias-seedS": ...,
-    "lora-seedS": ...}. The trained methods (and the norm-matched CAA row) run once per seed of `seeds`
-    (default: `config.seed`); CAA is extracted with `config.seed`."""
+    "lora-seedS": ..., "mlp-seedS": ...}. The trained methods (and the norm-matched CAA row) run once per
+    seed of `seeds` (default: `config.seed`); CAA is extracted with `config.seed`. `full_mlp`: also
+    fine-tune all of block L's MLP (the upper bound)."""
     layer = config.layer
     seeds = list(seeds) if seeds is not None else [config.seed]
     base = baseline or measure_baseline(lm, metric, neutral, capability_items)
@@ -200,4 +202,16 @@ def compare_layer(
         del tuned
         gc.collect()
         results[f"bias-seed{seed}"], results[f"lora-seed{seed}"] = bias, lora
+        if full_mlp:
+            full, tuned = train_mlp(lm, train_data, seeded, progress=progress)
+            rows.append(
+                _row(
+                    tuned, *measure[1:], nullcontext, seed,
+                    layer=layer, method="mlp-full", trainable_params=full.trainable_params,
+                    train_seconds=full.seconds, tokens=full.tokens_seen, **budget,
+                )
+            )  # fmt: skip
+            del tuned
+            gc.collect()
+            results[f"mlp-seed{seed}"] = full
     return rows, results

@@ -1,5 +1,6 @@
-"""Trained interventions at one layer: a bias vector added to the residual stream, and LoRA on the layer's
-attention and/or MLP weights, both trained on the same loss, data, steps and seed.
+"""Trained interventions at one layer: a bias vector added to the residual stream, LoRA on the layer's
+attention and/or MLP weights, and full fine-tuning of the layer's MLP (the upper bound), all trained on the
+same loss, data, steps and seed.
 
 Loss ("positive"): the mean token NLL of the positive texts. Loss ("contrast"): that minus the mean token
 NLL of the paired negative texts. Loss ("ab", for A/B items): the mean over items of -log p(matching letter)
@@ -27,7 +28,7 @@ from steerlab.evaluate import ABPrompts, prepare_ab
 from steerlab.hooks import Positions, add
 from steerlab.io import load_result, save_result
 from steerlab.models import LoadedModel, wrap
-from steerlab.models.architectures import block, hidden_size, num_layers
+from steerlab.models.architectures import block, hidden_size, mlp, num_layers
 
 LOSSES = ("positive", "contrast", "ab")
 PAIR_LOSSES = ("positive", "contrast")
@@ -290,6 +291,32 @@ def train_lora(
             tokens,
             seconds,
             {"rank": rank, "target": target},
+        ),
+        tuned,
+    )
+
+
+def train_mlp(
+    lm: LoadedModel, data: TrainingData, config: TrainConfig, progress: bool = True
+) -> tuple[TrainedIntervention, LoadedModel]:
+    """Full fine-tuning of block `config.layer`'s MLP (every weight of it, nothing else) on a copy of the
+    model, trained like the bias; returns the result (the tuned MLP weights) and the tuned copy."""
+    config.check(num_layers(lm.model))
+    check_data(data, config.loss)
+    torch.manual_seed(config.seed)
+    copied = copy.deepcopy(lm.model)
+    for p in copied.parameters():
+        p.requires_grad_(False)
+    owner = mlp(copied, config.layer)
+    params = list(owner.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    tuned = wrap(copied, lm.tokenizer, name=lm.info.name + "+mlp")
+    losses, tokens, seconds = _train(tuned, data, config, params, nullcontext, "MLP", progress)
+    tensors = {name: p.detach().clone() for name, p in owner.named_parameters()}
+    return (
+        TrainedIntervention(
+            "mlp", tensors, vars(config).copy(), losses, sum(p.numel() for p in params), tokens, seconds
         ),
         tuned,
     )
