@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="seeds of the trained methods")
     parser.add_argument("--behaviour", default="corrigible-neutral-HHH")
     parser.add_argument("--train-limit", type=int, default=64)
-    parser.add_argument("--capability-limit", type=int, default=40)
+    parser.add_argument("--capability-limit", type=int, default=40, help="MMLU items; 0: none")
     parser.add_argument("--out", default="results/compare")
     parser.add_argument("--threads", type=int, default=2)
     ns = parser.parse_args()
@@ -112,7 +112,8 @@ def main() -> None:
     tasks = [t.strip() for t in ns.tasks.split(",") if t.strip()]
     common = dict(
         steps=ns.steps, batch_size=ns.batch_size, lr=ns.lr, rank=ns.rank, repeats=ns.repeats,
-        capability=str(SHARED / "mmlu" / "mmlu.json"), capability_limit=ns.capability_limit, progress=False,
+        capability=str(SHARED / "mmlu" / "mmlu.json") if ns.capability_limit else None,
+        capability_limit=ns.capability_limit or 1, progress=False,
     )  # fmt: skip
     summary: dict = {"steps": ns.steps, "batch_size": ns.batch_size, "lr": ns.lr, "rank": ns.rank,
                      "seeds": list(range(ns.repeats))}  # fmt: skip

@@ -37,7 +37,7 @@ class CompareArgs(ModelArgs):
     layers: str | list[int] = field(default="15", metadata=option("layers, e.g. 15 or 9,15,21"))
     steps: int = field(default=50, metadata=option("Adam steps of each trained method"))
     lr: float = field(default=1e-2, metadata=option("Adam learning rate"))
-    batch_size: int = field(default=4, metadata=option("training pairs per step"))
+    batch_size: int = field(default=4, metadata=option("training items (pairs or A/B items) per step"))
     rank: int = field(default=4, metadata=option("LoRA rank"))
     target: str = field(default="both", metadata=option("LoRA on attention, MLP or both", choices=TARGETS))
     loss: str = field(
