@@ -204,3 +204,24 @@ def test_full_mlp_tunes_exactly_the_layers_mlp_on_a_copy(tiny_lm):
     changed = {k for k, v in tuned.model.state_dict().items() if not torch.equal(before[k], v)}
     assert changed == {f"model.layers.2.mlp.{name}" for name in result.tensors}
     assert result.losses[-1] < result.losses[0]
+
+
+def test_compare_layer_with_full_mlp_and_two_seeds(tiny_lm):
+    prompts = ["It was a", "The day felt"]
+    prepared = WordPreference(_tokens(tiny_lm, prompts), [70, 71], [72])
+    metric = lambda lm: {"score": word_preference(lm, prepared)}  # noqa: E731
+    neutral = prepare_neutral(tiny_lm, load_builtin("neutral-text")[:2])
+    rows, results = compare_layer(
+        tiny_lm, PAIRS, metric, neutral, TrainConfig(layer=2, steps=2), rank=1, seeds=[3, 4], full_mlp=True,
+        progress=False,
+    )  # fmt: skip
+    assert [r["method"] for r in rows] == ["unsteered", "caa@0.1"] + [
+        "caa@|bias|",
+        "bias",
+        "lora-r1-both",
+        "mlp-full",
+    ] * 2
+    assert set(results) == {"caa"} | {f"{k}-seed{s}" for k in ("bias", "lora", "mlp") for s in (3, 4)}
+    full = [r for r in rows if r["method"] == "mlp-full"]
+    assert [r["seed"] for r in full] == [3, 4] and all(r["trainable_params"] == 3 * 32 * 64 for r in full)
+    assert results["bias-seed3"].config["seed"] == 3 and results["lora-seed4"].config["seed"] == 4
