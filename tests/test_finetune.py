@@ -168,7 +168,8 @@ def test_compare_layer_rows_and_report(tiny_lm, tmp_path):
     rows, results = compare_layer(tiny_lm, PAIRS, metric, neutral, config, rank=2, progress=False)
     by = {r["method"]: r for r in rows}
     assert set(by) == {"unsteered", "caa@0.1", "caa@|bias|", "bias", "lora-r2-both"}
-    bias = results["bias"].tensors["bias"]
+    assert set(results) == {"caa", "bias-seed0", "lora-seed0"}
+    bias = results["bias-seed0"].tensors["bias"]
     caa = results["caa"].vectors[1].float()
     assert by["bias"]["cos_with_caa"] == pytest.approx(
         float(torch.nn.functional.cosine_similarity(bias, caa, dim=0))
@@ -190,3 +191,37 @@ def test_compare_layer_rows_and_report(tiny_lm, tmp_path):
     write_report(tmp_path, rows, summary)
     assert (tmp_path / "effects.png").stat().st_size > 0 and (tmp_path / "report.html").is_file()
     assert markdown_table(rows).count("\n") == len(rows) + 2
+
+
+def test_full_mlp_tunes_exactly_the_layers_mlp_on_a_copy(tiny_lm):
+    from steerlab.finetune.train import train_mlp
+
+    before = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
+    result, tuned = train_mlp(tiny_lm, PAIRS, TrainConfig(layer=2, steps=3, lr=0.01), progress=False)
+    assert result.trainable_params == 3 * 32 * 64  # gate, up, down of a 32 -> 64 -> 32 MLP, no biases
+    assert sorted(result.tensors) == ["down_proj.weight", "gate_proj.weight", "up_proj.weight"]
+    assert all(torch.equal(before[k], v) for k, v in tiny_lm.model.state_dict().items())
+    changed = {k for k, v in tuned.model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed == {f"model.layers.2.mlp.{name}" for name in result.tensors}
+    assert result.losses[-1] < result.losses[0]
+
+
+def test_compare_layer_with_full_mlp_and_two_seeds(tiny_lm):
+    prompts = ["It was a", "The day felt"]
+    prepared = WordPreference(_tokens(tiny_lm, prompts), [70, 71], [72])
+    metric = lambda lm: {"score": word_preference(lm, prepared)}  # noqa: E731
+    neutral = prepare_neutral(tiny_lm, load_builtin("neutral-text")[:2])
+    rows, results = compare_layer(
+        tiny_lm, PAIRS, metric, neutral, TrainConfig(layer=2, steps=2), rank=1, seeds=[3, 4], full_mlp=True,
+        progress=False,
+    )  # fmt: skip
+    assert [r["method"] for r in rows] == ["unsteered", "caa@0.1"] + [
+        "caa@|bias|",
+        "bias",
+        "lora-r1-both",
+        "mlp-full",
+    ] * 2
+    assert set(results) == {"caa"} | {f"{k}-seed{s}" for k in ("bias", "lora", "mlp") for s in (3, 4)}
+    full = [r for r in rows if r["method"] == "mlp-full"]
+    assert [r["seed"] for r in full] == [3, 4] and all(r["trainable_params"] == 3 * 32 * 64 for r in full)
+    assert results["bias-seed3"].config["seed"] == 3 and results["lora-seed4"].config["seed"] == 4

@@ -1,8 +1,12 @@
-"""Trained interventions at one layer: a bias vector added to the residual stream, and LoRA on the layer's
-attention and/or MLP weights, both trained on the same loss, data, steps and seed.
+"""Trained interventions at one layer: a bias vector added to the residual stream, LoRA on the layer's
+attention and/or MLP weights, and full fine-tuning of the layer's MLP (the upper bound), all trained on the
+same loss, data, steps and seed.
 
 Loss ("positive"): the mean token NLL of the positive texts. Loss ("contrast"): that minus the mean token
-NLL of the paired negative texts. Each step draws `batch_size` pairs (seeded) and takes one Adam step.
+NLL of the paired negative texts. Loss ("ab", for A/B items): the mean over items of -log p(matching letter)
+at the answer position of the chat-formatted question (full-vocabulary softmax, the letter token found as
+`steerlab.evaluate.prepare_ab` finds it). Each step draws `batch_size` items (seeded) and takes one Adam
+step.
 """
 
 from __future__ import annotations
@@ -17,21 +21,23 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from steerlab.data import PairedTexts, encode
+from steerlab.data import ABDataset, PairedTexts, encode
 from steerlab.data.batching import pad_batch
 from steerlab.errors import UserError
+from steerlab.evaluate import ABPrompts, prepare_ab
 from steerlab.hooks import Positions, add
 from steerlab.io import load_result, save_result
 from steerlab.models import LoadedModel, wrap
-from steerlab.models.architectures import block, hidden_size, num_layers
+from steerlab.models.architectures import block, hidden_size, mlp, num_layers
 
-LOSSES = ("positive", "contrast")
+LOSSES = ("positive", "contrast", "ab")
+PAIR_LOSSES = ("positive", "contrast")
 TARGETS = ("attn", "mlp", "both")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The shared budget and recipe: steps of Adam at `lr` on `batch_size` pairs, seeded."""
+    """The shared budget and recipe: steps of Adam at `lr` on `batch_size` items (pairs or A/B items), seeded."""
 
     layer: int
     steps: int = 50
@@ -54,9 +60,21 @@ class TrainConfig:
             raise UserError(f"--layer {self.layer} is out of range: the model has layers 0..{n_layers - 1}")
 
 
-def check_pairs(pairs: PairedTexts, option: str = "--data") -> None:
-    if not len(pairs.positive):
+TrainingData = PairedTexts | ABDataset
+
+
+def check_data(data: TrainingData, loss: str, option: str = "--data") -> None:
+    """A `UserError` naming `option` when `data` is empty or does not suit `loss`."""
+    if isinstance(data, ABDataset):
+        if not len(data):
+            raise UserError(f"{option}: no A/B items to train on")
+        if loss != "ab":
+            raise UserError(f"--loss {loss}: A/B items train with --loss ab")
+        return
+    if not len(data.positive):
         raise UserError(f"{option}: no paired texts to train on")
+    if loss not in PAIR_LOSSES:
+        raise UserError(f"--loss {loss}: paired texts train with --loss {' or '.join(PAIR_LOSSES)}")
 
 
 @dataclass
@@ -118,9 +136,36 @@ def behaviour_loss(
     return value, tokens
 
 
+def ab_loss(lm: LoadedModel, prefixes: list[list[int]], letters: list[int]) -> tuple[torch.Tensor, int]:
+    """Mean over items of -log p(letter | prefix) at each prefix's last position (one right-padded batch),
+    and the number of letters predicted."""
+    ids, mask = pad_batch(prefixes, lm.tokenizer.pad_token_id or 0, lm.device)
+    rows = torch.arange(len(prefixes), device=ids.device)
+    logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[rows, mask.sum(-1) - 1]
+    logprobs = logits.log_softmax(-1)[rows, torch.tensor(letters, device=ids.device)]
+    return -logprobs.mean(), len(prefixes)
+
+
+def matching_letters(prompts: ABPrompts) -> list[int]:
+    """The token of each item's matching answer letter."""
+    return [tokens[i] for tokens, i in zip(prompts.option_tokens, prompts.matching_index, strict=True)]
+
+
+def batch_loss_function(lm: LoadedModel, data: TrainingData, loss: str):
+    """(number of items, f(rows) -> (loss on those items, tokens predicted)), the data tokenised once."""
+    if isinstance(data, ABDataset):
+        prompts = prepare_ab(lm, data)
+        prefixes, letters = prompts.prefixes, matching_letters(prompts)
+        return len(prefixes), lambda rows: ab_loss(
+            lm, [prefixes[i] for i in rows], [letters[i] for i in rows]
+        )
+    pos, neg = _tokenised(lm, data.positive), _tokenised(lm, data.negative)
+    return len(pos), lambda rows: behaviour_loss(lm, [pos[i] for i in rows], [neg[i] for i in rows], loss)
+
+
 def _train(
     lm: LoadedModel,
-    pairs: PairedTexts,
+    data: TrainingData,
     config: TrainConfig,
     params: list[nn.Parameter],
     context,
@@ -128,16 +173,16 @@ def _train(
     progress: bool,
 ) -> tuple[list[float], int, float]:
     """Adam on `params` with `context()` active during each forward pass; (losses, tokens, seconds)."""
-    pos, neg = _tokenised(lm, pairs.positive), _tokenised(lm, pairs.negative)
+    n_items, batch_loss = batch_loss_function(lm, data, config.loss)
     generator = torch.Generator().manual_seed(config.seed)
     optimiser = torch.optim.Adam(params, lr=config.lr)
     losses, tokens_seen = [], 0
     started = time.perf_counter()
     for _ in tqdm(range(config.steps), desc=desc, disable=not progress, unit="step"):
-        rows = torch.randperm(len(pos), generator=generator)[: config.batch_size].tolist()
+        rows = torch.randperm(n_items, generator=generator)[: config.batch_size].tolist()
         optimiser.zero_grad()
         with context():
-            value, tokens = behaviour_loss(lm, [pos[i] for i in rows], [neg[i] for i in rows], config.loss)
+            value, tokens = batch_loss(rows)
         value.backward()
         optimiser.step()
         losses.append(float(value.detach()))
@@ -154,7 +199,7 @@ def _frozen(lm: LoadedModel) -> list[tuple[nn.Parameter, bool]]:
 
 def train_bias(
     lm: LoadedModel,
-    pairs: PairedTexts,
+    data: TrainingData,
     config: TrainConfig,
     positions: Positions | None = None,
     progress: bool = True,
@@ -162,14 +207,14 @@ def train_bias(
     """A vector b (zero-initialised) added after block `config.layer` at `positions` (default: all but the
     sink, as steering adds vectors), trained by Adam; the model's weights are left alone."""
     config.check(num_layers(lm.model))
-    check_pairs(pairs)
+    check_data(data, config.loss)
     torch.manual_seed(config.seed)
     bias = nn.Parameter(torch.zeros(hidden_size(lm.model), dtype=torch.float32, device=lm.device))
     state = _frozen(lm)
     try:
         losses, tokens, seconds = _train(
             lm,
-            pairs,
+            data,
             config,
             [bias],
             lambda: add(lm, {config.layer: bias}, positions),
@@ -217,7 +262,7 @@ def lora_model(lm: LoadedModel, tensors: dict[str, torch.Tensor], layer: int, ra
 
 def train_lora(
     lm: LoadedModel,
-    pairs: PairedTexts,
+    data: TrainingData,
     config: TrainConfig,
     rank: int = 4,
     target: str = "both",
@@ -230,11 +275,11 @@ def train_lora(
     if rank <= 0:
         raise UserError(f"--rank must be at least 1, got {rank}")
     config.check(num_layers(lm.model))
-    check_pairs(pairs)
+    check_data(data, config.loss)
     torch.manual_seed(config.seed)  # LoRA's A matrices are drawn at random
     peft_model, tuned = lora_model(lm, {}, config.layer, rank, target)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    losses, tokens, seconds = _train(tuned, pairs, config, params, nullcontext, "LoRA", progress)
+    losses, tokens, seconds = _train(tuned, data, config, params, nullcontext, "LoRA", progress)
     tensors = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
     return (
         TrainedIntervention(
@@ -246,6 +291,32 @@ def train_lora(
             tokens,
             seconds,
             {"rank": rank, "target": target},
+        ),
+        tuned,
+    )
+
+
+def train_mlp(
+    lm: LoadedModel, data: TrainingData, config: TrainConfig, progress: bool = True
+) -> tuple[TrainedIntervention, LoadedModel]:
+    """Full fine-tuning of block `config.layer`'s MLP (every weight of it, nothing else) on a copy of the
+    model, trained like the bias; returns the result (the tuned MLP weights) and the tuned copy."""
+    config.check(num_layers(lm.model))
+    check_data(data, config.loss)
+    torch.manual_seed(config.seed)
+    copied = copy.deepcopy(lm.model)
+    for p in copied.parameters():
+        p.requires_grad_(False)
+    owner = mlp(copied, config.layer)
+    params = list(owner.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    tuned = wrap(copied, lm.tokenizer, name=lm.info.name + "+mlp")
+    losses, tokens, seconds = _train(tuned, data, config, params, nullcontext, "MLP", progress)
+    tensors = {name: p.detach().clone() for name, p in owner.named_parameters()}
+    return (
+        TrainedIntervention(
+            "mlp", tensors, vars(config).copy(), losses, sum(p.numel() for p in params), tokens, seconds
         ),
         tuned,
     )
