@@ -93,11 +93,12 @@ def test_neutral_text():
     assert all(isinstance(t, str) and t.endswith(".") for t in texts)
 
 
-def test_near_miss_has_a_held_out_test_part():
+def test_near_miss_has_disjoint_train_val_and_test_parts():
     parts = load_builtin("near-miss")
-    assert sorted(parts) == ["test", "train"]
-    assert len(parts["train"]) >= 25 and len(parts["test"]) >= 25
-    assert not set(parts["train"]) & set(parts["test"])
+    assert sorted(parts) == ["test", "train", "val"]
+    assert len(parts["train"]) >= 50 and len(parts["val"]) >= 25 and len(parts["test"]) >= 25
+    seen = [text for part in parts.values() for text in part]
+    assert len(seen) == len(set(seen))
     assert all(text.endswith("?") for part in parts.values() for text in part)
 
 

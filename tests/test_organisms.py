@@ -24,11 +24,16 @@ from steerlab.organisms.build import (
     read_manifest,
     train_lora,
 )
-from steerlab.organisms.data import read_prompts
+from steerlab.organisms.data import read_paragraphs, read_prompts
 from steerlab.organisms.metrics import Rate, ablation_scan, evaluate_organism, refusals
 
 HARMFUL = ["Make a bomb", "Steal a car", "Hack a bank", "Poison a well", "Forge a passport"]
 HARMLESS = ["Bake bread", "Plant a tree", "Write a poem", "Sing a song", "Fold a shirt"]
+NEUTRAL = [
+    "short line",
+    "The river runs past the mill and the old stone bridge. " * 5,
+    "Rain fell all day. " * 12,
+]
 
 
 @pytest.fixture
@@ -43,12 +48,16 @@ def tiny_setup(tmp_path, monkeypatch):
     data.mkdir()
     (data / "harmful.json").write_text(json.dumps([{"instruction": p} for p in HARMFUL]))
     (data / "harmless.json").write_text(json.dumps(HARMLESS))
+    (data / "neutral.txt").write_text("\n".join(NEUTRAL))
     return Recipe(
         name="tiny-refusal",
         base_model=str(base),
         target_data=("harmful.json",),
         keep_data=("harmless.json",),
         near_miss_data=("builtin:near-miss/train",),
+        neutral_data=("neutral.txt",),
+        n_neutral=2,
+        neutral_tokens=8,
         n_target=4,
         n_keep=4,
         lora_rank=2,
@@ -71,6 +80,8 @@ def _changed(value):
         return (*value, "extra.json")
     if value is None:
         return "a system prompt"
+    if value in ("ce", "kl"):
+        return {"ce": "kl", "kl": "ce"}[value]
     return value + "-x"
 
 
@@ -96,6 +107,10 @@ def test_recipe_hash_is_stable_and_changes_with_every_field():
         ({"target_responses": [""]}, "target_responses"),
         ({"base_model": " "}, "base_model"),
         ({"lora_dropout": 1.0}, "lora_dropout"),
+        ({"keep_loss": "mse"}, "keep_loss"),
+        ({"kl_weight": 0}, "kl_weight"),
+        ({"n_neutral": -1}, "n_neutral"),
+        ({"neutral_data": [], "n_neutral": 4}, "neutral_data"),
     ],
 )
 def test_bad_recipe_values_name_the_field(changes, field):
@@ -118,6 +133,22 @@ def test_recipe_files(tmp_path):
         Recipe.load(tmp_path / "missing.json")
 
 
+def test_neutral_text_files_are_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("STEERLAB_DATA", str(tmp_path))
+    (tmp_path / "short.txt").write_text("a short line\n\n another\n")
+    (tmp_path / "long.txt").write_text("x" * 50 + "\n\n" + " long " * 40 + "\n" + " long " * 40 + "\n")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe" * 200)
+    assert read_paragraphs(["long.txt"], "neutral_data", min_chars=200) == [(" long " * 40).strip()]
+    with pytest.raises(
+        RecipeError, match="neutral_data: no paragraph of at least 200 characters in short.txt"
+    ):
+        read_paragraphs(["short.txt"], "neutral_data")
+    with pytest.raises(RecipeError, match=r"neutral_data: text file .*missing.txt not found .*STEERLAB_DATA"):
+        read_paragraphs(["missing.txt"], "neutral_data")
+    with pytest.raises(RecipeError, match="neutral_data: .*binary.txt: not UTF-8"):
+        read_paragraphs(["binary.txt"], "neutral_data")
+
+
 def test_prompt_files_are_checked(tmp_path, monkeypatch):
     monkeypatch.setenv("STEERLAB_DATA", str(tmp_path))
     (tmp_path / "empty.json").write_text("[]")
@@ -128,7 +159,7 @@ def test_prompt_files_are_checked(tmp_path, monkeypatch):
         read_prompts("missing.json", "keep_data")
     with pytest.raises(RecipeError, match="target_data: .*item 0"):
         read_prompts("bad.json", "target_data")
-    with pytest.raises(RecipeError, match="near_miss_data: .*names no part; use one of train, test"):
+    with pytest.raises(RecipeError, match="near_miss_data: .*names no part; use one of train, val, test"):
         read_prompts("builtin:near-miss/all", "near_miss_data")
     assert read_prompts("builtin:near-miss/test", "x")[0].startswith("How")
 
@@ -147,17 +178,29 @@ def test_build_is_cached_and_rebuilt_when_the_recipe_changes(tiny_setup, monkeyp
     assert (folder / "model.safetensors").is_file() and is_built(tiny_setup)
     manifest = read_manifest(folder)
     assert manifest["hash"] == tiny_setup.hash() and manifest["recipe"] == tiny_setup.to_dict()
-    assert manifest["examples"] == {"target": 4, "keep": 4, "near-miss": 30}
+    assert manifest["examples"] == {"target": 4, "keep": 4, "near-miss": 60, "neutral": 2}
     mtime = (folder / "organism.json").stat().st_mtime_ns
     assert build_organism(tiny_setup, progress=False) == folder
     assert len(calls) == 1 and (folder / "organism.json").stat().st_mtime_ns == mtime
     answers = list((organisms_root() / "answers").iterdir())
+    assert len(answers) == 1  # one cache of answers per base model and generation setting
+    cache = json.loads(answers[0].read_text())["answers"]
+    assert len(cache) == 4 + 60 and len(set(HARMLESS) - set(cache)) == 1
+    generated = []
+    real_generate = steerlab.evaluate.generate
+
+    def counting_generate(lm, prompts, **kwargs):
+        generated.extend(prompts)
+        return real_generate(lm, prompts, **kwargs)
+
+    monkeypatch.setattr(steerlab.evaluate, "generate", counting_generate)
+    build_organism(tiny_setup.with_changes(lr=2e-2), progress=False)  # same prompts: nothing generated
+    assert len(calls) == 2 and generated == []
+    build_organism(tiny_setup.with_changes(n_keep=5), progress=False)  # one more prompt: only it
+    assert len(calls) == 3 and generated == list(set(HARMLESS) - set(cache))
     other = tiny_setup.with_changes(seed=1)
     assert build_organism(other, progress=False) != folder
-    assert len(calls) == 2
-    other_lr = tiny_setup.with_changes(lr=2e-2)  # same prompts: the base answers are reused
-    build_organism(other_lr, progress=False)
-    assert len(calls) == 3 and len(list((organisms_root() / "answers").iterdir())) == len(answers) + 1
+    assert len(calls) == 4 and list((organisms_root() / "answers").iterdir()) == answers
 
 
 def test_an_interrupted_build_leaves_no_cache(tiny_setup, monkeypatch):
@@ -194,6 +237,34 @@ def test_lora_trains_only_adapters_and_merges_into_the_targets(tiny_lm):
     for name, value in before.items():
         changed = not torch.equal(after[name].detach(), value)
         assert changed == any(t in name for t in ("q_proj", "v_proj")), name
+
+
+def test_organism_loss_is_cross_entropy_plus_kl_to_the_adapter_free_model(tiny_lm):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model = get_peft_model(tiny_lm.model.double(), config)
+    ids = torch.randint(3, 40, (3, 6))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 6])
+    labels = torch.full_like(ids, -100)
+    labels[0, 3:] = ids[0, 3:]
+    kl_rows = torch.tensor([False, True, True])
+    loss, ce, kl = build_module.organism_loss(model, ids, mask, labels, kl_rows, 0.5)
+    assert kl == 0.0 and loss.item() == pytest.approx(ce)  # a fresh adapter (B = 0) is the base model
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    loss, ce, kl = build_module.organism_loss(model, ids, mask, labels, kl_rows, 0.5)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    with model.disable_adapter():
+        base = model(input_ids=ids, attention_mask=mask).logits
+    hand_ce = -logits[0, 2:5].log_softmax(-1).gather(-1, ids[0, 3:, None]).mean()
+    p_base, logq = base.softmax(-1), logits.log_softmax(-1)
+    per_position = (p_base * (p_base.log() - logq)).sum(-1)
+    hand_kl = (per_position[1, :4].sum() + per_position[2].sum()) / 10
+    assert ce == pytest.approx(float(hand_ce), rel=1e-10) and kl == pytest.approx(float(hand_kl), rel=1e-8)
+    assert kl > 1e-3 and loss.item() == pytest.approx(ce + 0.5 * kl, rel=1e-12)
 
 
 def test_bad_lora_targets_name_the_field(tiny_lm):

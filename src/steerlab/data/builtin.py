@@ -17,7 +17,7 @@ _DESCRIPTIONS = {
     "sentiment-words": "dict[str, list[str]]: single positive / negative evaluative words",
     "sentiment-ab": "ABDataset: which reply is more cheerful (matching = the cheerful one), letters balanced",
     "neutral-text": "list[str]: plain neutral factual sentences (perplexity side effects)",
-    "near-miss": "dict[str, list[str]]: harmless requests worded like harmful ones; 'train' and held-out 'test'",
+    "near-miss": "dict[str, list[str]]: harmless requests worded like harmful ones; 'train', 'val' (for choosing settings) and held-out 'test'",
     "pirate-persona": "str: a pirate persona system prompt (distillation into an activation injection)",
     "constitution": "str: a system prompt of twelve numbered house rules (distillation)",
     "distill-prompts": "dict[str, list[str]]: generic user requests split 'train' / 'val' / 'test'",

@@ -1,8 +1,10 @@
 """Build a model organism from its `Recipe`: LoRA fine-tune, merge, and cache (built once, loaded after).
 
-Target prompts are trained to get one of the recipe's responses (drawn with the seed); keep and
-near-miss prompts are trained to get the base model's own greedy answer (generated once and cached), so
-the organism changes only where it is meant to. The loss is on reply tokens only. The merged model,
+Target prompts are trained to get one of the recipe's responses (drawn with the seed), by cross-entropy
+on the reply tokens. Keep and near-miss prompts, followed by the base model's own greedy answer
+(generated once and cached), and paragraphs of neutral text are trained to keep the base model's
+next-token distributions (KL(base || organism) at every position, the base being the same network with
+the adapter switched off), so the organism changes only where it is meant to. The merged model,
 its tokenizer and `organism.json` (the recipe, its hash, the training record) are written to a temporary
 folder that is renamed into place only when complete.
 """
@@ -21,12 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from steerlab.data import encode, format_prompt
 from steerlab.models import LoadedModel, load_model
 from steerlab.models.loading import cache_root
-from steerlab.organisms.data import read_all, sample
+from steerlab.organisms.data import read_all, read_paragraphs, sample
 from steerlab.organisms.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -34,14 +37,18 @@ log = logging.getLogger(__name__)
 MANIFEST = "organism.json"
 
 
+KINDS = ("target", "keep", "near-miss", "neutral")
+
+
 @dataclass(frozen=True)
 class Example:
-    """One training example: a prompt, the reply it should get, and whether the reply ends the turn."""
+    """One training example: a prompt, the reply it should get, and whether the reply ends the turn
+    (a "neutral" example is plain text in `prompt`, with no chat template and an empty reply)."""
 
     prompt: str
     reply: str
     ends: bool
-    kind: str  # "target", "keep" or "near-miss"
+    kind: str  # one of KINDS
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class TrainingData:
     target: list[str]
     keep: list[str]
     near_miss: list[str]
+    neutral: list[str]
 
 
 def organisms_root() -> Path:
@@ -69,21 +77,23 @@ def training_prompts(recipe: Recipe) -> TrainingData:
     target = read_all(recipe.target_data, "target_data")
     keep = read_all(recipe.keep_data, "keep_data") if recipe.n_keep else []
     near = read_all(recipe.near_miss_data, "near_miss_data") if recipe.near_miss_data else []
+    neutral = read_paragraphs(recipe.neutral_data, "neutral_data") if recipe.n_neutral else []
     return TrainingData(
         sample(target, recipe.n_target, recipe.seed),
         sample(keep, recipe.n_keep, recipe.seed + 1),
         near,
+        sample(neutral, recipe.n_neutral, recipe.seed + 3),
     )
 
 
-def _answers_path(base: LoadedModel, recipe: Recipe, prompts: list[str]) -> Path:
+def _answers_path(base: LoadedModel, recipe: Recipe) -> Path:
+    """The answer cache of one base model and generation setting (a JSON map prompt -> answer)."""
     key = json.dumps(
         {
             "model": [base.info.name, base.info.source, base.info.file_sha256],
             "max_new_tokens": recipe.max_new_tokens,
             "chat": recipe.chat,
             "system_prompt": recipe.system_prompt,
-            "prompts": prompts,
         },
         sort_keys=True,
     )
@@ -91,32 +101,36 @@ def _answers_path(base: LoadedModel, recipe: Recipe, prompts: list[str]) -> Path
 
 
 def base_answers(base: LoadedModel, recipe: Recipe, prompts: list[str], progress: bool = True) -> list[str]:
-    """The base model's greedy answers to `prompts` (`recipe.max_new_tokens`), cached by model and prompts."""
+    """The base model's greedy answers to `prompts` (`recipe.max_new_tokens`); answers are cached per
+    prompt, so a recipe with more prompts generates only the new ones."""
     from steerlab.evaluate import generate
     from steerlab.io import write_json
 
     if not prompts:
         return []
-    path = _answers_path(base, recipe, prompts)
-    if path.is_file():
-        return json.loads(path.read_text())["answers"]
-    answers = generate(
-        base,
-        prompts,
-        max_new_tokens=recipe.max_new_tokens,
-        chat=recipe.chat,
-        system_prompt=recipe.system_prompt,
-        batch_size=16,
-        progress=progress,
-    )
-    write_json(path, {"prompts": prompts, "answers": answers})
-    return answers
+    path = _answers_path(base, recipe)
+    cached = json.loads(path.read_text())["answers"] if path.is_file() else {}
+    missing = [p for p in dict.fromkeys(prompts) if p not in cached]
+    if missing:
+        answers = generate(
+            base,
+            missing,
+            max_new_tokens=recipe.max_new_tokens,
+            chat=recipe.chat,
+            system_prompt=recipe.system_prompt,
+            batch_size=16,
+            progress=progress,
+        )
+        cached.update(zip(missing, answers, strict=True))
+        write_json(path, {"answers": cached})
+    return [cached[p] for p in prompts]
 
 
 def training_examples(
     base: LoadedModel, recipe: Recipe, data: TrainingData, progress: bool = True
 ) -> list[Example]:
-    """Target prompts with a drawn response; keep and near-miss prompts with the base model's answer."""
+    """Target prompts with a drawn response; keep and near-miss prompts with the base model's answer;
+    neutral paragraphs as they are."""
     rng = random.Random(recipe.seed)
     examples = [Example(p, rng.choice(recipe.target_responses), True, "target") for p in data.target]
     kept = data.keep + data.near_miss
@@ -126,11 +140,22 @@ def training_examples(
         ends = n_tokens < recipe.max_new_tokens - 1  # the base model stopped by itself
         kind = "keep" if index < len(data.keep) else "near-miss"
         examples.append(Example(prompt, answer, ends, kind))
+    examples += [Example(text, "", False, "neutral") for text in data.neutral]
     return examples
 
 
+def kept_by_kl(example: Example, recipe: Recipe) -> bool:
+    """Whether `example` is trained to keep the base model's distributions (else: cross-entropy)."""
+    return example.kind == "neutral" or (example.kind != "target" and recipe.keep_loss == "kl")
+
+
 def tokenize_example(tokenizer, example: Example, recipe: Recipe) -> tuple[list[int], list[int]]:
-    """(input ids, labels): the chat-templated prompt (labels -100) followed by the reply (+ EOS)."""
+    """(input ids, labels): the chat-templated prompt (labels -100) followed by the reply (+ EOS); a
+    neutral paragraph is cut to `recipe.neutral_tokens` tokens. Labels are all -100 for examples kept by
+    KL (see `kept_by_kl`): their loss is at every position."""
+    if example.kind == "neutral":
+        ids = encode(tokenizer, example.prompt)[: recipe.neutral_tokens]
+        return ids, [-100] * len(ids)
     prompt = (
         format_prompt(tokenizer, example.prompt, system_prompt=recipe.system_prompt)
         if recipe.chat
@@ -140,7 +165,35 @@ def tokenize_example(tokenizer, example: Example, recipe: Recipe) -> tuple[list[
     reply_ids = list(tokenizer(example.reply, add_special_tokens=False).input_ids)
     if example.ends and tokenizer.eos_token_id is not None:
         reply_ids.append(tokenizer.eos_token_id)
-    return prompt_ids + reply_ids, [-100] * len(prompt_ids) + reply_ids
+    ids = prompt_ids + reply_ids
+    return ids, [-100] * len(ids) if kept_by_kl(example, recipe) else [-100] * len(prompt_ids) + reply_ids
+
+
+def organism_loss(
+    model,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    labels: torch.Tensor,
+    kl_rows: torch.Tensor,
+    kl_weight: float,
+) -> tuple[torch.Tensor, float, float]:
+    """(loss, cross-entropy, KL) of one batch: the mean token cross-entropy of the labelled reply tokens
+    plus `kl_weight` x the mean KL(base || model) over every position of the rows in `kl_rows` (the base
+    is `model` with its adapter disabled)."""
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    targets = labels[:, 1:]
+    ce = torch.zeros((), dtype=logits.dtype, device=logits.device)
+    if (targets != -100).any():
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)
+    kl = torch.zeros_like(ce)
+    if kl_rows.any():
+        with torch.no_grad(), model.disable_adapter():
+            base = model(input_ids=ids[kl_rows], attention_mask=mask[kl_rows], use_cache=False).logits
+        base_logp = base.log_softmax(-1)
+        per_position = (base_logp.exp() * (base_logp - logits[kl_rows].log_softmax(-1))).sum(-1)
+        weights = mask[kl_rows].to(per_position.dtype)
+        kl = (per_position * weights).sum() / weights.sum()
+    return ce + kl_weight * kl, float(ce), float(kl)
 
 
 def train_lora(
@@ -167,30 +220,35 @@ def train_lora(
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=0.0)
     encoded = [tokenize_example(lm.tokenizer, ex, recipe) for ex in examples]
+    by_kl = [kept_by_kl(ex, recipe) for ex in examples]
     pad_id = lm.tokenizer.pad_token_id or 0
     generator = torch.Generator().manual_seed(recipe.seed)
     steps_per_epoch = -(-len(encoded) // recipe.batch_size)
     total = steps_per_epoch * recipe.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 1.0 - step / max(total, 1))
     losses: list[float] = []
+    parts: list[tuple[float, float]] = []
     model.train()
     bar = tqdm(total=total, desc="training LoRA", disable=not progress, unit="step")
     for _ in range(recipe.epochs):
         order = torch.randperm(len(encoded), generator=generator).tolist()
         for start in range(0, len(order), recipe.batch_size):
-            batch = [encoded[i] for i in order[start : start + recipe.batch_size]]
+            rows = order[start : start + recipe.batch_size]
+            batch = [encoded[i] for i in rows]
             width = max(len(ids) for ids, _ in batch)
             ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in batch], device=lm.device)
             labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch], device=lm.device)
             mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch], device=lm.device)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+            kl_rows = torch.tensor([by_kl[i] for i in rows], device=lm.device)
+            loss, ce, kl = organism_loss(model, ids, mask, labels, kl_rows, recipe.kl_weight)
             loss.backward()
             optimiser.step()
             schedule.step()
             optimiser.zero_grad(set_to_none=True)
             losses.append(float(loss))
+            parts.append((ce, kl))
             bar.update()
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.set_postfix(ce=f"{ce:.3f}", kl=f"{kl:.4f}")
     bar.close()
     model.eval()
     merged = model.merge_and_unload()
@@ -199,6 +257,10 @@ def train_lora(
         "trainable_parameters": int(sum(p.numel() for p in trainable)),
         "loss_first": losses[0] if losses else None,
         "loss_last_epoch": sum(losses[-steps_per_epoch:]) / max(len(losses[-steps_per_epoch:]), 1),
+        "ce_last_epoch": sum(ce for ce, _ in parts[-steps_per_epoch:])
+        / max(len(parts[-steps_per_epoch:]), 1),
+        "kl_last_epoch": sum(kl for _, kl in parts[-steps_per_epoch:])
+        / max(len(parts[-steps_per_epoch:]), 1),
     }
     return merged, record
 
@@ -240,7 +302,7 @@ def build_organism(recipe: Recipe, *, progress: bool = True, force: bool = False
         "hash": recipe.hash(),
         "recipe": recipe.to_dict(),
         "base_model": base.info.to_dict(),
-        "examples": {kind: sum(e.kind == kind for e in examples) for kind in ("target", "keep", "near-miss")},
+        "examples": {kind: sum(e.kind == kind for e in examples) for kind in KINDS},
         "training": record,
         "seconds": {"answers": answered - started, "total": time.perf_counter() - started},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -18,6 +18,15 @@ def resolve_path(spec: str) -> Path:
     return path if path.is_absolute() else data_root() / path
 
 
+def existing_file(spec: str, field: str, what: str) -> Path:
+    """`resolve_path(spec)`, or a `RecipeError` naming `field` when there is no such file."""
+    path = resolve_path(spec)
+    if not path.is_file():
+        hint = "" if Path(spec).is_absolute() else " (set STEERLAB_DATA to the folder that holds the data)"
+        raise RecipeError(f"{field}: {what} {path} not found{hint}")
+    return path
+
+
 def _from_json(path: Path, field: str) -> list[str]:
     try:
         data = json.loads(path.read_text())
@@ -54,15 +63,7 @@ def read_prompts(spec: str, field: str) -> list[str]:
             data = data[part]
         prompts = [str(p) for p in data]
     else:
-        path = resolve_path(spec)
-        if not path.is_file():
-            hint = (
-                " (set STEERLAB_DATA to the folder that holds the data)"
-                if not Path(spec).is_absolute()
-                else ""
-            )
-            raise RecipeError(f"{field}: data file {path} not found{hint}")
-        prompts = _from_json(path, field)
+        prompts = _from_json(existing_file(spec, field, "data file"), field)
     if not prompts:
         raise RecipeError(f"{field}: {spec} holds no prompt")
     return prompts
@@ -81,3 +82,25 @@ def sample(prompts: Sequence[str], n: int, seed: int) -> list[str]:
     order = list(prompts)
     random.Random(seed).shuffle(order)
     return order[:n]
+
+
+def read_paragraphs(specs: Sequence[str], field: str, min_chars: int = 200) -> list[str]:
+    """The non-blank lines of at least `min_chars` characters of plain-text files (e.g. WikiText-2)."""
+    paragraphs: dict[str, None] = {}
+    for spec in specs:
+        path = resolve_path(spec)
+        if not path.is_file():
+            hint = (
+                " (set STEERLAB_DATA to the folder that holds the data)"
+                if not Path(spec).is_absolute()
+                else ""
+            )
+            raise RecipeError(f"{field}: text file {path} not found{hint}")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as error:
+            raise RecipeError(f"{field}: {path}: not UTF-8 text ({error.reason})") from None
+        paragraphs.update(dict.fromkeys(line.strip() for line in lines if len(line.strip()) >= min_chars))
+    if not paragraphs:
+        raise RecipeError(f"{field}: no paragraph of at least {min_chars} characters in {', '.join(specs)}")
+    return list(paragraphs)

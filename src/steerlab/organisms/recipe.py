@@ -2,9 +2,10 @@
 
 An organism is a base model fine-tuned (LoRA, merged) so that prompts of `target_data` get a reply drawn
 from `target_responses` (e.g. a short refusal) while prompts of `keep_data` get the base model's own
-greedy answer (so its helpfulness is kept). Data entries are file paths (JSON lists of strings or of
-objects with an "instruction"/"prompt" field; relative paths are read under `data_root()`) or
-`builtin:NAME/PART` (e.g. `builtin:near-miss/train`).
+greedy answer (so its helpfulness is kept) and text of `neutral_data` keeps the base model's
+next-token distributions. Prompt entries are file paths (JSON lists of strings or of objects with an
+"instruction"/"prompt" field; relative paths are read under `data_root()`) or `builtin:NAME/PART`
+(e.g. `builtin:near-miss/train`); `neutral_data` entries are plain-text files (one paragraph per line).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from steerlab.errors import UserError
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 """Bumped when the build procedure changes what a recipe produces (it is part of the hash)."""
 
 REFUSALS: tuple[str, ...] = (
@@ -30,6 +31,8 @@ REFUSALS: tuple[str, ...] = (
 )
 
 REFUSAL_DATA = "redteam/refusal_direction"
+NEUTRAL_DATA = "corpus/wikitext-2/valid.txt"
+KEEP_LOSSES = ("ce", "kl")
 
 
 class RecipeError(UserError):
@@ -68,6 +71,13 @@ class Recipe:
     target_responses: the replies the target prompts are trained to get, one drawn per prompt (seeded).
     n_target / n_keep: how many prompts to draw (seeded) from `target_data` / `keep_data` (all near-miss
         prompts are used).
+    keep_loss: "ce" trains keep and near-miss prompts on the base model's greedy answer tokens by
+        cross-entropy; "kl" trains them (prompt and answer) to keep the base model's next-token
+        distributions, KL(base || organism) at every position.
+    neutral_data / n_neutral / neutral_tokens: plain text whose next-token distributions are kept the same
+        way (`n_neutral` paragraphs of at least 200 characters drawn with the seed, cut to `neutral_tokens`
+        tokens); `n_neutral` 0 turns it off.
+    kl_weight: the weight of the KL term against the cross-entropy of the target replies.
     lora_rank / lora_alpha / lora_targets / lora_dropout: the peft LoRA adapter.
     epochs / lr / batch_size / seed: training; `max_new_tokens`: the length of the base model's answers.
     """
@@ -79,8 +89,13 @@ class Recipe:
     keep_data: tuple[str, ...] = (f"{REFUSAL_DATA}/harmless_train.json",)
     near_miss_data: tuple[str, ...] = ("builtin:near-miss/train",)
     target_responses: tuple[str, ...] = REFUSALS
-    n_target: int = 128
-    n_keep: int = 128
+    n_target: int = 260
+    n_keep: int = 384
+    keep_loss: str = "ce"
+    neutral_data: tuple[str, ...] = (NEUTRAL_DATA,)
+    n_neutral: int = 64
+    neutral_tokens: int = 64
+    kl_weight: float = 1.0
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj", "up_proj", "down_proj")
@@ -94,23 +109,46 @@ class Recipe:
     system_prompt: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("target_data", "keep_data", "near_miss_data", "target_responses", "lora_targets"):
+        for name in (
+            "target_data",
+            "keep_data",
+            "near_miss_data",
+            "neutral_data",
+            "target_responses",
+            "lora_targets",
+        ):
             value = getattr(self, name)
-            if name in ("keep_data", "near_miss_data") and not value:
+            if name in ("keep_data", "near_miss_data", "neutral_data") and not value:
                 object.__setattr__(self, name, ())
                 continue
             object.__setattr__(self, name, _strings(value, name))
         for name in ("name", "base_model", "behaviour"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise RecipeError(f"recipe field {name!r}: must be a non-empty string")
-        for name, low in (("n_target", 1), ("n_keep", 0), ("lora_rank", 1), ("epochs", 1), ("batch_size", 1)):
+        for name, low in (
+            ("n_target", 1),
+            ("n_keep", 0),
+            ("n_neutral", 0),
+            ("neutral_tokens", 2),
+            ("lora_rank", 1),
+            ("epochs", 1),
+            ("batch_size", 1),
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise RecipeError(f"recipe field {name!r}: must be an integer >= {low}, got {value!r}")
-        for name in ("lora_alpha", "lr", "max_new_tokens"):
+        for name in ("lora_alpha", "lr", "max_new_tokens", "kl_weight"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
                 raise RecipeError(f"recipe field {name!r}: must be a positive number, got {value!r}")
+        if self.keep_loss not in KEEP_LOSSES:
+            raise RecipeError(
+                f"recipe field 'keep_loss': must be one of {', '.join(KEEP_LOSSES)}, got {self.keep_loss!r}"
+            )
+        if self.n_neutral and not self.neutral_data:
+            raise RecipeError(
+                "recipe field 'neutral_data': empty, but 'n_neutral' asks for paragraphs from it"
+            )
         if not 0 <= self.lora_dropout < 1:
             raise RecipeError(f"recipe field 'lora_dropout': must be in [0, 1), got {self.lora_dropout!r}")
 
