@@ -17,6 +17,6 @@ trap 'rm -rf "$logs"' EXIT
 
 timeout 300 "$PYTHON" benchmarks/gpu.py "$@" | tee "$logs/measurements.log"
 # torchrun, with the same interpreter
-timeout 120 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 1 \
+timeout 300 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 1 \
     benchmarks/gpu.py --pipeline "$@" | tee "$logs/pipeline.log"
 "$PYTHON" benchmarks/gpu.py --merge "$logs/measurements.log" "$logs/pipeline.log"
