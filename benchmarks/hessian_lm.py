@@ -91,6 +91,27 @@ def run_spectrum(a: argparse.Namespace) -> dict:
     }
 
 
+def spectrum_figure(spec: dict, path: Path) -> None:
+    """Left: the top Ritz values with their residual norms as error bars (an eigenvalue lies within the
+    residual of each); right: the one-probe SLQ nodes and weights (log scale, so outliers stay visible)."""
+    from steerlab.report.figures import new_figure, save_png
+
+    fig, (left, right) = new_figure((9, 3.2), ncols=2)
+    index = range(1, len(spec["values"]) + 1)
+    left.errorbar(index, spec["values"], yerr=spec["residuals"], fmt="o", capsize=3)
+    left.set(
+        xlabel="index",
+        ylabel="Ritz value",
+        title=f"top GGN eigenvalues, {spec['iterations']} Lanczos iterations",
+    )
+    nodes = [max(x, 1e-8) for x in spec["density_nodes"]]
+    right.vlines(nodes, 1e-12, spec["density_weights"])
+    right.plot(nodes, spec["density_weights"], "o", ms=3)
+    right.set(xscale="symlog", yscale="log", ylim=(1e-12, 2), xlabel="eigenvalue", ylabel="SLQ weight")
+    right.set_title("spectral density: nodes and weights (one probe)")
+    save_png(fig, path)
+
+
 def gvp_seconds(a: argparse.Namespace) -> dict:
     """Seconds per GGN product on this process's share (run by 1 process or by each of 2 under torchrun)."""
     import torch
@@ -180,6 +201,8 @@ def main() -> None:
             )
     got = {s: json.loads((out / f"{s}.json").read_text()) for s in STAGES if (out / f"{s}.json").exists()}
     spec, shard = got.get("spectrum", {}), got.get("sharding", {})
+    if spec:
+        spectrum_figure(spec, out / "spectrum_summary.png")
     summary = {
         "mlp_params": spec.get("dim"),
         "tokens": a.sequences * a.tokens,
