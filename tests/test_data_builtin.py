@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from importlib import resources
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +19,7 @@ NAMES = [
     "sentiment-ab",
     "neutral-text",
     "near-miss",
+    "harmful-extra",
     "pirate-persona",
     "constitution",
     "distill-prompts",
@@ -99,7 +102,34 @@ def test_near_miss_has_disjoint_train_val_and_test_parts():
     assert len(parts["train"]) >= 50 and len(parts["val"]) >= 25 and len(parts["test"]) >= 25
     seen = [text for part in parts.values() for text in part]
     assert len(seen) == len(set(seen))
-    assert all(text.endswith("?") for part in parts.values() for text in part)
+    assert all(text.endswith(("?", ".")) for part in parts.values() for text in part)
+
+
+def test_harmful_extra_has_disjoint_train_and_val_parts():
+    parts = load_builtin("harmful-extra")
+    assert sorted(parts) == ["train", "val"] and len(parts["train"]) >= 90 and len(parts["val"]) >= 25
+    seen = [text for part in parts.values() for text in part]
+    assert len(seen) == len(set(seen))
+    near_miss = {text for part in load_builtin("near-miss").values() for text in part}
+    assert not near_miss & set(seen)
+
+
+def test_harmful_extra_shares_no_prompt_with_the_held_out_refusal_splits():
+    folder = Path(__file__).resolve().parents[2] / "shared" / "data" / "redteam" / "refusal_direction"
+    if not folder.is_dir():
+        pytest.skip(f"the refusal splits are not at {folder}")
+    held_out = {
+        " ".join(item["instruction"].lower().split())
+        for name in ("harmful_val.json", "harmful_test.json")
+        for item in json.loads((folder / name).read_text())
+    }
+    ours = {" ".join(t.lower().split()) for part in load_builtin("harmful-extra").values() for t in part}
+    assert not ours & held_out
+    for text in ours:  # not even a near-duplicate (the shared train split itself has 44 pairs above 0.72)
+        matcher = difflib.SequenceMatcher(None, text)
+        for other in held_out:
+            matcher.set_seq2(other)
+            assert matcher.quick_ratio() < 0.8 or matcher.ratio() < 0.8, (text, other)
 
 
 def test_distillation_data():

@@ -12,6 +12,7 @@ import torch
 import steerlab
 from conftest import char_tokenizer, tiny_model
 from steerlab.cli import main
+from steerlab.data import load_builtin
 from steerlab.models import load_model, loading
 from steerlab.organisms import ORGANISMS, Recipe, RecipeError, default_recipe, register_organism
 from steerlab.organisms import build as build_module
@@ -178,14 +179,15 @@ def test_build_is_cached_and_rebuilt_when_the_recipe_changes(tiny_setup, monkeyp
     assert (folder / "model.safetensors").is_file() and is_built(tiny_setup)
     manifest = read_manifest(folder)
     assert manifest["hash"] == tiny_setup.hash() and manifest["recipe"] == tiny_setup.to_dict()
-    assert manifest["examples"] == {"target": 4, "keep": 4, "near-miss": 60, "neutral": 2}
+    n_near = len(load_builtin("near-miss")["train"])
+    assert manifest["examples"] == {"target": 4, "keep": 4, "near-miss": n_near, "neutral": 2}
     mtime = (folder / "organism.json").stat().st_mtime_ns
     assert build_organism(tiny_setup, progress=False) == folder
     assert len(calls) == 1 and (folder / "organism.json").stat().st_mtime_ns == mtime
     answers = list((organisms_root() / "answers").iterdir())
     assert len(answers) == 1  # one cache of answers per base model and generation setting
     cache = json.loads(answers[0].read_text())["answers"]
-    assert len(cache) == 4 + 60 and len(set(HARMLESS) - set(cache)) == 1
+    assert len(cache) == 4 + n_near and len(set(HARMLESS) - set(cache)) == 1
     generated = []
     real_generate = steerlab.evaluate.generate
 
@@ -201,6 +203,26 @@ def test_build_is_cached_and_rebuilt_when_the_recipe_changes(tiny_setup, monkeyp
     other = tiny_setup.with_changes(seed=1)
     assert build_organism(other, progress=False) != folder
     assert len(calls) == 4 and list((organisms_root() / "answers").iterdir()) == answers
+
+
+def test_new_contents_of_a_data_file_rebuild_the_organism(tiny_setup, tmp_path, monkeypatch):
+    calls = []
+    real_train = build_module.train_lora
+
+    def counting_train(*args, **kwargs):
+        calls.append(1)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "train_lora", counting_train)
+    folder = build_organism(tiny_setup, progress=False)
+    digest = read_manifest(folder)["data_digest"]
+    assert build_organism(tiny_setup, progress=False) == folder and len(calls) == 1
+    harmful = tmp_path / "data" / "harmful.json"
+    harmful.write_text(json.dumps(HARMFUL[:-1] + ["Sabotage a train"]))  # same path, new contents
+    assert not is_built(tiny_setup)
+    assert build_organism(tiny_setup, progress=False) == folder and len(calls) == 2
+    assert is_built(tiny_setup) and read_manifest(folder)["data_digest"] != digest
+    assert [p.name for p in organisms_root().iterdir() if p.name != "answers"] == [folder.name]
 
 
 def test_an_interrupted_build_leaves_no_cache(tiny_setup, monkeypatch):

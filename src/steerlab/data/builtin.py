@@ -18,6 +18,7 @@ _DESCRIPTIONS = {
     "sentiment-ab": "ABDataset: which reply is more cheerful (matching = the cheerful one), letters balanced",
     "neutral-text": "list[str]: plain neutral factual sentences (perplexity side effects)",
     "near-miss": "dict[str, list[str]]: harmless requests worded like harmful ones; 'train', 'val' (for choosing settings) and held-out 'test'",
+    "harmful-extra": "dict[str, list[str]]: harmful requests across hazard categories (refusal training); 'train' and 'val'",
     "pirate-persona": "str: a pirate persona system prompt (distillation into an activation injection)",
     "constitution": "str: a system prompt of twelve numbered house rules (distillation)",
     "distill-prompts": "dict[str, list[str]]: generic user requests split 'train' / 'val' / 'test'",
@@ -98,7 +99,7 @@ def load_builtin(name: str) -> Any:
         return load_prompts(path, name=name)
     if name == "sentiment-ab":
         return load_caa_json(path, name=name)
-    if name in ("sentiment-words", "near-miss", "distill-prompts"):
+    if name in ("sentiment-words", "near-miss", "harmful-extra", "distill-prompts"):
         return _word_lists(path)
     if name in ("pirate-persona", "constitution"):
         return _text(path)

@@ -19,7 +19,7 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -68,8 +68,22 @@ def organism_dir(recipe: Recipe) -> Path:
     return organisms_root() / f"{recipe.name}-{recipe.hash()}"
 
 
+def data_digest(data: TrainingData) -> str:
+    """A 16-hex-digit key of the prompts and texts a recipe trains on: the recipe's hash names its data
+    files, this catches a change of their contents."""
+    payload = json.dumps(asdict(data), sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _is_current(folder: Path, digest: str) -> bool:
+    """A complete organism in `folder` trained on data of `digest`."""
+    path = folder / MANIFEST
+    return path.is_file() and json.loads(path.read_text()).get("data_digest") == digest
+
+
 def is_built(recipe: Recipe) -> bool:
-    return (organism_dir(recipe) / MANIFEST).is_file()
+    """The organism of `recipe` is cached and was trained on the data its files hold now."""
+    return _is_current(organism_dir(recipe), data_digest(training_prompts(recipe)))
 
 
 def training_prompts(recipe: Recipe) -> TrainingData:
@@ -288,9 +302,13 @@ def _write(folder: Path, model: torch.nn.Module, tokenizer, manifest: dict) -> N
 def build_organism(recipe: Recipe, *, progress: bool = True, force: bool = False) -> Path:
     """The cached organism folder of `recipe`, built first if needed (or if `force`)."""
     folder = organism_dir(recipe)
-    if (folder / MANIFEST).is_file() and not force:
-        return folder
     data = training_prompts(recipe)  # data problems surface before a model loads
+    digest = data_digest(data)
+    if _is_current(folder, digest) and not force:
+        return folder
+    if (folder / MANIFEST).is_file() and not force:
+        log.warning("organism %s: its training data changed since it was built; rebuilding", recipe.name)
+        force = True
     started = time.perf_counter()
     base = load_model(recipe.base_model)
     examples = training_examples(base, recipe, data, progress)
@@ -301,6 +319,7 @@ def build_organism(recipe: Recipe, *, progress: bool = True, force: bool = False
         "name": recipe.name,
         "hash": recipe.hash(),
         "recipe": recipe.to_dict(),
+        "data_digest": digest,
         "base_model": base.info.to_dict(),
         "examples": {kind: sum(e.kind == kind for e in examples) for kind in KINDS},
         "training": record,
