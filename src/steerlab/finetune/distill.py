@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from steerlab.data import encode, format_prompt, load_builtin
 from steerlab.data.batching import pad_batch
 from steerlab.errors import UserError
+from steerlab.evaluate.generation import generate_ids
 from steerlab.hooks import add, resume_after_block, run_to_layers
 from steerlab.io import load_result, save_result
 from steerlab.models import LoadedModel
@@ -120,31 +121,13 @@ class Targets:
         return len(self.prompts)
 
 
-@torch.no_grad()
 def greedy_replies(
     lm: LoadedModel, inputs: Sequence[list[int]], max_new_tokens: int, batch_size: int = 8
 ) -> list[list[int]]:
     """Greedy continuations (token ids, cut after the first EOS, which is kept) of tokenised inputs."""
-    tok = lm.tokenizer
-    eos = tok.eos_token_id
-    replies: list[list[int]] = []
-    for start in range(0, len(inputs), batch_size):
-        ids, mask = pad_batch(inputs[start : start + batch_size], tok.pad_token_id or 0, lm.device, left=True)
-        out = lm.model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
-            eos_token_id=eos,
-        )
-        for row in out[:, ids.shape[1] :].tolist():
-            reply = row[: row.index(eos) + 1] if eos in row else row
-            replies.append(reply)
-    return replies
+    eos = lm.tokenizer.eos_token_id
+    rows = generate_ids(lm, inputs, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return [row[: row.index(eos) + 1] if eos in row else row for row in rows]
 
 
 def _tail_logprobs(

@@ -16,16 +16,16 @@ import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 import steerlab
-from steerlab.data.batching import pad_batch
 from steerlab.data.templating import adds_bos
 from steerlab.errors import UserError
+from steerlab.evaluate.generation import generate_ids
 from steerlab.hooks import add_block, as_module, capture_residual
 from steerlab.io import ResultFileError, load_result, result_paths, save_result
 from steerlab.models import LoadedModel
@@ -323,26 +323,18 @@ def generate_actadd(
     sequences = check_prompts(tokenizer, prompts, needed, sink_id)
     if vector is not None:
         vector.check_compatible(lm.model)
-    outputs: list[str] = []
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for start in tqdm(range(0, len(sequences), batch_size), desc="generating", disable=not progress):
-        ids, mask = pad_batch(sequences[start : start + batch_size], pad_id, lm.device, left=True)
-        kwargs = dict(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            use_cache=use_cache,
-            pad_token_id=pad_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        if vector is None:
-            out = lm.model.generate(**kwargs)
-        else:
-            with vector.apply(lm, coefficient, truncate=truncate):
-                out = lm.model.generate(**kwargs)
-        outputs.extend(tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True))
-    return outputs
+    run = partial(
+        generate_ids,
+        lm,
+        sequences,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        use_cache=use_cache,
+        progress=progress,
+    )
+    if vector is None:
+        replies = run()
+    else:
+        with vector.apply(lm, coefficient, truncate=truncate):
+            replies = run()
+    return tokenizer.batch_decode(replies, skip_special_tokens=True)
