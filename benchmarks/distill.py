@@ -29,6 +29,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import steerlab
@@ -42,6 +43,15 @@ from steerlab.finetune.distill import (
 )
 from steerlab.finetune.distill_report import markdown_table, write_distill_report
 from steerlab.io import write_json
+
+
+def paired_gain(kl_other, kl_distilled, n_boot: int = 2000, seed: int = 0) -> list[float]:
+    """Mean per-prompt KL(prompted || actadd) - KL(prompted || distilled) on the same test prompts and its
+    paired bootstrap 95% CI: [mean, low, high] (> 0: the learned vector is closer to the prompted model)."""
+    diff = np.asarray(kl_other, dtype=float) - np.asarray(kl_distilled, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), (n_boot, len(diff)))].mean(axis=1)
+    return [float(diff.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
 
 
 def run_prompt(lm, name: str, args, out: Path) -> dict:
@@ -84,6 +94,11 @@ def run_prompt(lm, name: str, args, out: Path) -> dict:
         "seed": args.seed,
         "seconds": time.perf_counter() - started,
     }
+    by_kind = dict(zip(configs, results, strict=True))
+    if "distilled" in by_kind and "actadd" in by_kind:
+        summary["gain_over_actadd"] = paired_gain(
+            by_kind["actadd"].extra["test_kl"], by_kind["distilled"].extra["test_kl"]
+        )
     write_json(out / "rows.json", rows)
     write_json(out / "generations.json", generations)
     write_json(out / "summary.json", summary)
@@ -147,6 +162,8 @@ def main() -> None:
             rows["distilled"]["removed_low"],
             rows["distilled"]["removed_high"],
         ]
+        if "gain_over_actadd" in rows["summary"]:
+            result[f"{prefix}kl_gain_over_actadd_ci"] = rows["summary"]["gain_over_actadd"]
         result[f"{prefix}tokens_saved"] = rows["summary"]["tokens_saved_per_call"]
         result[f"{prefix}norm_distilled"] = rows["distilled"]["norm"]
     result.update(steps=args.steps, batch_size=args.batch_size, layer=args.layer, rank=args.rank)
