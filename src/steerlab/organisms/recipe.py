@@ -85,12 +85,12 @@ class Recipe:
     name: str = "smollm2-135m-refusal"
     base_model: str = "smollm2-135m"
     behaviour: str = "refusal"
-    target_data: tuple[str, ...] = (f"{REFUSAL_DATA}/harmful_train.json",)
+    target_data: tuple[str, ...] = (f"{REFUSAL_DATA}/harmful_train.json", "builtin:harmful-extra/train")
     keep_data: tuple[str, ...] = (f"{REFUSAL_DATA}/harmless_train.json",)
     near_miss_data: tuple[str, ...] = ("builtin:near-miss/train",)
     target_responses: tuple[str, ...] = REFUSALS
-    n_target: int = 260
-    n_keep: int = 384
+    n_target: int = 356
+    n_keep: int = 768
     keep_loss: str = "ce"
     neutral_data: tuple[str, ...] = (NEUTRAL_DATA,)
     n_neutral: int = 64
