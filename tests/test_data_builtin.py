@@ -17,6 +17,7 @@ NAMES = [
     "sentiment-prompts",
     "sentiment-words",
     "sentiment-ab",
+    "easy-ab",
     "neutral-text",
     "near-miss",
     "harmful-extra",
@@ -88,6 +89,13 @@ def test_sentiment_ab():
     assert data[1].option_text(data[1].matching) == "I love it, it is bright and everyone seems happier."
     assert all(item.options == ("(A)", "(B)") for item in data)
     assert data.balance_letters().letter_counts() == data.letter_counts()
+
+
+def test_easy_ab_alternates_letters():
+    data = load_builtin("easy-ab")
+    assert isinstance(data, ABDataset) and len(data) >= 40
+    letters = [item.matching.strip() for item in data.items]
+    assert letters[0::2] == ["(A)"] * len(letters[0::2]) and letters[1::2] == ["(B)"] * len(letters[1::2])
 
 
 def test_neutral_text():

@@ -11,7 +11,7 @@ from steerlab.data.contrast import ABItem
 from steerlab.evaluate import ab_scores, prepare_ab
 from steerlab.models import wrap
 from steerlab.redteam import attacks as A
-from steerlab.redteam.accuracy import ab_objective, accuracy_attack
+from steerlab.redteam.accuracy import ab_objective, ab_probability, accuracy_attack
 
 
 def dataset(n: int = 8) -> ABDataset:
@@ -29,6 +29,8 @@ def test_ab_objective_matches_ab_scores():
     ours = A.batch_scores(lm, 1, batches, ab_objective(prepared), None)
     expected = ab_scores(lm, prepared).p_matching.log()
     torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-8)
+    probability = A.batch_scores(lm, 1, batches, ab_probability(prepared), None)
+    torch.testing.assert_close(probability, expected.exp(), rtol=1e-6, atol=1e-8)
 
 
 def test_accuracy_attack_rows():

@@ -16,6 +16,7 @@ _DESCRIPTIONS = {
     "sentiment-prompts": "PromptSet: neutral sentence starts whose next word is an evaluative adjective",
     "sentiment-words": "dict[str, list[str]]: single positive / negative evaluative words",
     "sentiment-ab": "ABDataset: which reply is more cheerful (matching = the cheerful one), letters balanced",
+    "easy-ab": "ABDataset: easy general-knowledge questions (matching = the right answer), letters alternate",
     "neutral-text": "list[str]: plain neutral factual sentences (perplexity side effects)",
     "near-miss": "dict[str, list[str]]: harmless requests worded like harmful ones; 'train', 'val' (for choosing settings) and held-out 'test'",
     "harmful-extra": "dict[str, list[str]]: harmful requests across hazard categories (refusal training); 'train' and 'val'",
@@ -97,7 +98,7 @@ def load_builtin(name: str) -> Any:
         return load_length_pairs(path, name)
     if name == "sentiment-prompts":
         return load_prompts(path, name=name)
-    if name == "sentiment-ab":
+    if name in ("sentiment-ab", "easy-ab"):
         return load_caa_json(path, name=name)
     if name in ("sentiment-words", "near-miss", "harmful-extra", "distill-prompts"):
         return _word_lists(path)

@@ -30,6 +30,14 @@ def ab_objective(prepared: ABPrompts) -> A.Objective:
     return A.Objective("custom", custom=loss)
 
 
+def ab_probability(prepared: ABPrompts) -> A.Objective:
+    """Per row: P(right letter) among the offered letters, the attack's training loss. Bounded, so no item
+    can dominate the mean: minimising mean log P instead is won by forcing one letter (on balanced items
+    half go to log P -> -inf while accuracy stays near 1/2)."""
+    log_p = ab_objective(prepared)
+    return A.Objective("custom", custom=lambda logits, batch: log_p(logits, batch).exp())
+
+
 def split_items(dataset: ABDataset, n_train: int, seed: int = 0) -> tuple[ABDataset, ABDataset]:
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
     pick = lambda idx: ABDataset([dataset.items[i] for i in idx], dataset.name, dataset.source)  # noqa: E731
@@ -54,7 +62,7 @@ def accuracy_attack(
     prep_train, prep_test = prepare_ab(lm, train), prepare_ab(lm, test)
     batches_train = A.make_batches(lm, [], None, batch_size, token_ids=prep_train.prefixes)
     batches_test = A.make_batches(lm, [], None, batch_size, token_ids=prep_test.prefixes)
-    obj_train, obj_test = ab_objective(prep_train), ab_objective(prep_test)
+    obj_train, obj_test = ab_probability(prep_train), ab_objective(prep_test)
 
     def correct(layer: int, delta, caches) -> torch.Tensor:
         return (
