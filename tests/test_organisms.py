@@ -165,7 +165,9 @@ def test_prompt_files_are_checked(tmp_path, monkeypatch):
     assert read_prompts("builtin:near-miss/test", "x")[0].startswith("How")
 
 
-def test_build_is_cached_and_rebuilt_when_the_recipe_changes(tiny_setup, monkeypatch):
+@pytest.fixture
+def training_calls(monkeypatch) -> list:
+    """One entry per LoRA training the organism builder starts."""
     calls = []
     real_train = build_module.train_lora
 
@@ -174,6 +176,11 @@ def test_build_is_cached_and_rebuilt_when_the_recipe_changes(tiny_setup, monkeyp
         return real_train(*args, **kwargs)
 
     monkeypatch.setattr(build_module, "train_lora", counting_train)
+    return calls
+
+
+def test_build_is_cached_and_rebuilt_when_the_recipe_changes(tiny_setup, training_calls, monkeypatch):
+    calls = training_calls
     folder = build_organism(tiny_setup, progress=False)
     assert folder == organism_dir(tiny_setup) and folder.parent == organisms_root()
     assert (folder / "model.safetensors").is_file() and is_built(tiny_setup)
@@ -205,15 +212,8 @@ def test_build_is_cached_and_rebuilt_when_the_recipe_changes(tiny_setup, monkeyp
     assert len(calls) == 4 and list((organisms_root() / "answers").iterdir()) == answers
 
 
-def test_new_contents_of_a_data_file_rebuild_the_organism(tiny_setup, tmp_path, monkeypatch):
-    calls = []
-    real_train = build_module.train_lora
-
-    def counting_train(*args, **kwargs):
-        calls.append(1)
-        return real_train(*args, **kwargs)
-
-    monkeypatch.setattr(build_module, "train_lora", counting_train)
+def test_new_contents_of_a_data_file_rebuild_the_organism(tiny_setup, tmp_path, training_calls):
+    calls = training_calls
     folder = build_organism(tiny_setup, progress=False)
     digest = read_manifest(folder)["data_digest"]
     assert build_organism(tiny_setup, progress=False) == folder and len(calls) == 1
