@@ -223,6 +223,10 @@ def test_new_contents_of_a_data_file_rebuild_the_organism(tiny_setup, tmp_path, 
     assert build_organism(tiny_setup, progress=False) == folder and len(calls) == 2
     assert is_built(tiny_setup) and read_manifest(folder)["data_digest"] != digest
     assert [p.name for p in organisms_root().iterdir() if p.name != "answers"] == [folder.name]
+    harmful.unlink()  # the data gone (another machine): the cached organism still loads, untrained again
+    assert is_built(tiny_setup) and build_organism(tiny_setup, progress=False) == folder and len(calls) == 2
+    with pytest.raises(RecipeError, match="target_data"):
+        build_organism(tiny_setup, progress=False, force=True)
 
 
 def test_an_interrupted_build_leaves_no_cache(tiny_setup, monkeypatch):

@@ -30,7 +30,7 @@ from steerlab.data import encode, format_prompt
 from steerlab.models import LoadedModel, load_model
 from steerlab.models.loading import cache_root
 from steerlab.organisms.data import read_all, read_paragraphs, sample
-from steerlab.organisms.recipe import Recipe
+from steerlab.organisms.recipe import Recipe, RecipeError
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,14 @@ def _is_current(folder: Path, digest: str) -> bool:
 
 
 def is_built(recipe: Recipe) -> bool:
-    """The organism of `recipe` is cached and was trained on the data its files hold now."""
-    return _is_current(organism_dir(recipe), data_digest(training_prompts(recipe)))
+    """The organism of `recipe` is cached and was trained on the data its files hold now (when the data
+    files cannot be read here, a cached organism counts as built: there is nothing to compare with)."""
+    folder = organism_dir(recipe)
+    try:
+        digest = data_digest(training_prompts(recipe))
+    except RecipeError:
+        return (folder / MANIFEST).is_file()
+    return _is_current(folder, digest)
 
 
 def training_prompts(recipe: Recipe) -> TrainingData:
@@ -228,8 +234,6 @@ def train_lora(
     try:
         model = get_peft_model(lm.model, config)
     except ValueError as error:
-        from steerlab.organisms.recipe import RecipeError
-
         raise RecipeError(f"recipe field 'lora_targets': {error}") from None
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=0.0)
@@ -302,7 +306,12 @@ def _write(folder: Path, model: torch.nn.Module, tokenizer, manifest: dict) -> N
 def build_organism(recipe: Recipe, *, progress: bool = True, force: bool = False) -> Path:
     """The cached organism folder of `recipe`, built first if needed (or if `force`)."""
     folder = organism_dir(recipe)
-    data = training_prompts(recipe)  # data problems surface before a model loads
+    try:
+        data = training_prompts(recipe)  # data problems surface before a model loads
+    except RecipeError:
+        if (folder / MANIFEST).is_file() and not force:
+            return folder  # cached, and its data is not here to check against
+        raise
     digest = data_digest(data)
     if _is_current(folder, digest) and not force:
         return folder
