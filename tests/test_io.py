@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import dataclass, field
 
 import pytest
 import torch
 
 from steerlab.data.errors import DataFormatError, parse_json
-from steerlab.io import ResultFileError, load_result, load_tensors, read_json, save_result, save_tensors
+from steerlab.io import (
+    ResultFileError,
+    load_record,
+    load_result,
+    load_tensors,
+    read_json,
+    save_record,
+    save_result,
+    save_tensors,
+)
 
 
 def _corrupt_header_json(path) -> None:
@@ -58,3 +68,21 @@ def test_json_readers_share_one_message(tmp_path):
         parse_json(path, path.read_text())
     assert str(result_error.value) == str(data_error.value)
     assert str(data_error.value).startswith(f"{path}: line 3: invalid JSON at column 3")
+
+
+@dataclass
+class _Record:
+    weights: dict
+    steps: int
+    losses: list = field(default_factory=list)
+
+
+def test_a_dataclass_record_round_trips_with_its_tensors_apart(tmp_path):
+    record = _Record({"w": torch.arange(3.0)}, steps=4, losses=[1.5, 0.5])
+    path = save_record(record, tmp_path / "r", "Toy", tensors="weights")
+    tensors, meta = load_result(path, "Toy")
+    assert set(tensors) == {"w"} and meta["steps"] == 4 and "weights" not in meta
+    back = load_record(_Record, path, "Toy", tensors="weights")
+    assert back.steps == 4 and back.losses == [1.5, 0.5] and torch.equal(back.weights["w"], torch.arange(3.0))
+    with pytest.raises(ResultFileError, match="not a steerlab.Other"):
+        load_record(_Record, path, "Other", tensors="weights")

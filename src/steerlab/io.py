@@ -201,6 +201,22 @@ def save_result(
     return tensor_path
 
 
+def save_record(record: Any, path: str | Path, kind: str, tensors: str = "tensors") -> Path:
+    """`save_result` of a dataclass: its `tensors` field (a dict of tensors) as safetensors, every other
+    field as JSON metadata."""
+    from dataclasses import fields
+
+    metadata = {f.name: getattr(record, f.name) for f in fields(record) if f.name != tensors}
+    return save_result(path, getattr(record, tensors), metadata, kind=kind)
+
+
+def load_record(cls: type, path: str | Path, kind: str, tensors: str = "tensors") -> Any:
+    """The dataclass `cls` written by `save_record`."""
+    values, metadata = load_result(path, kind)
+    metadata.pop("model", None)
+    return cls(**{tensors: values}, **metadata)
+
+
 def load_result(
     path: str | Path, kind: str | None = None, *, require_metadata: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict]:

@@ -37,7 +37,7 @@ from steerlab.data.batching import pad_batch
 from steerlab.errors import UserError
 from steerlab.evaluate.generation import generate_ids
 from steerlab.hooks import add, resume_after_block, run_to_layers
-from steerlab.io import load_result, save_result
+from steerlab.io import load_record, load_result, save_record, save_result
 from steerlab.models import LoadedModel
 from steerlab.models.architectures import hidden_size, num_layers
 
@@ -298,22 +298,11 @@ class Distilled:
         return lm, lambda: add(lm, deltas)
 
     def save(self, path: str | Path) -> Path:
-        metadata = {
-            "method": self.method,
-            "layers": self.layers,
-            "config": self.config,
-            "losses": self.losses,
-            "trainable_params": self.trainable_params,
-            "seconds": self.seconds,
-            "extra": self.extra,
-        }
-        return save_result(path, self.tensors, metadata, kind="DistilledInjection")
+        return save_record(self, path, "DistilledInjection")
 
     @classmethod
     def load(cls, path: str | Path) -> Distilled:
-        tensors, meta = load_result(path, "DistilledInjection")
-        meta.pop("model", None)
-        return cls(tensors=tensors, **meta)
+        return load_record(cls, path, "DistilledInjection")
 
 
 def _save_checkpoint(

@@ -31,7 +31,7 @@ from steerlab.errors import UserError
 from steerlab.evaluate import NeutralText, bootstrap_ci, side_effects
 from steerlab.evaluate.probability import WordPreference, prepare_word_preference
 from steerlab.hooks import Positions, add, no_param_grads, resume_after_block, run_to_layers
-from steerlab.io import load_result, read_json, save_result, write_json
+from steerlab.io import load_record, read_json, save_result, write_json
 from steerlab.models import LoadedModel
 from steerlab.models.architectures import num_layers
 
@@ -437,9 +437,7 @@ class PairSearchResult:
 
     @classmethod
     def load(cls, path: str | Path) -> PairSearchResult:
-        tensors, meta = load_result(path, "PairSearchResult")
-        meta.pop("model", None)
-        return cls(directions=tensors, **meta)
+        return load_record(cls, path, "PairSearchResult", tensors="directions")
 
 
 def config_key(config: dict) -> str:

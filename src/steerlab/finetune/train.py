@@ -26,7 +26,7 @@ from steerlab.data.batching import pad_batch
 from steerlab.errors import UserError
 from steerlab.evaluate import ABPrompts, prepare_ab
 from steerlab.hooks import Positions, add
-from steerlab.io import load_result, save_result
+from steerlab.io import load_record, save_record
 from steerlab.models import LoadedModel, wrap
 from steerlab.models.architectures import block, hidden_size, mlp, num_layers
 
@@ -91,22 +91,11 @@ class TrainedIntervention:
     extra: dict = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
-        metadata = {
-            "kind": self.kind,
-            "config": self.config,
-            "losses": self.losses,
-            "trainable_params": self.trainable_params,
-            "tokens_seen": self.tokens_seen,
-            "seconds": self.seconds,
-            "extra": self.extra,
-        }
-        return save_result(path, self.tensors, metadata, kind="TrainedIntervention")
+        return save_record(self, path, "TrainedIntervention")
 
     @classmethod
     def load(cls, path: str | Path) -> TrainedIntervention:
-        tensors, meta = load_result(path, "TrainedIntervention")
-        meta.pop("model", None)
-        return cls(tensors=tensors, **meta)
+        return load_record(cls, path, "TrainedIntervention")
 
 
 def _tokenised(lm: LoadedModel, texts: list[str]) -> list[list[int]]:
