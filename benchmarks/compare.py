@@ -4,7 +4,12 @@
 - the built-in sentiment contrast (the demo's splits; metric: p(positive next word) on the test prompts;
   loss: the NLL of the positive texts);
 - one CAA A/B behaviour (train: `--train-limit` items of ../shared/data/caa/<behaviour>/generate.json,
-  letters balanced; test: its test_ab.json; metric: p(matching answer); loss: -log p(matching letter)).
+  letters balanced; test: its test_ab.json; metric: p(matching answer); loss: -log p(matching letter));
+- the refusal organism as a target model (task `organism`; train: the organism's and the base model's
+  24-token greedy replies to `--organism-train` harmful + as many harmless train prompts of
+  ../shared/data/redteam/refusal_direction; loss: NLL of the organism's replies; metric: P(refusal start)
+  against compliance starts on `--organism-test` harmful test prompts; control: the same on as many
+  harmless test prompts, i.e. false refusals).
 
 Per layer: the mean-difference (CAA) vector at 0.1 of the residual norm and at the learned bias's norm,
 the trained bias vector and LoRA (each trained method once per seed), with KL and perplexity on neutral
@@ -12,8 +17,9 @@ text and accuracy on `--capability-limit` MMLU A/B items. Effects are mean per-i
 95% CIs; the trained methods' effects are also printed as ratios to CAA's at 0.1 of the residual norm,
 measured in the same run. Each task resumes after its last finished layer. The last line is one JSON
 object: the keys of the first sentiment layer (effect_caa, effect_bias, effect_lora, cos_bias_caa,
-params_bias, params_lora, ...) and the same keys suffixed with `_ab` for the A/B behaviour, plus per-layer
-means in "layers_sentiment" / "layers_ab".
+params_bias, params_lora, ...) and the same keys suffixed with `_ab` for the A/B behaviour and
+`_organism` for the organism (with control_*), plus per-layer means in "layers_sentiment" / "layers_ab" /
+"layers_organism".
 
     .venv/bin/python benchmarks/compare.py [--layers 15] [--ab-layers 15] [--steps 30] [--repeats 1]
         [--behaviour corrigible-neutral-HHH] [--tasks sentiment,ab] [--out results/compare]
@@ -75,6 +81,13 @@ def keys(result: dict, suffix: str = "") -> dict:
         "tokens_bias": bias["tokens"],
         "tokens_lora": lora["tokens"],
     }
+    if by["unsteered"].get("control") is not None:
+        out.update(
+            {
+                f"control_{m}": r["control"]
+                for m, r in (("base", by["unsteered"]), ("caa", caa), ("bias", bias), ("lora", lora))
+            }
+        )
     return {k + suffix: v for k, v in out.items()}
 
 
@@ -95,6 +108,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", default="15", help="layers of the sentiment task")
     parser.add_argument("--ab-layers", default="15", help="layers of the A/B task")
+    parser.add_argument("--organism-layers", default="15", help="layers of the organism task")
+    parser.add_argument("--organism", default="smollm2-135m-refusal")
+    parser.add_argument("--organism-train", type=int, default=32, help="harmful (and harmless) train prompts")
+    parser.add_argument("--organism-test", type=int, default=48, help="harmful (and harmless) test prompts")
     parser.add_argument("--tasks", default="sentiment,ab")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -131,6 +148,16 @@ def main() -> None:
         )  # fmt: skip
         print(markdown_table(aggregate(result["rows"]), SUMMARY_COLUMNS))
         summary.update(keys(result, "_ab"), behaviour=ns.behaviour, layers_ab=per_layer(result))
+    if "organism" in tasks:
+        result = run_compare(
+            CompareArgs(
+                out=Path(ns.out) / ns.organism, layers=ns.organism_layers, organism=ns.organism,
+                organism_data=str(SHARED.parent / "redteam" / "refusal_direction"),
+                train_limit=ns.organism_train, test_limit=ns.organism_test, **common,
+            )
+        )  # fmt: skip
+        print(markdown_table(aggregate(result["rows"]), SUMMARY_COLUMNS))
+        summary.update(keys(result, "_organism"), organism=ns.organism, layers_organism=per_layer(result))
     summary["seconds_total"] = time.perf_counter() - started
     print(json.dumps(summary))
 

@@ -8,8 +8,10 @@ Parts (each cached in --out, so a rerun resumes; --parts picks some):
 - headline: at the (layer, eps) chosen on the validation curves, optimised / difference of means / random
   judged by refusal phrases on n_test *test* prompts with 32-token greedy replies; harmless KL there;
 - organism: the organism's own evaluation (near-miss false refusal, neutral perplexity ratio);
-- accuracy: the embedded model's held-out accuracy on the built-in sentiment A/B items against eps,
-  optimised vs random vectors of the same norm.
+- accuracy: the embedded (unmodified) model's held-out accuracy on a benchmark it passes against eps,
+  optimised vs random vectors of the same norm (--accuracy-data: the built-in `easy-cloze`, 64 general-
+  knowledge stems scored by the next word among four, by default; `easy-ab` / `sentiment-ab` score the
+  answer letter, which the 135M model picks by position rather than content).
 
     PYTHONPATH=src .venv/bin/python benchmarks/redteam.py [--out results/redteam-bench] [--parts ...]
 
@@ -141,6 +143,54 @@ def run_args(args, out: Path, split: str, **kw) -> RunArgs:
     return RunArgs(**{**base, **kw})
 
 
+def part_accuracy(args, out: Path, layers: list[int]) -> dict:
+    """Held-out accuracy of the unmodified embedded model on --accuracy-data against eps (cached)."""
+    from steerlab.data import load_builtin
+    from steerlab.evaluate import prepare_ab, prepare_cloze
+    from steerlab.redteam.accuracy import accuracy_attack, accuracy_figure
+    from steerlab.report.figures import save_png
+
+    path = out / f"accuracy-{args.accuracy_data}.json"
+    if not path.is_file() and args.report_only:
+        return {}
+    base_lm = None if path.is_file() else load_model("smollm2-135m")
+    items = load_builtin(args.accuracy_data)
+    if path.is_file():
+        stored = read_json(path)
+        rows, chance = stored["rows"], stored["chance"]
+    else:
+        prepared = (prepare_cloze if args.accuracy_data == "easy-cloze" else prepare_ab)(base_lm, items)
+        chance = sum(1 / len(t) for t in prepared.option_tokens) / len(prepared.option_tokens)
+        rows = accuracy_attack(
+            base_lm,
+            prepared,
+            [int(x) for x in args.accuracy_layers.split(",")] if args.accuracy_layers else layers,
+            [float(x) for x in args.accuracy_eps.split(",")],
+            n_train=args.accuracy_train,
+            n_random=args.n_random,
+            steps=args.steps,
+            batch_size=args.batch_size,
+        )
+        write_json(path, {"data": args.accuracy_data, "chance": chance, "rows": rows})
+    save_png(
+        accuracy_figure(rows, f"held-out {args.accuracy_data} accuracy under perturbation", chance),
+        out / f"accuracy_vs_eps-{args.accuracy_data}.png",
+    )
+    for r in rows:
+        print(
+            f"{args.accuracy_data} {r['method']:<10} L{r['layer']} eps {r['eps']:<5g} acc {r['accuracy']:.2f} "
+            f"[{r['low']:.2f}, {r['high']:.2f}] worst random {r['worst_random']}"
+        )
+    return {
+        "accuracy_data": args.accuracy_data,
+        "accuracy_chance": chance,
+        "accuracy_base": rows[0]["accuracy"],
+        "accuracy": [
+            {k: r[k] for k in ("method", "layer", "eps", "accuracy", "worst_random")} for r in rows[1:]
+        ],
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="results/redteam-bench")
@@ -166,6 +216,9 @@ def main() -> None:
     p.add_argument("--speed-layer", type=int, default=12)
     p.add_argument("--speed-reps", type=int, default=2)
     p.add_argument("--accuracy-eps", default="0.1,0.25,0.5,1")
+    p.add_argument("--accuracy-data", default="easy-cloze", choices=("easy-cloze", "easy-ab", "sentiment-ab"))
+    p.add_argument("--accuracy-layers", default=None, help="default: --layers")
+    p.add_argument("--accuracy-train", type=int, default=20, help="items the vector is trained on")
     p.add_argument("--n-near-miss", type=int, default=24)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
@@ -294,39 +347,8 @@ def main() -> None:
             f"(base {extras['base_false_refusal_near_miss']:.2f}), perplexity ratio {extras['organism_ppl_ratio']:.3f}"
         )
         summary.update(extras)
-    if "accuracy" in parts and (not args.report_only or (out / "accuracy.json").is_file()):
-        path = out / "accuracy.json"
-        if path.is_file():
-            acc = read_json(path)
-        else:
-            from steerlab.data import load_builtin
-            from steerlab.redteam.accuracy import accuracy_attack
-
-            base_lm = load_model("smollm2-135m")
-            acc = accuracy_attack(
-                base_lm,
-                load_builtin("sentiment-ab"),
-                layers,
-                [float(x) for x in args.accuracy_eps.split(",")],
-                n_train=20,
-                n_random=args.n_random,
-                steps=args.steps,
-                batch_size=args.batch_size,
-            )
-            write_json(path, acc)
-        from steerlab.redteam.accuracy import accuracy_figure
-        from steerlab.report.figures import save_png
-
-        save_png(accuracy_figure(acc), out / "accuracy_vs_eps.png")
-        for r in acc:
-            print(
-                f"A/B {r['method']:<10} L{r['layer']} eps {r['eps']:<5g} acc {r['accuracy']:.2f} "
-                f"[{r['low']:.2f}, {r['high']:.2f}] worst random {r['worst_random']}"
-            )
-        summary["ab_base_accuracy"] = acc[0]["accuracy"]
-        summary["ab_accuracy"] = [
-            {k: r[k] for k in ("method", "layer", "eps", "accuracy", "worst_random")} for r in acc[1:]
-        ]
+    if "accuracy" in parts:
+        summary.update(part_accuracy(args, out, layers))
     summary = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
     print(json.dumps(summary))
 

@@ -18,6 +18,7 @@ NAMES = [
     "sentiment-words",
     "sentiment-ab",
     "easy-ab",
+    "easy-cloze",
     "neutral-text",
     "near-miss",
     "harmful-extra",

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
 from conftest import char_tokenizer, tiny_model
 from steerlab.cli import main
-from steerlab.data import PairedTexts, encode, load_builtin
+from steerlab.data import PairedTexts, encode, format_prompt, load_builtin
 from steerlab.errors import UserError
 from steerlab.evaluate import prepare_neutral
 from steerlab.evaluate.probability import WordPreference, word_preference
@@ -15,10 +18,13 @@ from steerlab.finetune.commands import CompareArgs, run_compare
 from steerlab.finetune.compare import compare_layer
 from steerlab.finetune.report import markdown_table, write_report
 from steerlab.finetune.train import (
+    Replies,
     TrainConfig,
     TrainedIntervention,
     behaviour_loss,
     lora_model,
+    reply_ids,
+    reply_nll,
     train_bias,
     train_lora,
 )
@@ -225,3 +231,73 @@ def test_compare_layer_with_full_mlp_and_two_seeds(tiny_lm):
     full = [r for r in rows if r["method"] == "mlp-full"]
     assert [r["seed"] for r in full] == [3, 4] and all(r["trainable_params"] == 3 * 32 * 64 for r in full)
     assert results["bias-seed3"].config["seed"] == 3 and results["lora-seed4"].config["seed"] == 4
+
+
+def test_reply_loss_is_the_nll_of_the_reply_tokens_only():
+    lm = _exact_float64_lm()
+    prompts, replies = ["hi there", "tell me"], [" no way", " sure thing ok"]
+    sequences = [reply_ids(lm, p, r) for p, r in zip(prompts, replies)]
+    for (ids, keep), prompt in zip(sequences, prompts):
+        assert ids[:keep] == encode(lm.tokenizer, format_prompt(lm.tokenizer, prompt))
+    value, tokens = reply_nll(lm, sequences)
+    expected, count = [], 0
+    with torch.no_grad():
+        for ids, keep in sequences:  # one unpadded forward per sequence
+            logp = lm.model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+            expected += [-logp[j - 1, ids[j]] for j in range(keep, len(ids))]
+            count += len(ids) - keep
+    assert tokens == count == sum(len(r) for r in replies)  # one character per token
+    assert float(value) == pytest.approx(float(torch.stack(expected).mean()), rel=1e-9)
+
+    torch.manual_seed(2)
+    bias = (0.1 * torch.randn(32, dtype=torch.float64)).requires_grad_(True)
+
+    def loss(b):
+        with add(lm, {1: b}):
+            return reply_nll(lm, sequences)[0]
+
+    (grad,) = torch.autograd.grad(loss(bias), bias)
+    step = torch.zeros_like(bias)
+    step[3] = 1e-6
+    with torch.no_grad():
+        numeric = (loss(bias + step) - loss(bias - step)) / 2e-6
+    assert float(grad[3]) == pytest.approx(float(numeric), rel=1e-6, abs=1e-9)
+
+
+def test_replies_need_the_reply_loss(tiny_lm):
+    replies = Replies(["a b"], [" no"], [" yes"])
+    with pytest.raises(UserError, match="--loss positive: a target model's replies train with --loss reply"):
+        train_bias(tiny_lm, replies, TrainConfig(layer=1, loss="positive"), progress=False)
+    with pytest.raises(UserError, match="no prompts with replies"):
+        train_bias(tiny_lm, Replies([], [], []), TrainConfig(layer=1, loss="reply"), progress=False)
+
+
+def test_compare_on_a_target_model(tiny_lm, tmp_path, monkeypatch):
+    """--organism: the target's replies are generated once (cached), and rows carry the control score."""
+    target = tmp_path / "target"
+    tiny_model("llama", dtype=torch.float32).save_pretrained(target)
+    char_tokenizer().save_pretrained(target)
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("harmful_train", "harmless_train", "harmful_test", "harmless_test"):
+        (data / f"{split}.json").write_text(json.dumps([{"instruction": f"{split} {i}"} for i in range(3)]))
+    args = CompareArgs(
+        out=tmp_path / "out", layers="1", organism=str(target), organism_data=str(data), steps=2,
+        train_limit=2, test_limit=2, reply_tokens=3, progress=False, rank=2,
+    )  # fmt: skip
+    result = run_compare(args, lm=tiny_lm)
+    assert result["loss"] == "reply" and result["n_pairs_train"] == 4
+    by = {r["method"]: r for r in result["rows"]}
+    assert all(0 <= by[m]["control"] <= 1 for m in ("unsteered", "bias", "lora-r2-both"))
+    saved = json.loads((tmp_path / "out" / "replies.json").read_text())
+    assert len(saved["replies"]) == 4 and saved["key"]["prompts"][2] == "harmless_train 0"
+
+    import steerlab.finetune.commands as commands
+
+    monkeypatch.setattr(commands, "target_replies", lambda *a, **k: pytest.fail("replies regenerated"))
+    run_compare(dataclasses.replace(args, out=tmp_path / "out", layers=[1]), lm=tiny_lm)
+    with pytest.raises(UserError, match="no harmless_test.json"):
+        (data / "harmless_test.json").unlink()
+        run_compare(args, lm=tiny_lm)
+    with pytest.raises(UserError, match="--organism and --data"):
+        CompareArgs(out=tmp_path / "x", organism="m", data="caa:x")

@@ -2,6 +2,7 @@
 
 from steerlab.data.batching import ReadSpec, batches_by_length, pad_batch
 from steerlab.data.builtin import list_builtin, load_builtin
+from steerlab.data.cloze import ClozeItem, load_cloze
 from steerlab.data.contrast import (
     ABDataset,
     ABItem,
@@ -34,6 +35,7 @@ __all__ = [
     "CAA_SPLITS",
     "ABDataset",
     "ABItem",
+    "ClozeItem",
     "AnswerLocation",
     "DataFormatError",
     "DataRef",
@@ -53,6 +55,7 @@ __all__ = [
     "load_builtin",
     "load_caa",
     "load_caa_json",
+    "load_cloze",
     "load_dataset",
     "load_experiment",
     "load_paired_texts",

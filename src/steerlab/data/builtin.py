@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from steerlab.data.cloze import load_cloze
 from steerlab.data.contrast import load_caa_json
 from steerlab.data.errors import DataFormatError, read_json
 from steerlab.data.texts import PairedTexts, load_paired_texts, load_prompts
@@ -17,6 +18,7 @@ _DESCRIPTIONS = {
     "sentiment-words": "dict[str, list[str]]: single positive / negative evaluative words",
     "sentiment-ab": "ABDataset: which reply is more cheerful (matching = the cheerful one), letters balanced",
     "easy-ab": "ABDataset: easy general-knowledge questions (matching = the right answer), letters alternate",
+    "easy-cloze": "list[ClozeItem]: easy general-knowledge stems whose next word is one of four choices",
     "neutral-text": "list[str]: plain neutral factual sentences (perplexity side effects)",
     "near-miss": "dict[str, list[str]]: harmless requests worded like harmful ones; 'train', 'val' (for choosing settings) and held-out 'test'",
     "harmful-extra": "dict[str, list[str]]: harmful requests across hazard categories (refusal training); 'train' and 'val'",
@@ -98,6 +100,8 @@ def load_builtin(name: str) -> Any:
         return load_length_pairs(path, name)
     if name == "sentiment-prompts":
         return load_prompts(path, name=name)
+    if name == "easy-cloze":
+        return load_cloze(path)
     if name in ("sentiment-ab", "easy-ab"):
         return load_caa_json(path, name=name)
     if name in ("sentiment-words", "near-miss", "harmful-extra", "distill-prompts"):

@@ -209,3 +209,11 @@ __all__ = [
     "select",
     "word_lists",
 ]
+
+
+def data_root() -> Path:
+    """Where relative data paths are read: $STEERLAB_DATA, else the `shared/data` folder beside the checkout."""
+    env = os.environ.get("STEERLAB_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[4] / "shared" / "data"

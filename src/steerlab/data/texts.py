@@ -140,7 +140,8 @@ def load_paired_texts(path: str | os.PathLike, name: str | None = None) -> Paire
 
 
 def _prompt_records(path: Path, records: list[tuple[Any, dict[str, int]]]) -> PromptSet:
-    """Prompts from JSON strings or objects with "prompt"/"question" and an optional "reference"."""
+    """Prompts from JSON strings or objects with "prompt"/"instruction"/"question" and an optional
+    "reference"."""
     prompts: list[str] = []
     references: list[str | None] = []
     for obj, loc in records:
@@ -150,7 +151,7 @@ def _prompt_records(path: Path, records: list[tuple[Any, dict[str, int]]]) -> Pr
             prompts.append(obj)
             references.append(None)
             continue
-        key = "prompt" if isinstance(obj, dict) and "prompt" in obj else "question"
+        key = next((k for k in ("prompt", "instruction") if isinstance(obj, dict) and k in obj), "question")
         prompts.append(get_str(path, obj, key, loc))  # type: ignore[arg-type]
         references.append(get_str(path, obj, "reference", loc, optional=True))
     given = [r is not None for r in references]
@@ -165,8 +166,8 @@ def _prompt_records(path: Path, records: list[tuple[Any, dict[str, int]]]) -> Pr
 def load_prompts(path: str | os.PathLike, name: str | None = None) -> PromptSet:
     """Load open-ended prompts.
 
-    Accepted: a JSON list of strings or of objects with "question" (CAA test_open_ended) or "prompt" and an
-    optional "reference"; JSONL lines of such objects (or strings); any other file as plain text, one prompt
+    Accepted: a JSON list of strings or of objects with "question" (CAA test_open_ended), "prompt" or
+    "instruction" (refusal-direction splits) and an optional "reference"; JSONL lines of such objects (or strings); any other file as plain text, one prompt
     per non-blank line.
     """
     path = Path(path)

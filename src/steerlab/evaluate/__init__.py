@@ -21,6 +21,7 @@ from steerlab.evaluate.probability import (
     ab_scores,
     last_token_logprobs,
     prepare_ab,
+    prepare_cloze,
     prepare_word_preference,
     word_preference,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "last_token_logprobs",
     "load_judge",
     "prepare_ab",
+    "prepare_cloze",
     "prepare_neutral",
     "prepare_word_preference",
     "projections",

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from steerlab.data import ABDataset, encode, format_prompt, locate_answers
+from steerlab.data import ABDataset, ClozeItem, encode, format_prompt, locate_answers
 from steerlab.data.batching import batches_by_length, pad_batch
 from steerlab.errors import UserError
 from steerlab.models import LoadedModel
@@ -59,6 +59,28 @@ def prepare_ab(lm: LoadedModel, dataset: ABDataset, system_prompt: str | None = 
         option_tokens.append(where.answer_token_ids)
         matching.append(list(item.options).index(item.matching))
     return ABPrompts(prefixes, option_tokens, matching)
+
+
+def prepare_cloze(lm: LoadedModel, items: Sequence[ClozeItem], source: str = "cloze items") -> ABPrompts:
+    """Cloze items as `ABPrompts`, so `ab_scores` compares the choices' next-token probabilities: each
+    "stem choice" is encoded as plain text (no chat template); the prefix is the tokens all choices share
+    and each option is the first token after it (" Paris" for a BPE tokenizer). Comparing those tokens'
+    probabilities compares the choices' probabilities up to where they first differ."""
+    prefixes, option_tokens = [], []
+    for index, item in enumerate(items):
+        encoded = [encode(lm.tokenizer, f"{item.stem.rstrip()} {c.strip()}") for c in item.choices]
+        shared = 0
+        while all(len(e) > shared + 1 and e[shared] == encoded[0][shared] for e in encoded):
+            shared += 1
+        tokens = [e[shared] for e in encoded]
+        if len(set(tokens)) < len(tokens):
+            raise UserError(
+                f"{source}: item {index} ({item.stem!r}): two choices start with the same token, so their "
+                "next-token probabilities cannot tell them apart"
+            )
+        prefixes.append(encoded[0][:shared])
+        option_tokens.append(tokens)
+    return ABPrompts(prefixes, option_tokens, [item.answer for item in items])
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from steerlab.data import ABDataset, PairedTexts, PromptSet, load_builtin
-from steerlab.data.sources import load_dataset, load_word_lists
+from steerlab.data import ABDataset, PairedTexts, PromptSet, load_builtin, load_prompts
+from steerlab.data.sources import data_root, load_dataset, load_word_lists
 from steerlab.errors import UserError
 from steerlab.evaluate import prepare_ab, prepare_neutral
 from steerlab.evaluate.capability import load_benchmark, parse_benchmarks
-from steerlab.finetune.compare import compare_layer, measure_baseline, split_like_demo
-from steerlab.finetune.train import LOSSES, TARGETS, TrainConfig, check_data
+from steerlab.finetune.compare import (
+    compare_layer,
+    measure_baseline,
+    refusal_metric,
+    split_like_demo,
+    target_replies,
+)
+from steerlab.finetune.train import LOSSES, TARGETS, Replies, TrainConfig, check_data
 from steerlab.hooks import Positions
 from steerlab.io import check_output_folder, write_json
 from steerlab.models import LoadedModel
@@ -27,6 +33,7 @@ from steerlab.steering.metrics import behaviour_metric
 
 AB_TEST_FRACTION = 0.2
 """Without --test-data, A/B items are cut (seeded) into 80% training and 20% held-out test items."""
+ORGANISM_SPLITS = ("harmful_train", "harmless_train", "harmful_test", "harmless_test")
 
 
 @dataclass(kw_only=True)
@@ -65,7 +72,25 @@ class CompareArgs(ModelArgs):
         default=None, metadata=option("A/B test items (default: a held-out 20%% of --data)")
     )
     train_limit: int | None = field(default=None, metadata=option("at most this many A/B training items"))
-    test_limit: int | None = field(default=None, metadata=option("at most this many A/B test items"))
+    test_limit: int | None = field(
+        default=None, metadata=option("at most this many A/B test items (--organism: prompts per side)")
+    )
+    organism: str | None = field(
+        default=None,
+        metadata=option(
+            "a target model (e.g. smollm2-135m-refusal) whose greedy replies to --organism-data's train "
+            "prompts are the training data (loss: reply); metric: P(refusal start) on its harmful test "
+            "prompts, control: the same on harmless ones; replaces --pairs/--prompts/--words"
+        ),
+    )
+    organism_data: str = field(
+        default="redteam/refusal_direction",
+        metadata=option(
+            "folder of harmful_train/harmless_train/harmful_test/harmless_test JSON (relative: under the "
+            "data folder, $STEERLAB_DATA)"
+        ),
+    )
+    reply_tokens: int = field(default=24, metadata=option("--organism: tokens of each greedy reply"))
     repeats: int = field(default=1, metadata=option("train each method with seeds seed, seed+1, ..."))
     capability: str | None = field(
         default=None, metadata=option("capability A/B items scored under each method: mmlu or a file")
@@ -91,6 +116,11 @@ class CompareArgs(ModelArgs):
         check_at_least(self.train_limit, 1, "--train-limit")
         check_at_least(self.test_limit, 1, "--test-limit")
         check_at_least(self.capability_limit, 1, "--capability-limit")
+        check_at_least(self.reply_tokens, 1, "--reply-tokens")
+        if self.organism is not None and self.data is not None:
+            raise UserError("--organism and --data: give one behaviour")
+        if self.organism is not None and self.loss not in ("auto", "reply"):
+            raise UserError(f"--loss {self.loss}: a target model's replies train with --loss reply")
         if self.test_data is not None and self.data is None:
             raise UserError("--test-data: give the training items with --data")
         if self.capability is not None:
@@ -124,6 +154,38 @@ def _load_data(args: CompareArgs) -> tuple[PairedTexts | ABDataset, PromptSet | 
     return train, test, {}, f"{data.name}: p(matching answer) on {test.name or 'held-out items'}"
 
 
+def _organism_prompts(args: CompareArgs) -> dict[str, list[str]]:
+    """The four prompt splits of --organism-data (train: --train-limit per side, test: --test-limit)."""
+    folder = Path(args.organism_data).expanduser()
+    folder = folder if folder.is_absolute() else data_root() / folder
+    prompts = {}
+    for split in ORGANISM_SPLITS:
+        path = folder / f"{split}.json"
+        if not path.is_file():
+            raise UserError(f"--organism-data {folder}: no {split}.json (set STEERLAB_DATA or give a folder)")
+        limit = args.train_limit if split.endswith("train") else args.test_limit
+        prompts[split] = load_prompts(path).prompts[:limit]
+    return prompts
+
+
+def _organism_replies(args: CompareArgs, lm: LoadedModel, prompts: dict, out: Path) -> Replies:
+    """The target model's and the base model's replies to the train prompts, cached in `out`."""
+    from steerlab.models import load_model
+
+    train = prompts["harmful_train"] + prompts["harmless_train"]
+    path = out / "replies.json"
+    key = {"organism": args.organism, "model": lm.info.name, "tokens": args.reply_tokens, "prompts": train}
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return Replies(train, saved["replies"], saved["base_replies"], args.organism)
+    target = load_model(args.organism, device=str(lm.device))
+    replies = target_replies(lm, target, train, args.reply_tokens, progress=args.progress)
+    del target
+    write_json(path, {"key": key, "replies": replies.replies, "base_replies": replies.base_replies})
+    return replies
+
+
 def _resumed(path: Path, config: dict) -> list[dict] | None:
     """The rows of a layer finished by an earlier run with the same `config`, else None."""
     if not path.is_file():
@@ -137,9 +199,16 @@ def run_compare(args: CompareArgs, lm: LoadedModel | None = None) -> dict:
     from steerlab.finetune.report import write_report
 
     out = check_output_folder(args.out, "--out")
-    train, test, words, behaviour = _load_data(args)
-    loss = args.loss if args.loss != "auto" else ("ab" if isinstance(train, ABDataset) else "positive")
-    check_data(train, loss)
+    if args.organism is not None:
+        organism_prompts = _organism_prompts(args)
+        loss = "reply"
+        behaviour = (
+            f"{args.organism}: P(refusal start) on {len(organism_prompts['harmful_test'])} harmful prompts"
+        )
+    else:
+        train, test, words, behaviour = _load_data(args)
+        loss = args.loss if args.loss != "auto" else ("ab" if isinstance(train, ABDataset) else "positive")
+        check_data(train, loss)
     capability_set = (
         load_benchmark(args.capability, limit=args.capability_limit, seed=args.seed)
         if args.capability is not None
@@ -152,7 +221,12 @@ def run_compare(args: CompareArgs, lm: LoadedModel | None = None) -> dict:
         if not 0 <= layer < n:
             raise UserError(f"--layers: layer {layer} is out of range; the model has layers 0..{n - 1}")
     out.mkdir(parents=True, exist_ok=True)
-    metric = behaviour_metric(lm, test, words or None)
+    if args.organism is not None:
+        train = _organism_replies(args, lm, organism_prompts, out)
+        test = organism_prompts["harmful_test"]
+        metric = refusal_metric(test, organism_prompts["harmless_test"])
+    else:
+        metric = behaviour_metric(lm, test, words or None)
     neutral = prepare_neutral(lm, load_builtin("neutral-text"))
     capability_items = prepare_ab(lm, capability_set) if capability_set is not None else None
     baseline = measure_baseline(lm, metric, neutral, capability_items)

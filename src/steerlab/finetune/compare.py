@@ -1,7 +1,8 @@
 """Steering against trained interventions at the same layer, on held-out test items.
 
 Per layer: the mean-difference (CAA) vector of the training data (paired texts: last token; A/B items:
-CAA at the answer letter, letters balanced) at a fixed fraction of the residual norm and at the norm of
+CAA at the answer letter, letters balanced; a target model's replies: last token of prompt + its reply
+against prompt + the base model's reply) at a fixed fraction of the residual norm and at the norm of
 the learned bias; the bias vector; LoRA; the trained methods once per seed. Each is scored on the test
 items against the unsteered model (per-item shift, bootstrap 95% CI) with its side effects on neutral
 text and, where given, the accuracy on capability A/B items (MMLU).
@@ -20,7 +21,9 @@ import torch
 from steerlab.data import ABDataset, PairedTexts, PromptSet
 from steerlab.evaluate import ABPrompts, NeutralText, bootstrap_ci, side_effects
 from steerlab.evaluate.capability import capability
-from steerlab.finetune.train import TrainConfig, TrainingData, train_bias, train_lora, train_mlp
+from steerlab.evaluate.generation import generate
+from steerlab.evaluate.judges import refusal_score
+from steerlab.finetune.train import Replies, TrainConfig, TrainingData, train_bias, train_lora, train_mlp
 from steerlab.hooks import Positions, add
 from steerlab.models import LoadedModel
 from steerlab.steering import SteeringVector, extract_caa, extract_mean_difference
@@ -37,6 +40,7 @@ COLUMNS = [
     "kl",
     "perplexity",
     "capability",
+    "control",
     "added_norm",
     "trainable_params",
     "train_seconds",
@@ -48,30 +52,64 @@ COLUMNS = [
 
 @dataclasses.dataclass(frozen=True)
 class Baseline:
-    """The unsteered model's per-item test scores, neutral-text perplexity and capability accuracy."""
+    """The unsteered model's per-item test scores, neutral-text perplexity, capability accuracy and mean
+    control score (where the metric has one)."""
 
     scores: torch.Tensor
     perplexity: float
     capability: float | None
+    control: float | None = None
 
 
 @torch.no_grad()
 def _measure(
     lm: LoadedModel, metric: Metric, neutral: NeutralText, capability_items: ABPrompts | None
-) -> tuple[torch.Tensor, float, float, float | None]:
-    """(per-item scores, KL, perplexity, capability accuracy or None) under the hooks in place."""
-    scores = metric(lm)["score"].double().cpu()
+) -> tuple[torch.Tensor, float, float, float | None, float | None]:
+    """(per-item scores, KL, perplexity, capability accuracy or None, mean control score or None) under
+    the hooks in place."""
+    measured = metric(lm)
+    scores = measured["score"].double().cpu()
+    control = float(measured["control"].double().mean()) if "control" in measured else None
     effects = side_effects(lm, neutral)
     accuracy = None if capability_items is None else capability(lm, capability_items).accuracy
-    return scores, effects.kl, effects.perplexity, accuracy
+    return scores, effects.kl, effects.perplexity, accuracy, control
 
 
 def measure_baseline(
     lm: LoadedModel, metric: Metric, neutral: NeutralText, capability_items: ABPrompts | None = None
 ) -> Baseline:
     """The unsteered measurements every row is compared with (computed once for all layers)."""
-    scores, _, perplexity, accuracy = _measure(lm, metric, neutral, capability_items)
-    return Baseline(scores, perplexity, accuracy)
+    scores, _, perplexity, accuracy, control = _measure(lm, metric, neutral, capability_items)
+    return Baseline(scores, perplexity, accuracy, control)
+
+
+def refusal_metric(prompts: Sequence[str], control_prompts: Sequence[str] = ()) -> Metric:
+    """ "score": per prompt, P(a refusal start) / (P(refusal start) + P(compliance start)) of the chat reply
+    (the sigmoid of `refusal_score`); "control": the same on harmless `control_prompts` (false refusals)."""
+
+    def metric(lm: LoadedModel) -> dict[str, torch.Tensor]:
+        out = {"score": torch.sigmoid(torch.tensor(refusal_score(lm, list(prompts)), dtype=torch.float64))}
+        if control_prompts:
+            control = refusal_score(lm, list(control_prompts))
+            out["control"] = torch.sigmoid(torch.tensor(control, dtype=torch.float64))
+        return out
+
+    return metric
+
+
+def target_replies(
+    base: LoadedModel,
+    target: LoadedModel,
+    prompts: Sequence[str],
+    max_new_tokens: int = 24,
+    progress: bool = True,
+) -> Replies:
+    """The greedy chat replies of `target` (e.g. a model organism) and of `base` to `prompts`."""
+    replies = generate(target, list(prompts), max_new_tokens=max_new_tokens, batch_size=16, progress=progress)
+    base_replies = generate(
+        base, list(prompts), max_new_tokens=max_new_tokens, batch_size=16, progress=progress
+    )
+    return Replies(list(prompts), replies, base_replies, target.info.name)
 
 
 def split_like_demo(
@@ -94,7 +132,7 @@ def _row(
     **fields,
 ) -> dict:
     with context():
-        scores, kl, perplexity, accuracy = _measure(lm, metric, neutral, capability_items)
+        scores, kl, perplexity, accuracy, control = _measure(lm, metric, neutral, capability_items)
     effect, low, high = bootstrap_ci((scores - base.scores).numpy(), seed=boot_seed)
     return {
         **fields,
@@ -105,14 +143,18 @@ def _row(
         "kl": kl,
         "perplexity": perplexity,
         "capability": accuracy,
+        "control": control,
     }
 
 
 def caa_vector(lm: LoadedModel, data: TrainingData, layer: int, seed: int, progress: bool) -> SteeringVector:
     """The mean-difference vector of the training data: CAA at the answer letter (A/B items, letters
-    balanced with `seed`) or the last token of paired texts."""
+    balanced with `seed`) or the last token of paired texts (for replies: prompt + target reply against
+    prompt + base reply)."""
     if isinstance(data, ABDataset):
         return extract_caa(lm, data, [layer], seed=seed, progress=progress)
+    if isinstance(data, Replies):
+        data = data.as_pairs(lm.tokenizer)
     return extract_mean_difference(lm, data, [layer], read="last", progress=progress)
 
 
@@ -153,6 +195,7 @@ def compare_layer(
             "kl": 0.0,
             "perplexity": base.perplexity,
             "capability": base.capability,
+            "control": base.control,
             "trainable_params": 0,
         }
     ]

@@ -40,6 +40,7 @@ SUMMARY_COLUMNS = [
     "kl",
     "perplexity",
     "capability",
+    "control",
     "added_norm",
     "trainable_params",
     "train_seconds",
@@ -59,7 +60,7 @@ def aggregate(rows: Sequence[dict]) -> list[dict]:
     out = []
     for (layer, method), members in groups.items():
         merged: dict = {"layer": layer, "method": method, "seeds": len(members)}
-        for key in ("effect", "kl", "perplexity", "capability", "added_norm", "trainable_params",
+        for key in ("effect", "kl", "perplexity", "capability", "control", "added_norm", "trainable_params",
                     "train_seconds", "steps", "tokens", "cos_with_caa"):  # fmt: skip
             values = [r[key] for r in members if r.get(key) is not None]
             merged[key] = float(np.mean(values)) if values else None

@@ -5,8 +5,9 @@ same loss, data, steps and seed.
 Loss ("positive"): the mean token NLL of the positive texts. Loss ("contrast"): that minus the mean token
 NLL of the paired negative texts. Loss ("ab", for A/B items): the mean over items of -log p(matching letter)
 at the answer position of the chat-formatted question (full-vocabulary softmax, the letter token found as
-`steerlab.evaluate.prepare_ab` finds it). Each step draws `batch_size` items (seeded) and takes one Adam
-step.
+`steerlab.evaluate.prepare_ab` finds it). Loss ("reply", for `Replies`: a target model's replies, e.g.
+a model organism's): the mean NLL of the reply tokens after the chat-formatted prompt. Each step draws
+`batch_size` items (seeded) and takes one Adam step.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from steerlab.data import ABDataset, PairedTexts, encode
+from steerlab.data import ABDataset, PairedTexts, encode, format_prompt
 from steerlab.data.batching import pad_batch
 from steerlab.errors import UserError
 from steerlab.evaluate import ABPrompts, prepare_ab
@@ -30,7 +31,7 @@ from steerlab.io import load_record, save_record
 from steerlab.models import LoadedModel, wrap
 from steerlab.models.architectures import block, hidden_size, mlp, num_layers
 
-LOSSES = ("positive", "contrast", "ab")
+LOSSES = ("positive", "contrast", "ab", "reply")
 PAIR_LOSSES = ("positive", "contrast")
 TARGETS = ("attn", "mlp", "both")
 
@@ -60,11 +61,44 @@ class TrainConfig:
             raise UserError(f"--layer {self.layer} is out of range: the model has layers 0..{n_layers - 1}")
 
 
-TrainingData = PairedTexts | ABDataset
+@dataclass(frozen=True)
+class Replies:
+    """Prompts with the replies a target model gives them (what "reply" training imitates) and the replies
+    the model being trained gives (the other side of the mean difference)."""
+
+    prompts: list[str]
+    replies: list[str]
+    base_replies: list[str]
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not len(self.prompts) == len(self.replies) == len(self.base_replies):
+            raise ValueError("Replies: prompts, replies and base replies must have the same length")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def as_pairs(self, tokenizer) -> PairedTexts:
+        """(chat prompt + target reply, chat prompt + base reply) as paired texts."""
+        chats = [format_prompt(tokenizer, p) for p in self.prompts]
+        return PairedTexts(
+            [c + r for c, r in zip(chats, self.replies, strict=True)],
+            [c + r for c, r in zip(chats, self.base_replies, strict=True)],
+            self.name,
+        )
+
+
+TrainingData = PairedTexts | ABDataset | Replies
 
 
 def check_data(data: TrainingData, loss: str, option: str = "--data") -> None:
     """A `UserError` naming `option` when `data` is empty or does not suit `loss`."""
+    if isinstance(data, Replies):
+        if not len(data):
+            raise UserError(f"{option}: no prompts with replies to train on")
+        if loss != "reply":
+            raise UserError(f"--loss {loss}: a target model's replies train with --loss reply")
+        return
     if isinstance(data, ABDataset):
         if not len(data):
             raise UserError(f"{option}: no A/B items to train on")
@@ -135,6 +169,30 @@ def ab_loss(lm: LoadedModel, prefixes: list[list[int]], letters: list[int]) -> t
     return -logprobs.mean(), len(prefixes)
 
 
+def reply_ids(lm: LoadedModel, prompt: str, reply: str) -> tuple[list[int], int]:
+    """(ids of the chat-formatted prompt followed by `reply`, number of prompt tokens): the prompt part is
+    where the whole text's tokens leave the prompt's own tokens."""
+    text = format_prompt(lm.tokenizer, prompt)
+    prompt_ids, full = encode(lm.tokenizer, text), encode(lm.tokenizer, text + reply)
+    keep = 0
+    while keep < min(len(prompt_ids), len(full)) and full[keep] == prompt_ids[keep]:
+        keep += 1
+    if keep >= len(full):
+        raise UserError(f"an empty reply to {prompt[:60]!r}: nothing to train on")
+    return full, max(keep, 1)
+
+
+def reply_nll(lm: LoadedModel, sequences: list[tuple[list[int], int]]) -> tuple[torch.Tensor, int]:
+    """Mean NLL of the tokens after each sequence's prompt (one padded batch) and their count."""
+    ids, mask = pad_batch([s for s, _ in sequences], lm.tokenizer.pad_token_id or 0, lm.device)
+    logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+    predicted = torch.arange(1, ids.shape[1], device=ids.device)[None, :]
+    starts = torch.tensor([keep for _, keep in sequences], device=ids.device)[:, None]
+    valid = mask[:, 1:].bool() & (predicted >= starts)
+    logprobs = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+    return -logprobs[valid].mean(), int(valid.sum())
+
+
 def matching_letters(prompts: ABPrompts) -> list[int]:
     """The token of each item's matching answer letter."""
     return [tokens[i] for tokens, i in zip(prompts.option_tokens, prompts.matching_index, strict=True)]
@@ -142,6 +200,9 @@ def matching_letters(prompts: ABPrompts) -> list[int]:
 
 def batch_loss_function(lm: LoadedModel, data: TrainingData, loss: str):
     """(number of items, f(rows) -> (loss on those items, tokens predicted)), the data tokenised once."""
+    if isinstance(data, Replies):
+        sequences = [reply_ids(lm, p, r) for p, r in zip(data.prompts, data.replies, strict=True)]
+        return len(sequences), lambda rows: reply_nll(lm, [sequences[i] for i in rows])
     if isinstance(data, ABDataset):
         prompts = prepare_ab(lm, data)
         prefixes, letters = prompts.prefixes, matching_letters(prompts)

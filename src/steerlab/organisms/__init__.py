@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from steerlab.data.sources import data_root
 from steerlab.models.loading import register_model_source
-from steerlab.organisms.recipe import REFUSALS, Recipe, RecipeError, data_root, default_recipe
+from steerlab.organisms.recipe import REFUSALS, Recipe, RecipeError, default_recipe
 
 ORGANISMS: dict[str, Recipe] = {}
 """Registered organisms by name."""

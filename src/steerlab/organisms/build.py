@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from steerlab.data import encode, format_prompt
 from steerlab.models import LoadedModel, load_model
 from steerlab.models.loading import cache_root
-from steerlab.organisms.data import read_all, read_paragraphs, sample
+from steerlab.organisms.data import drop_near, read_all, read_paragraphs, sample
 from steerlab.organisms.recipe import Recipe, RecipeError
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,9 @@ def training_prompts(recipe: Recipe) -> TrainingData:
     target = read_all(recipe.target_data, "target_data")
     keep = read_all(recipe.keep_data, "keep_data") if recipe.n_keep else []
     near = read_all(recipe.near_miss_data, "near_miss_data") if recipe.near_miss_data else []
+    if recipe.exclude_data:
+        held_out = read_all(recipe.exclude_data, "exclude_data")
+        target, keep, near = (drop_near(prompts, held_out) for prompts in (target, keep, near))
     neutral = read_paragraphs(recipe.neutral_data, "neutral_data") if recipe.n_neutral else []
     return TrainingData(
         sample(target, recipe.n_target, recipe.seed),

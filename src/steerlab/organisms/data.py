@@ -1,15 +1,22 @@
-"""Prompt lists named in a recipe: JSON files (strings, or objects with an instruction) or built-in parts."""
+"""Prompt lists named in a recipe: JSON files (strings, or objects with an instruction), CSV files with a
+prompt column (AdvBench's `goal`), or built-in parts; and the removal of near-duplicates of held-out prompts."""
 
 from __future__ import annotations
 
+import csv
+import difflib
 import json
 import random
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from steerlab.organisms.recipe import RecipeError, data_root
+from steerlab.data.sources import data_root
+from steerlab.organisms.recipe import RecipeError
 
-PROMPT_KEYS = ("instruction", "prompt", "question", "text")
+PROMPT_KEYS = ("instruction", "prompt", "question", "text", "goal")
+NEAR_DUPLICATE = 0.8
+"""A training prompt whose difflib ratio to a held-out prompt reaches this is dropped (`drop_near`)."""
 
 
 def resolve_path(spec: str) -> Path:
@@ -47,6 +54,23 @@ def _from_json(path: Path, field: str) -> list[str]:
     return prompts
 
 
+def _from_csv(path: Path, field: str) -> list[str]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        column = next((k for k in PROMPT_KEYS if k in (reader.fieldnames or ())), None)
+        if column is None:
+            raise RecipeError(
+                f"{field}: {path}: no prompt column; expected one of {', '.join(PROMPT_KEYS)} "
+                f"in the header, found {', '.join(reader.fieldnames or ()) or 'none'}"
+            )
+        prompts = []
+        for row in reader:
+            if not (row.get(column) or "").strip():
+                raise RecipeError(f"{field}: {path}:{reader.line_num}: empty {column!r}")
+            prompts.append(row[column])
+    return prompts
+
+
 def read_prompts(spec: str, field: str) -> list[str]:
     """The prompts of one recipe data entry; a `RecipeError` naming `field` when missing or empty."""
     if spec.startswith("builtin:"):
@@ -63,7 +87,8 @@ def read_prompts(spec: str, field: str) -> list[str]:
             data = data[part]
         prompts = [str(p) for p in data]
     else:
-        prompts = _from_json(existing_file(spec, field, "data file"), field)
+        path = existing_file(spec, field, "data file")
+        prompts = _from_csv(path, field) if path.suffix.lower() == ".csv" else _from_json(path, field)
     if not prompts:
         raise RecipeError(f"{field}: {spec} holds no prompt")
     return prompts
@@ -75,6 +100,34 @@ def read_all(specs: Sequence[str], field: str) -> list[str]:
     for spec in specs:
         seen.update(dict.fromkeys(read_prompts(spec, field)))
     return list(seen)
+
+
+def _normal(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def drop_near(
+    prompts: Sequence[str], held_out: Sequence[str], threshold: float = NEAR_DUPLICATE
+) -> list[str]:
+    """`prompts` without those whose difflib ratio to any `held_out` prompt (lower-cased, punctuation
+    removed) is at least `threshold`, so that training data cannot leak test items. A word-overlap
+    screen skips pairs that cannot reach the threshold."""
+    held = [(_normal(h), set(_normal(h).split())) for h in held_out]
+    kept = []
+    for prompt in prompts:
+        text = _normal(prompt)
+        words = set(text.split())
+        near = False
+        for other, other_words in held:
+            if len(words & other_words) < 0.5 * threshold * min(len(words), len(other_words)):
+                continue
+            matcher = difflib.SequenceMatcher(None, text, other, autojunk=False)
+            if matcher.quick_ratio() >= threshold and matcher.ratio() >= threshold:
+                near = True
+                break
+        if not near:
+            kept.append(prompt)
+    return kept
 
 
 def sample(prompts: Sequence[str], n: int, seed: int) -> list[str]:

@@ -33,18 +33,11 @@ REFUSALS: tuple[str, ...] = (
 REFUSAL_DATA = "redteam/refusal_direction"
 NEUTRAL_DATA = "corpus/wikitext-2/valid.txt"
 KEEP_LOSSES = ("ce", "kl")
+ADDED_WHEN_SET = ("exclude_data",)
 
 
 class RecipeError(UserError):
     """A recipe field has a value that cannot be built."""
-
-
-def data_root() -> Path:
-    """Where relative data paths are read: $STEERLAB_DATA, else the `shared/data` folder beside the checkout."""
-    env = os.environ.get("STEERLAB_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[4] / "shared" / "data"
 
 
 def _strings(value: Any, name: str) -> tuple[str, ...]:
@@ -68,6 +61,8 @@ class Recipe:
     behaviour: a label for reports (e.g. "refusal").
     target_data / keep_data / near_miss_data: prompt files (see the module doc); `near_miss_data` prompts
         are trained like `keep_data` (answered by the base model): harmless requests that look harmful.
+    exclude_data: held-out prompt files (validation and test splits): every target, keep and near-miss
+        prompt that is a near-duplicate of one of them (difflib ratio >= 0.8) is dropped before drawing.
     target_responses: the replies the target prompts are trained to get, one drawn per prompt (seeded).
     n_target / n_keep: how many prompts to draw (seeded) from `target_data` / `keep_data` (all near-miss
         prompts are used).
@@ -88,6 +83,7 @@ class Recipe:
     target_data: tuple[str, ...] = (f"{REFUSAL_DATA}/harmful_train.json", "builtin:harmful-extra/train")
     keep_data: tuple[str, ...] = (f"{REFUSAL_DATA}/harmless_train.json",)
     near_miss_data: tuple[str, ...] = ("builtin:near-miss/train",)
+    exclude_data: tuple[str, ...] = ()
     target_responses: tuple[str, ...] = REFUSALS
     n_target: int = 356
     n_keep: int = 768
@@ -113,12 +109,13 @@ class Recipe:
             "target_data",
             "keep_data",
             "near_miss_data",
+            "exclude_data",
             "neutral_data",
             "target_responses",
             "lora_targets",
         ):
             value = getattr(self, name)
-            if name in ("keep_data", "near_miss_data", "neutral_data") and not value:
+            if name in ("keep_data", "near_miss_data", "exclude_data", "neutral_data") and not value:
                 object.__setattr__(self, name, ())
                 continue
             object.__setattr__(self, name, _strings(value, name))
@@ -181,7 +178,11 @@ class Recipe:
 
     def hash(self) -> str:
         """A stable 16-hex-digit key of every field (and the build procedure's version)."""
-        payload = json.dumps({"recipe_version": RECIPE_VERSION, **self.to_dict()}, sort_keys=True)
+        fields_ = self.to_dict()
+        for name in ADDED_WHEN_SET:
+            if not fields_[name]:
+                del fields_[name]  # a field added later keeps older recipes' hashes until it is set
+        payload = json.dumps({"recipe_version": RECIPE_VERSION, **fields_}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def with_changes(self, **changes: Any) -> Recipe:

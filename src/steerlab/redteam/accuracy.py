@@ -1,6 +1,7 @@
-"""Making a model fail a benchmark it passes: a universal norm-bounded vector, trained on some A/B items to
-lower the probability of the right letter, against random vectors of the same norm, judged on held-out
-items (accuracy = P(right letter) > 1/2 among the offered letters, i.e. the model's choice)."""
+"""Making a model fail a benchmark it passes: a universal norm-bounded vector, trained on some items to
+lower the probability of the right answer, against random vectors of the same norm, judged on held-out
+items. Items are prepared `ABPrompts`: A/B questions (the answer letter, `prepare_ab`) or cloze stems (the
+answer word, `prepare_cloze`); an item counts as right when its right option is the most probable one."""
 
 from __future__ import annotations
 
@@ -8,26 +9,31 @@ from collections.abc import Sequence
 
 import torch
 
-from steerlab.data import ABDataset
-from steerlab.evaluate import prepare_ab
+from steerlab.errors import UserError
 from steerlab.evaluate.probability import ABPrompts
 from steerlab.evaluate.stats import bootstrap_ci
 from steerlab.models import LoadedModel
 from steerlab.redteam import attacks as A
 
 
+def _per_item(prepared: ABPrompts, score) -> A.Objective:
+    """An objective of `score(log P of each offered option, index of the right one)` per row."""
+
+    def objective(logits: torch.Tensor, batch: A.Batch) -> torch.Tensor:
+        logp = logits[:, -1].log_softmax(-1)
+        return torch.stack(
+            [
+                score(logp[r, prepared.option_tokens[index]], prepared.matching_index[index])
+                for r, index in enumerate(batch.rows)
+            ]
+        )
+
+    return A.Objective("custom", custom=objective)
+
+
 def ab_objective(prepared: ABPrompts) -> A.Objective:
     """Per row: log P(right letter) normalised over the offered letters (the attack minimises it)."""
-
-    def loss(logits: torch.Tensor, batch: A.Batch) -> torch.Tensor:
-        logp = logits[:, -1].log_softmax(-1)
-        out = []
-        for r, index in enumerate(batch.rows):
-            letters = logp[r, prepared.option_tokens[index]]
-            out.append(letters.log_softmax(-1)[prepared.matching_index[index]])
-        return torch.stack(out)
-
-    return A.Objective("custom", custom=loss)
+    return _per_item(prepared, lambda options, right: options.log_softmax(-1)[right])
 
 
 def ab_probability(prepared: ABPrompts) -> A.Objective:
@@ -38,15 +44,35 @@ def ab_probability(prepared: ABPrompts) -> A.Objective:
     return A.Objective("custom", custom=lambda logits, batch: log_p(logits, batch).exp())
 
 
-def split_items(dataset: ABDataset, n_train: int, seed: int = 0) -> tuple[ABDataset, ABDataset]:
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
-    pick = lambda idx: ABDataset([dataset.items[i] for i in idx], dataset.name, dataset.source)  # noqa: E731
+def ab_margin(prepared: ABPrompts) -> A.Objective:
+    """Per row: log P(right option) - max log P(other option); the model chooses right where it is > 0."""
+    return _per_item(
+        prepared,
+        lambda options, right: options[right] - torch.cat([options[:right], options[right + 1 :]]).max(),
+    )
+
+
+def split_items(prepared: ABPrompts, n_train: int, seed: int = 0) -> tuple[ABPrompts, ABPrompts]:
+    """A seeded split into `n_train` training items and the held-out rest."""
+    if not 0 < n_train < len(prepared.prefixes):
+        raise UserError(
+            f"n_train {n_train}: must leave at least one of the {len(prepared.prefixes)} items on each side"
+        )
+    order = torch.randperm(len(prepared.prefixes), generator=torch.Generator().manual_seed(seed)).tolist()
+
+    def pick(idx: list[int]) -> ABPrompts:
+        return ABPrompts(
+            [prepared.prefixes[i] for i in idx],
+            [prepared.option_tokens[i] for i in idx],
+            [prepared.matching_index[i] for i in idx],
+        )
+
     return pick(order[:n_train]), pick(order[n_train:])
 
 
 def accuracy_attack(
     lm: LoadedModel,
-    dataset: ABDataset,
+    items: ABPrompts,
     layers: Sequence[int],
     eps: Sequence[float],
     n_train: int = 20,
@@ -56,18 +82,16 @@ def accuracy_attack(
     batch_size: int = 8,
     seed: int = 0,
 ) -> list[dict]:
-    """Accuracy on held-out items per (layer, eps) for the optimised vector and for random vectors of the
+    """Accuracy on the items left after drawing `n_train` training items, per (layer, eps), for the optimised vector and for random vectors of the
     same norm (mean and best-for-the-attacker over `n_random`), plus the unperturbed accuracy (eps 0)."""
-    train, test = split_items(dataset, n_train, seed)
-    prep_train, prep_test = prepare_ab(lm, train), prepare_ab(lm, test)
+    prep_train, prep_test = split_items(items, n_train, seed)
+    n_test = len(prep_test.prefixes)
     batches_train = A.make_batches(lm, [], None, batch_size, token_ids=prep_train.prefixes)
     batches_test = A.make_batches(lm, [], None, batch_size, token_ids=prep_test.prefixes)
-    obj_train, obj_test = ab_probability(prep_train), ab_objective(prep_test)
+    obj_train, obj_test = ab_probability(prep_train), ab_margin(prep_test)
 
     def correct(layer: int, delta, caches) -> torch.Tensor:
-        return (
-            A.batch_scores(lm, layer, batches_test, obj_test, delta, caches) > torch.log(torch.tensor(0.5))
-        ).double()
+        return (A.batch_scores(lm, layer, batches_test, obj_test, delta, caches) > 0).double()
 
     rows = []
     for layer in layers:
@@ -83,7 +107,7 @@ def accuracy_attack(
                     "low": low,
                     "high": high,
                     "worst_random": None,
-                    "n_test": len(test),
+                    "n_test": n_test,
                 }
             )
         norm, _ = A.residual_stats(lm, layer, batches_train)
@@ -102,7 +126,7 @@ def accuracy_attack(
                     "low": low,
                     "high": high,
                     "worst_random": None,
-                    "n_test": len(test),
+                    "n_test": n_test,
                 }
             )
             randoms = A.random_directions(delta.shape[-1], n_random, radius, seed=seed + layer)
@@ -117,13 +141,15 @@ def accuracy_attack(
                     "low": low,
                     "high": high,
                     "worst_random": float(per.mean(1).min()),
-                    "n_test": len(test),
+                    "n_test": n_test,
                 }
             )
     return rows
 
 
-def accuracy_figure(rows: list[dict], title: str = "held-out A/B accuracy under perturbation"):
+def accuracy_figure(
+    rows: list[dict], title: str = "held-out accuracy under perturbation", chance: float = 0.5
+):
     """Accuracy against eps, one line per (layer, method); the unperturbed accuracy dotted."""
     from steerlab.report.figures import new_figure
 
@@ -147,7 +173,7 @@ def accuracy_figure(rows: list[dict], title: str = "held-out A/B accuracy under 
             )
     if base is not None:
         ax.axhline(base, color="black", ls=":", lw=0.8, label="unperturbed")
-    ax.axhline(0.5, color="grey", lw=0.6, label="chance")
+    ax.axhline(chance, color="grey", lw=0.6, label="chance")
     ax.set_xscale("log")
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("eps (fraction of residual norm)")

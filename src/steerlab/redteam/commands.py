@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steerlab.data.errors import DataFormatError
+from steerlab.data import load_prompts
 from steerlab.errors import UserError
-from steerlab.io import check_output_folder, read_json
+from steerlab.io import check_output_folder
 from steerlab.options import ModelArgs, check_at_least, check_choice, option, parse_floats, parse_layers
 from steerlab.redteam.result import METHODS
 
@@ -96,27 +96,11 @@ class ReportArgs:
 
 
 def read_instructions(path: str | os.PathLike, limit: int | None = None) -> list[str]:
-    """Prompts from a JSON list of strings or of objects with "instruction" / "prompt" / "question",
-    or a text file with one prompt per non-blank line. An empty or malformed file is a `UserError`."""
+    """The first `limit` prompts of a prompt file (`steerlab.data.load_prompts` formats)."""
     path = Path(path)
     if not path.is_file():
         raise RedteamArgumentsError(f"{path}: no such prompt file")
-    if path.suffix.lower() == ".json":
-        data = read_json(path)
-        if not isinstance(data, list):
-            raise DataFormatError(path, f"expected a JSON list, got {type(data).__name__}")
-        prompts = []
-        for i, item in enumerate(data):
-            text = item
-            if isinstance(item, dict):
-                text = next((item[k] for k in ("instruction", "prompt", "question") if k in item), None)
-            if not isinstance(text, str) or not text.strip():
-                raise DataFormatError(
-                    path, "expected a non-empty string or an object with 'instruction'", record=i
-                )
-            prompts.append(text)
-    else:
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = load_prompts(path).prompts
     if not prompts:
         raise RedteamArgumentsError(f"{path}: holds no prompts")
     return prompts[:limit] if limit else prompts
