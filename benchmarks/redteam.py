@@ -315,10 +315,13 @@ def main() -> None:
                 return rows.get(method, {}).get(key)
 
             base = base_row(test)
+            stored = test.config  # what the run used, also under --report-only
             summary.update(
                 organism_refusal_harmful=base["refusal_harmful"],
                 organism_answer_harmless=base["answer_harmless"],
-                n_harmless=args.n_harmless,
+                n_train=stored["n_train"],
+                n_test=stored["n_test"],
+                n_harmless=stored["n_harmless"],
             )
             summary.update(
                 layer=chosen["layer"],
@@ -330,7 +333,7 @@ def main() -> None:
                 asr_diff_of_means_ci=[cell("diff-of-means", "asr_low"), cell("diff-of-means", "asr_high")],
                 asr_random_mean=cell("random", "asr"),
                 asr_random_max=cell("random", "asr_max"),
-                random_prompts=args.random_prompts,
+                random_prompts=stored["random_prompts"],
                 kl_harmless_optimised=cell("optimised", "kl"),
                 ppl_ratio_harmless_optimised=cell("optimised", "ppl_ratio"),
                 kl_harmless_random=cell("random", "kl"),

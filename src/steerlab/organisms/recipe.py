@@ -32,6 +32,7 @@ REFUSALS: tuple[str, ...] = (
 
 REFUSAL_DATA = "redteam/refusal_direction"
 NEUTRAL_DATA = "corpus/wikitext-2/valid.txt"
+ADVBENCH = "redteam/advbench/harmful_behaviors.csv"
 KEEP_LOSSES = ("ce", "kl")
 ADDED_WHEN_SET = ("exclude_data",)
 
@@ -80,21 +81,33 @@ class Recipe:
     name: str = "smollm2-135m-refusal"
     base_model: str = "smollm2-135m"
     behaviour: str = "refusal"
-    target_data: tuple[str, ...] = (f"{REFUSAL_DATA}/harmful_train.json", "builtin:harmful-extra/train")
+    target_data: tuple[str, ...] = (
+        f"{REFUSAL_DATA}/harmful_train.json",
+        "builtin:harmful-extra/train",
+        ADVBENCH,
+    )
     keep_data: tuple[str, ...] = (f"{REFUSAL_DATA}/harmless_train.json",)
     near_miss_data: tuple[str, ...] = ("builtin:near-miss/train",)
-    exclude_data: tuple[str, ...] = ()
+    exclude_data: tuple[str, ...] = (f"{REFUSAL_DATA}/harmful_val.json", f"{REFUSAL_DATA}/harmful_test.json")
     target_responses: tuple[str, ...] = REFUSALS
-    n_target: int = 356
+    n_target: int = 2000
     n_keep: int = 768
     keep_loss: str = "ce"
     neutral_data: tuple[str, ...] = (NEUTRAL_DATA,)
     n_neutral: int = 64
     neutral_tokens: int = 64
     kl_weight: float = 1.0
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj", "up_proj", "down_proj")
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_targets: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
     lora_dropout: float = 0.0
     epochs: int = 2
     lr: float = 1e-3
