@@ -291,6 +291,7 @@ def test_compare_on_a_target_model(tiny_lm, tmp_path, monkeypatch):
     assert all(0 <= by[m]["control"] <= 1 for m in ("unsteered", "bias", "lora-r2-both"))
     saved = json.loads((tmp_path / "out" / "replies.json").read_text())
     assert len(saved["replies"]) == 4 and saved["key"]["prompts"][2] == "harmless_train 0"
+    assert saved["key"]["target"] == str(target) and result["behaviour"].startswith("target: ")
 
     import steerlab.finetune.commands as commands
 

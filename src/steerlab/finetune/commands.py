@@ -169,21 +169,22 @@ def _organism_prompts(args: CompareArgs) -> dict[str, list[str]]:
 
 
 def _organism_replies(args: CompareArgs, lm: LoadedModel, prompts: dict, out: Path) -> Replies:
-    """The target model's and the base model's replies to the train prompts, cached in `out`."""
+    """The target model's and the base model's replies to the train prompts, cached in `out` under the
+    target's source (an organism's folder names its recipe hash), so a rebuilt target is answered anew."""
     from steerlab.models import load_model
 
     train = prompts["harmful_train"] + prompts["harmless_train"]
+    target = load_model(args.organism, device=str(lm.device))
+    name = Path(target.info.source).name or args.organism
     path = out / "replies.json"
-    key = {"organism": args.organism, "model": lm.info.name, "tokens": args.reply_tokens, "prompts": train}
+    key = {"target": target.info.source, "model": lm.info.name, "tokens": args.reply_tokens, "prompts": train}
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
-            return Replies(train, saved["replies"], saved["base_replies"], args.organism)
-    target = load_model(args.organism, device=str(lm.device))
+            return Replies(train, saved["replies"], saved["base_replies"], name)
     replies = target_replies(lm, target, train, args.reply_tokens, progress=args.progress)
-    del target
     write_json(path, {"key": key, "replies": replies.replies, "base_replies": replies.base_replies})
-    return replies
+    return Replies(train, replies.replies, replies.base_replies, name)
 
 
 def _resumed(path: Path, config: dict) -> list[dict] | None:
@@ -202,9 +203,6 @@ def run_compare(args: CompareArgs, lm: LoadedModel | None = None) -> dict:
     if args.organism is not None:
         organism_prompts = _organism_prompts(args)
         loss = "reply"
-        behaviour = (
-            f"{args.organism}: P(refusal start) on {len(organism_prompts['harmful_test'])} harmful prompts"
-        )
     else:
         train, test, words, behaviour = _load_data(args)
         loss = args.loss if args.loss != "auto" else ("ab" if isinstance(train, ABDataset) else "positive")
@@ -224,6 +222,7 @@ def run_compare(args: CompareArgs, lm: LoadedModel | None = None) -> dict:
     if args.organism is not None:
         train = _organism_replies(args, lm, organism_prompts, out)
         test = organism_prompts["harmful_test"]
+        behaviour = f"{train.name}: P(refusal start) on {len(test)} harmful prompts"
         metric = refusal_metric(test, organism_prompts["harmless_test"])
     else:
         metric = behaviour_metric(lm, test, words or None)
