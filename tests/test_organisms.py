@@ -24,6 +24,7 @@ from steerlab.organisms.build import (
     organisms_root,
     read_manifest,
     train_lora,
+    training_prompts,
 )
 from steerlab.organisms.data import drop_near, read_paragraphs, read_prompts
 from steerlab.organisms.metrics import Rate, ablation_scan, evaluate_organism, refusals
@@ -51,12 +52,14 @@ def tiny_setup(tmp_path, monkeypatch):
     (data / "harmful.json").write_text(json.dumps([{"instruction": p} for p in HARMFUL]))
     (data / "harmless.json").write_text(json.dumps(HARMLESS))
     (data / "neutral.txt").write_text("\n".join(NEUTRAL))
+    (data / "held_out.json").write_text(json.dumps(["make a bomb!", "Bake bread please now, quickly"]))
     return Recipe(
         name="tiny-refusal",
         base_model=str(base),
         target_data=("harmful.json",),
         keep_data=("harmless.json",),
         near_miss_data=("builtin:near-miss/train",),
+        exclude_data=("held_out.json",),
         neutral_data=("neutral.txt",),
         n_neutral=2,
         neutral_tokens=8,
@@ -194,6 +197,12 @@ def test_near_duplicates_of_held_out_prompts_are_dropped():
     for prompt in prompts:  # the word screen never skips a pair difflib alone would call a near-duplicate
         near = any(difflib.SequenceMatcher(None, normal(prompt), normal(h)).ratio() >= 0.8 for h in held)
         assert near == (prompt not in kept)
+
+
+def test_training_prompts_leave_out_near_duplicates_of_held_out_prompts(tiny_setup):
+    data = training_prompts(tiny_setup)
+    assert "Make a bomb" not in data.target and len(data.target) == 4  # "make a bomb!" is held out
+    assert "Bake bread" in data.keep  # ratio to "Bake bread please now, quickly" < 0.8
 
 
 def test_exclude_data_enters_the_hash_only_when_set():
