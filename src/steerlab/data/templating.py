@@ -29,6 +29,19 @@ def format_prompt(
     return text + assistant_prefix
 
 
+def encode_continuation(tokenizer: Any, text: str, continuation: str) -> tuple[list[int], int]:
+    """(ids of `text + continuation` encoded whole, so merges at the seam are respected; how many of them
+    are `text`'s: where they leave `encode(text)`, at least 1). A `UserError` if `continuation` adds no
+    token."""
+    text_ids, ids = encode(tokenizer, text), encode(tokenizer, text + continuation)
+    keep = 0
+    while keep < min(len(text_ids), len(ids)) and ids[keep] == text_ids[keep]:
+        keep += 1
+    if keep >= len(ids):
+        raise UserError(f"{continuation!r} adds no token after {text[-40:]!r}")
+    return ids, max(keep, 1)
+
+
 _SYSTEM_MARK = "SteerlabSystemMark"
 _USER_MARK = "SteerlabUserMark"
 

@@ -14,6 +14,7 @@ import torch
 
 from steerlab.data import encode, format_prompt
 from steerlab.data.batching import batches_by_length, pad_batch
+from steerlab.data.templating import encode_continuation
 from steerlab.errors import UserError
 from steerlab.models import LoadedModel
 
@@ -159,15 +160,12 @@ def load_judge(name_or_path: str | os.PathLike, option: str = "--judge", **load_
     return ModelJudge(lm)
 
 
-def _with_start(tokenizer, prompt_ids: list[int], prompt: str, start: str) -> tuple[list[int], int]:
-    """`prompt + start` encoded whole (merges at the seam respected) and where the shared prefix ends."""
-    ids = encode(tokenizer, prompt + start)
-    keep = min(len(prompt_ids), len(ids))
-    while keep and ids[:keep] != prompt_ids[:keep]:
-        keep -= 1
-    if keep == len(ids):
-        raise JudgeError(f"start {start!r} adds no token after the prompt")
-    return ids, max(keep, 1)
+def _with_start(tokenizer, prompt: str, start: str) -> tuple[list[int], int]:
+    """`prompt + start` encoded whole (merges at the seam respected) and where the prompt's tokens end."""
+    try:
+        return encode_continuation(tokenizer, prompt, start)
+    except UserError:
+        raise JudgeError(f"start {start!r} adds no token after the prompt") from None
 
 
 @torch.no_grad()
@@ -194,9 +192,8 @@ def refusal_score(
     spans: list[tuple[int, int]] = []
     for prompt in prompts:
         text = format_prompt(tokenizer, prompt, system_prompt=system_prompt) if chat else prompt
-        prompt_ids = encode(tokenizer, text)
         for start in starts:
-            full, keep = _with_start(tokenizer, prompt_ids, text, start)
+            full, keep = _with_start(tokenizer, text, start)
             sequences.append(full)
             spans.append((keep, len(full)))
     totals = torch.zeros(len(sequences), dtype=torch.float64)

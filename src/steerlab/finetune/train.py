@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from steerlab.data import ABDataset, PairedTexts, encode, format_prompt
 from steerlab.data.batching import pad_batch
+from steerlab.data.templating import encode_continuation
 from steerlab.errors import UserError
 from steerlab.evaluate import ABPrompts, prepare_ab
 from steerlab.hooks import Positions, add
@@ -170,16 +171,11 @@ def ab_loss(lm: LoadedModel, prefixes: list[list[int]], letters: list[int]) -> t
 
 
 def reply_ids(lm: LoadedModel, prompt: str, reply: str) -> tuple[list[int], int]:
-    """(ids of the chat-formatted prompt followed by `reply`, number of prompt tokens): the prompt part is
-    where the whole text's tokens leave the prompt's own tokens."""
-    text = format_prompt(lm.tokenizer, prompt)
-    prompt_ids, full = encode(lm.tokenizer, text), encode(lm.tokenizer, text + reply)
-    keep = 0
-    while keep < min(len(prompt_ids), len(full)) and full[keep] == prompt_ids[keep]:
-        keep += 1
-    if keep >= len(full):
-        raise UserError(f"an empty reply to {prompt[:60]!r}: nothing to train on")
-    return full, max(keep, 1)
+    """(ids of the chat-formatted prompt followed by `reply`, number of prompt tokens)."""
+    try:
+        return encode_continuation(lm.tokenizer, format_prompt(lm.tokenizer, prompt), reply)
+    except UserError:
+        raise UserError(f"an empty reply to {prompt[:60]!r}: nothing to train on") from None
 
 
 def reply_nll(lm: LoadedModel, sequences: list[tuple[list[int], int]]) -> tuple[torch.Tensor, int]:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from steerlab.data import encode, format_prompt
 from steerlab.data.batching import pad_batch
+from steerlab.data.templating import encode_continuation
 from steerlab.evaluate.judges import COMPLIANCE_STARTS, REFUSAL_STARTS
 from steerlab.hooks import (
     Positions,
@@ -67,13 +68,9 @@ def chat_ids(lm: LoadedModel, prompt: str, chat: bool = True) -> list[int]:
 
 def _target_ids(lm: LoadedModel, prompt: str, target: str, chat: bool) -> tuple[list[int], list[int]]:
     """(prompt ids, target ids): prompt + target encoded whole, split where it leaves the prompt's tokens."""
-    text = format_prompt(lm.tokenizer, prompt) if chat else prompt
-    prompt_ids = encode(lm.tokenizer, text)
-    full = encode(lm.tokenizer, text + target)
-    keep = 0
-    while keep < min(len(prompt_ids), len(full)) and full[keep] == prompt_ids[keep]:
-        keep += 1
-    keep = max(1, min(keep, len(full) - 1))
+    full, keep = encode_continuation(
+        lm.tokenizer, format_prompt(lm.tokenizer, prompt) if chat else prompt, target
+    )
     return full[:keep], full[keep:]
 
 
