@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from steerlab.data import ABDataset, PairedTexts, PromptSet, list_builtin, load_builtin
+from steerlab.organisms.data import drop_near
 
 NAMES = [
     "sentiment",
@@ -112,6 +113,8 @@ def test_near_miss_has_disjoint_train_val_and_test_parts():
     seen = [text for part in parts.values() for text in part]
     assert len(seen) == len(set(seen))
     assert all(text.endswith(("?", ".")) for part in parts.values() for text in part)
+    held_out = parts["val"] + parts["test"]  # trained prompts are not near-duplicates of held-out ones
+    assert drop_near(parts["train"], held_out, threshold=0.75) == parts["train"]
 
 
 def test_harmful_extra_has_disjoint_train_and_val_parts():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from steerlab.data import ABDataset, PairedTexts, PromptSet, load_builtin, load_prompts
@@ -182,9 +182,9 @@ def _organism_replies(args: CompareArgs, lm: LoadedModel, prompts: dict, out: Pa
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
             return Replies(train, saved["replies"], saved["base_replies"], name)
-    replies = target_replies(lm, target, train, args.reply_tokens, progress=args.progress)
+    replies = replace(target_replies(lm, target, train, args.reply_tokens, progress=args.progress), name=name)
     write_json(path, {"key": key, "replies": replies.replies, "base_replies": replies.base_replies})
-    return Replies(train, replies.replies, replies.base_replies, name)
+    return replies
 
 
 def _resumed(path: Path, config: dict) -> list[dict] | None:

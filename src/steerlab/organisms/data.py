@@ -112,7 +112,7 @@ def drop_near(
     """`prompts` without those whose difflib ratio to any `held_out` prompt (lower-cased, punctuation
     removed) is at least `threshold`, so that training data cannot leak test items. A word-overlap
     screen skips pairs that cannot reach the threshold."""
-    held = [(_normal(h), set(_normal(h).split())) for h in held_out]
+    held = [(text, set(text.split())) for text in map(_normal, held_out)]
     kept = []
     for prompt in prompts:
         text = _normal(prompt)
